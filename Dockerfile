@@ -1,0 +1,21 @@
+# logd server image: slim Python, non-root, data in a volume.
+FROM python:3.11-slim
+
+RUN useradd --system --uid 1774 --home-dir /var/lib/logd --create-home logd
+WORKDIR /opt/logd
+COPY pyproject.toml README.md protocol.md ./
+COPY logd ./logd
+RUN pip install --no-cache-dir . && rm -rf /root/.cache
+
+USER logd
+WORKDIR /var/lib/logd
+VOLUME ["/var/lib/logd"]
+ENV LOGD_DATA_DIR=/var/lib/logd/data \
+    LOGD_LOG_FORMAT=json
+EXPOSE 1774
+
+# PING over a raw socket: no extra tools needed in the image.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import socket,sys; s=socket.create_connection(('127.0.0.1',1774),2); s.sendall(b'PING\\r\\n'); sys.exit(0 if s.recv(16).startswith(b'PONG') else 1)"]
+
+ENTRYPOINT ["logd", "serve", "--host", "0.0.0.0"]

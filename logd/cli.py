@@ -1,0 +1,128 @@
+"""The `logd` command line: click commands only; the work is in the library.
+
+Every `serve` flag can also be given as an environment variable LOGD_<NAME>
+(e.g. LOGD_PORT, LOGD_DATA_DIR); flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import DEFAULT_PORT, Config
+from .errors import LockedError, LogdError
+from .storage.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
+
+EXIT_STARTUP_FAILED = 3  # distinct from 1 (runtime error) and 2 (usage)
+
+
+def _env(name: str) -> str:
+    return "LOGD_" + name.upper().replace("-", "_")
+
+
+def option(name: str, **kw: Any) -> Callable[[Any], Any]:
+    """A click option named --NAME that also reads LOGD_NAME, default shown in --help."""
+    kw.setdefault("show_default", True)
+    kw.setdefault("show_envvar", True)
+    return click.option(f"--{name}", envvar=_env(name), **kw)
+
+
+def _fsync_type(value: str) -> FsyncPolicy:
+    try:
+        return FsyncPolicy.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _size(value: str | int) -> int:
+    """Parse a byte size: 1048576, 64KiB, 128MiB, 1GiB (also K/M/G/KB/MB/GB)."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+             "kb": 1000, "mb": 10**6, "gb": 10**9, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
+    for suffix, mult in units.items():
+        if text.endswith(suffix) and text[: -len(suffix)].isdigit():
+            return int(text[: -len(suffix)]) * mult
+    if text.isdigit():
+        return int(text)
+    raise click.BadParameter(f"not a size: {value!r} (try 1048576, 64KiB, 128MiB)")
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        return _size(value)
+
+
+SIZE = SizeType()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="logd")
+def main() -> None:
+    """logd: a networked, sequenced log server."""
+
+
+@main.command()
+@option("host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for every interface).")
+@option("port", default=DEFAULT_PORT, type=int, help="TCP port; 0 picks a free one and prints it.")
+@option("data-dir", default="./logd-data", help="Directory holding the segments.")
+@option("fsync", default="always", callback=lambda c, p, v: _fsync_type(v),
+        help="Durability: always (group commit), interval:<ms>, or never.")
+@option("segment-bytes", default=str(DEFAULT_SEGMENT_BYTES), type=SIZE, help="Roll segments at this size.")
+@option("retention-bytes", default=None, type=SIZE, help="Delete oldest segments above this total size.")
+@option("retention-ms", default=None, type=int, help="Delete segments whose newest write is older than this.")
+@option("max-message-bytes", default=1 << 20, type=SIZE, help="Largest message body.")
+@option("max-line-bytes", default=64 * 1024, type=SIZE, help="Longest command line.")
+@option("max-batch", default=10_000, type=int, help="Most messages in one MSG.")
+@option("max-connections", default=10_000, type=int, help="Connections beyond this get ERR BUSY.")
+@option("idle-timeout", default=None, type=float, help="Close connections idle this many seconds (not tails).")
+@option("allow-shutdown", is_flag=True, default=False, help="Let clients stop the server with SHUTDOWN.")
+@option("log-format", default="console", type=click.Choice(["console", "json"]), help="Log output format.")
+@option("log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level.")
+def serve(**flags: Any) -> None:
+    """Run the logd server."""
+    from .logging import configure_logging
+    from .server import run
+
+    configure_logging(flags["log_format"], flags["log_level"])
+    try:
+        config = Config(**flags)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    def ready(host: str, port: int) -> None:
+        click.echo(f"logd listening on {host}:{port}")
+        sys.stdout.flush()
+
+    try:
+        run(config, ready)
+    except LockedError as exc:
+        click.echo(f"logd: {exc}", err=True)
+        sys.exit(EXIT_STARTUP_FAILED)
+    except OSError as exc:
+        click.echo(f"logd: cannot start: {exc}", err=True)
+        sys.exit(EXIT_STARTUP_FAILED)
+    except LogdError as exc:
+        click.echo(f"logd: cannot start: {exc}", err=True)
+        sys.exit(EXIT_STARTUP_FAILED)
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--repair", is_flag=True, help="Truncate the log at the first bad record (says what is lost first).")
+def check(data_dir: str, repair: bool) -> None:
+    """Verify every record and index of DATA_DIR; exit non-zero if anything is wrong."""
+    from .storage.check import check_data_dir
+
+    sys.exit(check_data_dir(data_dir, repair=repair))
+
+
+if __name__ == "__main__":
+    main()

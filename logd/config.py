@@ -1,0 +1,46 @@
+"""One typed settings object for the server; the CLI builds it (flags > LOGD_* env > defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .storage.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
+
+DEFAULT_PORT = 1774
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `logd serve` can be told. Sizes in bytes, times in seconds unless named _ms."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: str = "./logd-data"
+    fsync: FsyncPolicy = FsyncPolicy("always")
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    retention_bytes: int | None = None
+    retention_ms: int | None = None
+    max_message_bytes: int = 1 << 20
+    max_line_bytes: int = 64 * 1024
+    max_batch: int = 10_000
+    max_connections: int = 10_000
+    idle_timeout: float | None = None  # seconds; None = never time out
+    allow_shutdown: bool = False
+    shutdown_timeout: float = 10.0  # seconds to let connections finish on stop
+    log_format: str = "console"  # or "json"
+    log_level: str = "info"
+    # Per-connection cap on bytes submitted but not yet acknowledged; above it
+    # the server stops reading from that client (backpressure, not buffering).
+    max_inflight_bytes: int = 32 * 1024 * 1024
+    replica_of: str | None = None
+    min_replicas: int = 0
+    replica_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, not {self.port}")
+        for name in ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be positive")
+        if self.log_format not in ("console", "json"):
+            raise ValueError("log-format must be console or json")

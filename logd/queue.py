@@ -1,0 +1,213 @@
+"""The single ordered event queue: group commit, acknowledgements, waking tails.
+
+Every connection submits its MSG batches here; one writer task applies them
+in arrival order. While a write + fsync is in flight, new batches wait; the
+next round takes all of them, writes them with one ``write`` and makes them
+durable with one fsync (group commit, as LevelDB's ``BuildBatchGroup``).
+Then each submitter's callback gets its id range, and commit listeners
+(tails, replicas) are told the new commit point.
+
+fsync runs on a dedicated thread so the event loop never blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from .errors import LogdError, UnavailableError
+from .storage import Log
+
+log = structlog.get_logger("logd.queue")
+
+# A round takes at most this much from the queue, so one huge burst cannot
+# make a single write (and the memory to build it) unbounded.
+MAX_ROUND_BYTES = 16 * 1024 * 1024
+FSYNC_SAMPLES = 1024  # recent fsync durations kept for STATS percentiles
+
+
+class Submitter(Protocol):
+    """Who gets told the outcome of a batch (a connection)."""
+
+    def batch_done(self, token: object, last_id: int) -> None: ...
+
+    def batch_failed(self, token: object, error: LogdError) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class AppendQueue:
+    """Applies MSG batches from every connection to the log, in one order."""
+
+    def __init__(self, log_: Log) -> None:
+        self.log = log_
+        self._pending: deque[tuple[list[bytes], int, Submitter, object]] = deque()
+        self._pending_bytes = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="logd-fsync")
+        self._task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[int], None]] = []
+        self._closing = False
+        # Figures for STATS.
+        self.appended_messages = 0
+        self.appended_bytes = 0
+        self.fsyncs = 0
+        self._fsync_us: deque[float] = deque(maxlen=FSYNC_SAMPLES)
+
+    # --- life cycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer task (and the interval syncer when the policy asks)."""
+        self._task = asyncio.get_running_loop().create_task(self._writer(), name="logd-writer")
+        if self.log.policy.mode == "interval":
+            self._sync_task = asyncio.get_running_loop().create_task(
+                self._interval_syncer(), name="logd-syncer"
+            )
+
+    async def drain(self) -> None:
+        """Wait until every submitted batch has been written and acknowledged."""
+        while self._pending or not self._idle.is_set():
+            if not self._idle.is_set():
+                await self._idle.wait()
+            else:
+                await asyncio.sleep(0)  # let the writer task take the next round
+
+    async def stop(self) -> None:
+        """Finish what was submitted, sync, and stop the tasks."""
+        self._closing = True
+        await self.drain()
+        for task in (self._task, self._sync_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if self.log.failed is None and self.log.needs_sync:
+            await self._sync()
+        self._executor.shutdown(wait=True)
+
+    def add_listener(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(commit_point)`` whenever the commit point moves."""
+        self._listeners.append(fn)
+
+    # --- submitting -----------------------------------------------------------
+
+    def submit(self, bodies: list[bytes], nbytes: int, who: Submitter, token: object) -> None:
+        """Queue a batch; ``who.batch_done(token, last_id)`` is called once it is committed."""
+        self._pending.append((bodies, nbytes, who, token))
+        self._pending_bytes += nbytes
+        if not self._wake.is_set():
+            self._wake.set()
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    # --- the writer -------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        always = self.log.policy.mode == "always"
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                self._idle.clear()
+                round_ = self._take_round()
+                try:
+                    await self._apply(round_, always)
+                finally:
+                    self._idle.set()
+
+    def _take_round(self) -> list[tuple[list[bytes], int, Submitter, object]]:
+        round_ = []
+        size = 0
+        pending = self._pending
+        while pending and (size < MAX_ROUND_BYTES or not round_):
+            item = pending.popleft()
+            size += item[1]
+            round_.append(item)
+        self._pending_bytes -= size
+        return round_
+
+    async def _apply(self, round_: list[tuple[list[bytes], int, Submitter, object]], always: bool) -> None:
+        bodies: list[bytes] = []
+        for item in round_:
+            bodies += item[0]
+        try:
+            last = self.log.append(bodies)
+            if always:
+                await self._sync()
+            elif self.log.needs_sync and self.log.policy.mode == "never":
+                # A roll left a closed segment to finish; do it off the loop.
+                asyncio.get_running_loop().run_in_executor(self._executor, self._sync_quietly)
+        except LogdError as exc:
+            log.error("append_failed", error=str(exc), batches=len(round_))
+            for _b, _n, who, token in round_:
+                who.batch_failed(token, exc)
+            self._flush_all(round_)
+            return
+        except OSError as exc:  # unexpected: report as storage failure
+            err = UnavailableError(f"storage error: {exc}")
+            for _b, _n, who, token in round_:
+                who.batch_failed(token, err)
+            self._flush_all(round_)
+            return
+        self.appended_messages += len(bodies)
+        self.appended_bytes += sum(item[1] for item in round_)
+        # Hand out id ranges in submission order.
+        first = last - len(bodies) + 1
+        for batch, _n, who, token in round_:
+            first += len(batch)
+            who.batch_done(token, first - 1)
+        self._flush_all(round_)
+        head = self.log.head
+        for fn in self._listeners:
+            fn(head)
+
+    @staticmethod
+    def _flush_all(round_: list[tuple[list[bytes], int, Submitter, object]]) -> None:
+        # One transport.write per connection per round, however many batches it had.
+        seen: set[int] = set()
+        for _b, _n, who, _t in round_:
+            if id(who) not in seen:
+                seen.add(id(who))
+                who.flush()
+
+    async def _sync(self) -> None:
+        t0 = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.log.sync)
+        self.fsyncs += 1
+        self._fsync_us.append((time.perf_counter() - t0) * 1e6)
+
+    def _sync_quietly(self) -> None:
+        try:
+            self.log.sync()
+        except LogdError as exc:
+            log.error("sync_failed", error=str(exc))
+
+    async def _interval_syncer(self) -> None:
+        interval = self.log.policy.interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if self.log.needs_sync and self.log.failed is None:
+                try:
+                    await self._sync()
+                except LogdError as exc:
+                    log.error("sync_failed", error=str(exc))
+
+    def fsync_percentiles(self) -> tuple[int, int]:
+        """p50 and p99 of recent fsync durations, in microseconds."""
+        if not self._fsync_us:
+            return 0, 0
+        s = sorted(self._fsync_us)
+        return int(s[len(s) // 2]), int(s[min(len(s) - 1, (len(s) * 99) // 100)])

@@ -1,0 +1,442 @@
+"""The segmented log: ids, rolling, the commit point, retention and the lock.
+
+`Log.append` writes a batch (to the OS) and assigns ids; `Log.sync` makes
+everything written so far durable. Under ``fsync=always`` the commit point
+only moves in `sync`, so one sync covers every batch written before it
+(group commit, driven by the server's queue). Under ``interval`` and
+``never`` the commit point moves at `append`. Readers never see past it.
+
+Threads: appends, reads and retention run on one thread (the server's event
+loop); `sync` may run on one other thread at a time. `_lock` guards the
+few fields they share.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ..errors import LockedError, NotFoundError, StorageError, UnavailableError
+from .record import MAX_HEADER_BYTES, Decoded, encode_batch
+from .segment import NAME_DIGITS, ReadHandle, Segment
+
+DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
+LOCK_NAME = "LOCK"
+
+
+@dataclass(frozen=True)
+class FsyncPolicy:
+    """When appended data is made durable: ``always``, ``interval:<ms>`` or ``never``."""
+
+    mode: str = "always"
+    interval_ms: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> FsyncPolicy:
+        """Parse the ``--fsync`` flag; raise ValueError with a readable message."""
+        text = text.strip().lower()
+        if text in ("always", "never"):
+            return cls(text)
+        if text.startswith("interval:"):
+            ms = text.split(":", 1)[1]
+            if ms.isdigit() and int(ms) > 0:
+                return cls("interval", int(ms))
+        raise ValueError(f"fsync policy must be always, never or interval:<ms>, not {text!r}")
+
+    def __str__(self) -> str:
+        return f"interval:{self.interval_ms}" if self.mode == "interval" else self.mode
+
+
+class Span(NamedTuple):
+    """A byte range of one segment holding whole records ``first_id..last_id``."""
+
+    handle: ReadHandle
+    start: int  # byte offset of first_id's record
+    end: int  # byte offset just after last_id's record
+    first_id: int
+    last_id: int
+    path: str
+
+
+class Record(NamedTuple):
+    """A stored message, as returned by `Log.read`."""
+
+    id: int
+    body: bytes
+    crc: int
+
+
+class Log:
+    """A directory of segments with continuous ids from 1."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        fsync: FsyncPolicy | str = "always",
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        retention_bytes: int | None = None,
+        retention_ms: int | None = None,
+    ) -> None:
+        self.directory = os.path.abspath(directory)
+        self.policy = fsync if isinstance(fsync, FsyncPolicy) else FsyncPolicy.parse(fsync)
+        if segment_bytes < 1:
+            raise ValueError("segment_bytes must be positive")
+        self.segment_bytes = segment_bytes
+        self.retention_bytes = retention_bytes
+        self.retention_ms = retention_ms
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # one sync at a time
+        self._segments: list[Segment] = []
+        self._firsts: list[int] = []  # first ids, for bisect
+        self._rolled: list[Segment] = []  # closed by a roll, not yet synced
+        self._dir_dirty = False
+        self._head = 0  # last id written
+        self._committed = 0  # the commit point
+        self._failed: BaseException | None = None
+        self._lock_fd = -1
+        self.recovered_bytes_cut = 0
+        self._open()
+
+    # --- open / close -------------------------------------------------------
+
+    def _open(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        self._take_lock()
+        try:
+            firsts = sorted(
+                int(name[:NAME_DIGITS])
+                for name in os.listdir(self.directory)
+                if name.endswith(".log") and len(name) == NAME_DIGITS + 4 and name[:NAME_DIGITS].isdigit()
+            )
+            self._remove_stray_tmp()
+            if len(firsts) > 1 and os.stat(self._path_of(firsts[-1])).st_size == 0:
+                # A crash right after a roll: drop the empty newest segment and
+                # recover the previous one, which may not have been synced.
+                Segment(self.directory, firsts.pop()).delete()
+            for first, nxt in zip(firsts, firsts[1:], strict=False):
+                self._segments.append(Segment.open_closed(self.directory, first, nxt - first))
+            if firsts:
+                active, cut = Segment.recover_active(self.directory, firsts[-1])
+                self.recovered_bytes_cut = cut
+            else:
+                active = Segment.create(self.directory, 1)
+                self._fsync_dir()
+            self._segments.append(active)
+            self._firsts = [s.first_id for s in self._segments]
+            self._head = self._committed = active.last_id
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _path_of(self, first_id: int) -> str:
+        return os.path.join(self.directory, f"{first_id:0{NAME_DIGITS}d}.log")
+
+    def _remove_stray_tmp(self) -> None:
+        for name in os.listdir(self.directory):
+            if name.endswith(".idx.tmp"):
+                os.unlink(os.path.join(self.directory, name))
+
+    def _take_lock(self) -> None:
+        path = os.path.join(self.directory, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            pid = int(holder) if holder.isdigit() else None
+            raise LockedError(
+                f"data dir {self.directory} is in use by another logd process (pid {holder or '?'})",
+                pid=pid,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = -1
+
+    def close(self) -> None:
+        """Sync what was written (whatever the policy), close files, release the lock."""
+        if self._lock_fd < 0:
+            return
+        try:
+            if self._failed is None:
+                self.sync()
+        finally:
+            for seg in self._segments:
+                seg.close()
+            self._release_lock()
+
+    def __enter__(self) -> Log:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- positions ------------------------------------------------------------
+
+    @property
+    def head(self) -> int:
+        """Last committed id (0 when empty): what readers may see."""
+        return self._committed
+
+    @property
+    def written(self) -> int:
+        """Last id written to the OS, committed or not."""
+        return self._head
+
+    @property
+    def first(self) -> int:
+        """Oldest retained id (head + 1 when the log is empty)."""
+        return self._segments[0].first_id
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The I/O error that made this log refuse writes, if any."""
+        return self._failed
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    # --- writing --------------------------------------------------------------
+
+    def append(self, bodies: Sequence[bytes]) -> int:
+        """Write a batch; return the id of its last message.
+
+        The batch goes into one segment. On an I/O error nothing of it is
+        kept and `UnavailableError` is raised; the log stays usable unless
+        undoing the partial write failed too.
+        """
+        if not bodies:
+            raise ValueError("empty batch")
+        self._check_failed()
+        active = self._segments[-1]
+        bound = sum(map(len, bodies)) + len(bodies) * (MAX_HEADER_BYTES + 2)
+        if active.size and active.size + bound > self.segment_bytes:
+            active = self._roll()
+        first_id = self._head + 1
+        data, offsets = encode_batch(first_id, bodies, active.size)
+        self._write(active, data, offsets)
+        return self._head
+
+    def append_encoded(self, data: bytes, offsets: Sequence[int], count: int) -> int:
+        """Append records already encoded (and verified) by the caller, e.g. a replica.
+
+        ``offsets`` are relative to the start of ``data``.
+        """
+        from array import array
+
+        self._check_failed()
+        active = self._segments[-1]
+        if active.size and active.size + len(data) > self.segment_bytes:
+            active = self._roll()
+        base = active.size
+        self._write(active, data, array("Q", [base + o for o in offsets]))
+        return self._head
+
+    def _write(self, active: Segment, data: bytes, offsets: object) -> None:
+        try:
+            active.append(data, offsets)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise UnavailableError(f"write failed: {os.strerror(exc.errno or 0)}") from exc
+        except BaseException as exc:  # undo failed: refuse further writes
+            self._failed = exc
+            raise
+        with self._lock:
+            self._head = active.last_id
+            if self.policy.mode != "always":
+                self._committed = self._head
+
+    def _roll(self) -> Segment:
+        new = Segment.create(self.directory, self._head + 1)
+        with self._lock:
+            self._rolled.append(self._segments[-1])
+            self._segments.append(new)
+            self._firsts.append(new.first_id)
+            self._dir_dirty = True
+        return new
+
+    @property
+    def needs_sync(self) -> bool:
+        """Whether `sync` has work: unsynced data, or rolled segments to finish."""
+        return bool(self._rolled) or self._committed < self._head or self._dir_dirty
+
+    def sync(self) -> int:
+        """Make everything written so far durable; return the new commit point.
+
+        Safe to call from another thread than the appender; one call runs at
+        a time. After a failed fsync the log refuses all further writes: the
+        kernel may have dropped the dirty pages, so nothing unsynced can be
+        trusted (the lesson of PostgreSQL's "fsyncgate").
+        """
+        with self._sync_lock:
+            self._check_failed()
+            with self._lock:
+                target = self._head
+                rolled, self._rolled = self._rolled, []
+                dir_dirty, self._dir_dirty = self._dir_dirty, False
+                active = self._segments[-1]
+            try:
+                for seg in rolled:
+                    seg.finish()
+                if dir_dirty:
+                    self._fsync_dir()
+                active.sync_data()
+            except OSError as exc:
+                self._failed = exc
+                raise UnavailableError(f"fsync failed: {os.strerror(exc.errno or 0)}") from exc
+            with self._lock:
+                if target > self._committed:
+                    self._committed = target
+                return self._committed
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _check_failed(self) -> None:
+        if self._failed is not None:
+            raise UnavailableError(f"log is failed after an I/O error ({self._failed}); restart logd")
+
+    # --- reading --------------------------------------------------------------
+
+    def _segment_for(self, id: int) -> Segment:
+        from bisect import bisect_right
+
+        return self._segments[bisect_right(self._firsts, id) - 1]
+
+    def _check_start(self, start: int) -> None:
+        if start < 1:
+            raise ValueError("ids start at 1")
+        if start < self.first:
+            raise NotFoundError(f"id {start} is before the oldest retained id {self.first}")
+
+    def span(self, start: int, max_count: int = 0, max_bytes: int = 0) -> Span | None:
+        """The byte range of committed records from ``start`` within its segment.
+
+        At most ``max_count`` records and ``max_bytes`` bytes when non-zero,
+        but always at least one record. None when ``start`` is past the
+        commit point (the caller waits). Raises `NotFoundError` when
+        ``start`` is older than the oldest retained id.
+        """
+        self._check_start(start)
+        head = self._committed
+        if start > head:
+            return None
+        seg = self._segment_for(start)
+        last = min(head, seg.last_id)
+        if max_count:
+            last = min(last, start + max_count - 1)
+        begin = seg.offset_of(start)
+        end = seg.offset_of(last + 1)
+        if max_bytes and end - begin > max_bytes and last > start:
+            # Binary search on the index for the last record ending within max_bytes.
+            lo, hi = start, last
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if seg.offset_of(mid + 1) - begin <= max_bytes:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            last = lo
+            end = seg.offset_of(last + 1)
+        return Span(seg.reader(), begin, end, start, last, seg.log_path)
+
+    def offset_of(self, id: int) -> tuple[str, int]:
+        """Segment path and byte offset of record ``id`` (which must be retained)."""
+        self._check_start(id)
+        if id > self._head:
+            raise NotFoundError(f"id {id} is past the head {self._head}")
+        seg = self._segment_for(id)
+        return seg.log_path, seg.offset_of(id)
+
+    def read(self, start: int, max_count: int = 1000, max_bytes: int = 1 << 24) -> list[Record]:
+        """Committed records from ``start``, each checked against its CRC.
+
+        Returns at least one record when ``start`` is committed (even if it is
+        larger than ``max_bytes``). Raises `CorruptRecordError` naming the
+        segment, offset and id of a bad record.
+        """
+        out: list[Record] = []
+        total = 0
+        id = start
+        while len(out) < max_count:
+            span = self.span(id, max_count - len(out))
+            if span is None:
+                break
+            seg = self._segment_for(id)
+            for rid in range(span.first_id, span.last_id + 1):
+                rec: Decoded = seg.read_record(rid)
+                if out and total + rec.size > max_bytes:
+                    return out
+                out.append(Record(rec.id, rec.body, rec.crc))
+                total += rec.size
+            id = span.last_id + 1
+        return out
+
+    def crc_of(self, id: int) -> int:
+        """CRC of stored record ``id`` (verified), for replication's divergence check."""
+        self._check_start(id)
+        return self._segment_for(id).read_record(id).crc
+
+    # --- retention --------------------------------------------------------------
+
+    def apply_retention(self, now: float | None = None) -> list[int]:
+        """Delete old closed segments by size and age; return their first ids."""
+        if self.retention_bytes is None and self.retention_ms is None:
+            return []
+        now = time.time() if now is None else now
+        deleted: list[int] = []
+        total = self.size_bytes
+        while len(self._segments) > 1:
+            oldest = self._segments[0]
+            if oldest in self._rolled:
+                break  # not yet synced; wait for the next sync
+            too_big = self.retention_bytes is not None and total > self.retention_bytes
+            too_old = False
+            if self.retention_ms is not None:
+                mtime = os.stat(oldest.log_path).st_mtime
+                too_old = (now - mtime) * 1000 > self.retention_ms
+            if not (too_big or too_old):
+                break
+            with self._lock:
+                self._segments.pop(0)
+                self._firsts.pop(0)
+            oldest.delete()
+            total -= oldest.size
+            deleted.append(oldest.first_id)
+        return deleted
+
+    def stats(self) -> dict[str, int | str]:
+        """Figures for STATS."""
+        return {
+            "head": self.head,
+            "first": self.first,
+            "segments": len(self._segments),
+            "bytes": self.size_bytes,
+            "fsync_policy": str(self.policy),
+        }
+
+
+__all__ = ["FsyncPolicy", "Log", "Record", "Span", "StorageError"]
