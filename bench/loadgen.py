@@ -288,8 +288,8 @@ def closed_loop(
             got = 0
             while got < lines:
                 chunk = recv(65536)
-                if not chunk:
-                    raise LoadError("server closed the connection")
+                if not chunk or ERR_MARK in chunk:
+                    raise LoadError(f"server closed the connection or failed: {chunk[:200]!r}")
                 got += chunk.count(b"\n")
             t1 = now()
             lat.append(t1 - t0)
@@ -298,7 +298,6 @@ def closed_loop(
                 raise LoadError(f"expected {lines} reply lines, got {got}: {chunk[:200]!r}")
     finally:
         sock.close()
-    _check_chunk(chunk)
     run = Run(n, (t1 - t_start) / 1e9, latencies_ns=lat)
     return meter.stop(run)
 
@@ -336,6 +335,8 @@ def pipelined(
             chunk = recv(RECV_BYTES)
             if not chunk:
                 raise LoadError("server closed the connection")
+            if ERR_MARK in chunk:
+                _check_chunk(chunk)
             pending += chunk.count(b"\n")
             r = pending // lines
             if r:
@@ -401,8 +402,8 @@ def fan_in(
             for fd, _ev in events:
                 i = index[fd]
                 chunk = recvs[i](65536)
-                if not chunk:
-                    raise LoadError("server closed the connection")
+                if not chunk or ERR_MARK in chunk:
+                    raise LoadError(f"server closed the connection or failed: {chunk[:200]!r}")
                 g = got[i] + chunk.count(b"\n")
                 if g < lines:
                     got[i] = g
@@ -476,9 +477,8 @@ def read_logd(
                 if first != b"OK\r\n":
                     raise LoadError(f"READ answered {bytes(view[:n][:200])!r}")
             total += n
-            if total >= expected:
-                tail = bytes(view[max(0, n - 6) : n])
-            elif time.monotonic() > deadline:
+            tail = (tail + bytes(view[max(0, n - 6) : n]))[-6:]
+            if total < expected and time.monotonic() > deadline:
                 raise LoadError("catch-up read took too long")
         t1 = time.perf_counter_ns()
     finally:
@@ -518,12 +518,13 @@ def read_redis(
             if time.monotonic() > deadline:
                 raise LoadError("catch-up read took too long")
             sock.sendall(resp(b"XRANGE", key, last, b"+", b"COUNT", b"%d" % page))
-            filled = 0
+            filled = lines = got_n = 0
             need = -1  # lines in this reply, once its header is in
             while True:
                 n = recv_into(view[filled:])
                 if not n:
                     raise LoadError("connection closed")
+                lines += buf.count(b"\n", filled, filled + n)
                 filled += n
                 if need < 0:
                     nl = buf.find(b"\n", 0, filled)
@@ -533,7 +534,7 @@ def read_redis(
                         raise LoadError(f"XRANGE answered {bytes(buf[:200])!r}")
                     got_n = int(buf[1 : nl - 1])
                     need = 1 + 8 * got_n
-                if buf.count(b"\n", 0, filled) >= need:
+                if lines >= need:
                     break
             if got_n == 0:
                 raise LoadError(f"stream ended after {entries} entries")

@@ -86,16 +86,15 @@ class Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's class is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         srv = self.server
         if len(srv.connections) >= srv.config.max_connections or srv.stopping:
             reason = "server is stopping" if srv.stopping else "too many connections"
-            transport.write(protocol.error_reply(BusyError(reason)))
-            transport.close()
+            self.transport.write(protocol.error_reply(BusyError(reason)))
+            self.transport.close()
             self.closed = True
             return
         srv.connections.add(self)

@@ -1,0 +1,430 @@
+"""The scenarios of issue 6, run against logd and Redis alternately on fresh servers.
+
+Results are flat records: one per (scenario, variant, durability, payload,
+server), with the figures in ``metrics``. ``report.py`` pairs them up.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from . import loadgen as lg
+from .servers import FSYNC_MODES, Server, ServerError, start_logd, start_redis
+
+SMALL = 100  # bytes: the message size of every scenario unless said otherwise
+BATCH = 100  # messages per batch in scenario 3
+MAX_RUN_BYTES = 1_500_000_000  # cap on bodies written by one run (Redis keeps them in RAM)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each scenario to run; FULL and QUICK below."""
+
+    seconds: float  # measured time of each write run
+    warmup: float  # unmeasured time before it
+    modes: tuple[str, ...]  # durability pairs for scenarios 1-3
+    fanin_modes: tuple[str, ...]  # ... for scenario 4
+    depths: tuple[int, ...]  # scenario 2
+    batch_payloads: tuple[int, ...]  # scenario 3
+    fanin_clients: int
+    catchup: tuple[tuple[int, int], ...]  # scenario 5: (body bytes, messages)
+    read_repeats: int  # scenario 5: best of n reads
+    tail_modes: tuple[str, ...]  # scenario 6
+    tail_rate: int  # messages/s
+    tail_seconds: float
+    idle_conns: int  # scenario 7
+    tails: int
+    latency_max: int = 200_000  # cap on round trips in scenario 1
+    write_max: int = 20_000_000  # cap on messages in other write runs
+
+
+FULL = Plan(
+    seconds=5.0,
+    warmup=1.0,
+    modes=("always", "interval"),
+    fanin_modes=("always", "interval"),
+    depths=(16, 128),
+    batch_payloads=(100, 1024, 65536),
+    fanin_clients=50,
+    catchup=((100, 2_000_000), (1024, 500_000), (65536, 16_000)),
+    read_repeats=2,
+    tail_modes=("interval", "always"),
+    tail_rate=50_000,
+    tail_seconds=10.0,
+    idle_conns=1000,
+    tails=100,
+)
+
+QUICK = Plan(
+    seconds=0.8,
+    warmup=0.2,
+    modes=("interval",),
+    fanin_modes=("always", "interval"),
+    depths=(16,),
+    batch_payloads=(100, 65536),
+    fanin_clients=50,
+    catchup=((100, 200_000), (65536, 2_000)),
+    read_repeats=1,
+    tail_modes=("interval",),
+    tail_rate=50_000,
+    tail_seconds=2.0,
+    idle_conns=1000,
+    tails=100,
+)
+
+
+def percentiles(lat_ns: Any) -> dict[str, float]:
+    """p50/p99/p999/max in microseconds."""
+    if len(lat_ns) == 0:
+        return {}
+    a = np.frombuffer(lat_ns, dtype=np.int64) / 1000.0
+    p50, p99, p999 = np.percentile(a, [50, 99, 99.9])
+    return {
+        "p50_us": round(float(p50), 1),
+        "p99_us": round(float(p99), 1),
+        "p999_us": round(float(p999), 1),
+        "max_us": round(float(a.max()), 1),
+        "mean_us": round(float(a.mean()), 1),
+        "samples": int(len(a)),
+    }
+
+
+def curve(lat_ns: Any, points: int = 121) -> list[list[float]]:
+    """The latency distribution as [percentile, us] pairs, dense towards the tail."""
+    if len(lat_ns) == 0:
+        return []
+    a = np.frombuffer(lat_ns, dtype=np.int64) / 1000.0
+    top = min(5.0, float(np.log10(len(a))))  # no percentile finer than the data
+    qs = 100.0 * (1.0 - 10.0 ** -np.linspace(0.0, top, points))
+    vals = np.percentile(a, qs)
+    return [[round(float(q), 5), round(float(v), 1)] for q, v in zip(qs, vals, strict=True)]
+
+
+def metrics(run: lg.Run) -> dict[str, float]:
+    """Figures of one run: rates, CPU, latency percentiles."""
+    secs = max(run.seconds, 1e-9)
+    m: dict[str, float] = {
+        "messages": run.messages,
+        "seconds": round(run.seconds, 3),
+        "msgs_per_s": round(run.messages / secs, 1),
+        "server_cpu_pct": round(100 * run.server_cpu_s / secs, 1),
+        "client_cpu_pct": round(100 * run.client_cpu_s / secs, 1),
+    }
+    if run.payload_bytes:
+        m["mb_per_s"] = round(run.payload_bytes / secs / 1e6, 1)
+        m["wire_mb_per_s"] = round(run.wire_bytes / secs / 1e6, 1)
+    m.update(percentiles(run.latencies_ns))
+    m.update({k: round(v, 1) for k, v in run.extra.items()})
+    return m
+
+
+class Bench:
+    """Runs the plan and collects result records."""
+
+    def __init__(self, plan: Plan, kinds: tuple[str, ...], pin: bool, log: Callable[[str], None]):
+        self.plan = plan
+        self.kinds = kinds
+        self.pin = pin
+        self.log = log
+        self.results: list[dict[str, Any]] = []
+        self.versions: dict[str, str] = {}
+
+    # ----------------------------------------------------------------- plumbing
+
+    @contextmanager
+    def servers(self, mode: str) -> Iterator[dict[str, Server]]:
+        """Fresh servers (one per kind) for a durability mode, stopped afterwards."""
+        started: dict[str, Server] = {}
+        cpu = 0 if self.pin else None
+        try:
+            for kind in self.kinds:
+                fsync = FSYNC_MODES[mode][0 if kind == "logd" else 1]
+                t0 = time.monotonic()
+                srv = start_logd(fsync, cpu) if kind == "logd" else start_redis(fsync, cpu)
+                started[kind] = srv
+                self._version(srv)
+                self.log(
+                    f"  started {kind} ({fsync}) pid {srv.pid} port {srv.port} "
+                    f"in {time.monotonic() - t0:.2f}s"
+                )
+            yield started
+        finally:
+            for srv in started.values():
+                if not srv.alive():
+                    self.log(f"  WARNING: {srv.kind} died:\n{srv.output_tail()}")
+                srv.stop()
+
+    def _version(self, srv: Server) -> None:
+        if srv.kind in self.versions:
+            return
+        with lg.Control(srv.addr) as ctl:
+            if srv.kind == "logd":
+                self.versions["logd"] = ctl.logd_stats().get("version", "?")
+            else:
+                self.versions["redis"] = ctl.redis_info(b"server").get("redis_version", "?")
+
+    def record(
+        self,
+        scenario: int,
+        name: str,
+        mode: str,
+        srv: Server,
+        run: lg.Run,
+        payload: int = SMALL,
+        variant: str = "",
+        with_curve: bool = False,
+    ) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "scenario": scenario,
+            "name": name,
+            "variant": variant,
+            "mode": mode,
+            "payload": payload,
+            "server": srv.kind,
+            "fsync": srv.fsync,
+            "metrics": metrics(run),
+        }
+        if with_curve:
+            rec["curve"] = curve(run.latencies_ns)
+        self.results.append(rec)
+        m = rec["metrics"]
+        lat = f" p50 {m['p50_us']}us p99 {m['p99_us']}us p999 {m['p999_us']}us" if "p50_us" in m else ""
+        mb = f" {m['mb_per_s']} MB/s" if "mb_per_s" in m else ""
+        self.log(
+            f"    {srv.kind:5} {m['msgs_per_s']:>12,.0f} msg/s{mb}{lat}"
+            f"  (server cpu {m['server_cpu_pct']}%, client cpu {m['client_cpu_pct']}%)"
+        )
+        return rec
+
+    def checked_write(self, srv: Server, wire: lg.Wire, fn: Callable[[], lg.Run]) -> lg.Run:
+        """Run a write load and check the server committed exactly what was acknowledged."""
+        with lg.Control(srv.addr) as ctl:
+            before = wire.stored(ctl)
+            run = fn()
+            after = wire.stored(ctl)
+        if after - before != run.messages:
+            raise lg.LoadError(
+                f"{srv.kind}: acknowledged {run.messages} messages but stored {after - before}"
+            )
+        return run
+
+    def meter(self, srv: Server) -> lg.Meter:
+        return lg.Meter(srv.cpu_seconds)
+
+    # ----------------------------------------------------------------- scenarios
+
+    def write_scenarios(self, mode: str, only: set[int]) -> None:
+        """Scenarios 1-4 (and 6) on one pair of fresh servers."""
+        p = self.plan
+        body = lg.payload(SMALL)
+        run_13 = mode in p.modes
+        with self.servers(mode) as srvs:
+            if 1 in only and run_13:
+                self.log(f"  1. latency, one client, one {SMALL} B message per round trip [{mode}]")
+                for srv in srvs.values():
+                    wire = lg.wire_for(srv.kind)
+                    cmd = wire.write(body)
+                    m = self.meter(srv)
+                    lg.closed_loop(srv.addr, cmd, wire.write_lines, p.warmup, p.latency_max, m)
+                    run = self.checked_write(
+                        srv,
+                        wire,
+                        lambda: lg.closed_loop(
+                            srv.addr, cmd, wire.write_lines, p.seconds, p.latency_max, m
+                        ),
+                    )
+                    self.record(1, "latency", mode, srv, run, with_curve=True)
+            if 2 in only and run_13:
+                for depth in p.depths:
+                    self.log(f"  2. pipelined, one client, {depth} commands in flight [{mode}]")
+                    for srv in srvs.values():
+                        wire = lg.wire_for(srv.kind)
+                        self._pipelined(srv, wire, wire.write(body), wire.write_lines, 1, depth)
+                        self.record(2, "pipelined", mode, srv, self.last, variant=f"depth {depth}")
+            if 3 in only and run_13:
+                for size in p.batch_payloads:
+                    self.log(f"  3. batched, {BATCH} x {size} B per batch, one in flight [{mode}]")
+                    for srv in srvs.values():
+                        wire = lg.wire_for(srv.kind)
+                        cmd, lines = wire.batch([lg.payload(size)] * BATCH)
+                        self._pipelined(srv, wire, cmd, lines, BATCH, 1, size)
+                        self.last.payload_bytes = self.last.messages * size
+                        self.record(3, "batched", mode, srv, self.last, payload=size)
+                        if srv.kind == "redis" and size > 4096:
+                            with lg.Control(srv.addr) as ctl:  # give the RAM back
+                                ctl.redis_call(lg.resp(b"UNLINK", b"bench"))
+            if 4 in only and mode in p.fanin_modes:
+                n = p.fanin_clients
+                self.log(f"  4. fan-in, {n} clients, one message per round trip each [{mode}]")
+                for srv in srvs.values():
+                    wire = lg.wire_for(srv.kind)
+                    cmd = wire.write(body)
+                    m = self.meter(srv)
+                    lg.fan_in(srv.addr, cmd, wire.write_lines, n, p.warmup, p.write_max, m)
+                    run = self.checked_write(
+                        srv,
+                        wire,
+                        lambda: lg.fan_in(
+                            srv.addr, cmd, wire.write_lines, n, p.seconds, p.write_max, m
+                        ),
+                    )
+                    self.record(4, "fan-in", mode, srv, run, variant=f"{n} clients", with_curve=True)
+            if 6 in only and mode in p.tail_modes:
+                self.log(
+                    f"  6. tail latency, writer at {p.tail_rate:,} msg/s, one tailing reader [{mode}]"
+                )
+                for srv in srvs.values():
+                    run = lg.tail_latency(
+                        srv.kind,
+                        srv.addr,
+                        p.tail_rate,
+                        p.tail_seconds,
+                        p.warmup,
+                        SMALL,
+                        self.meter(srv),
+                    )
+                    self.record(6, "tail", mode, srv, run, with_curve=True)
+
+    def _pipelined(
+        self,
+        srv: Server,
+        wire: lg.Wire,
+        cmd: bytes,
+        lines: int,
+        per_cmd: int,
+        depth: int,
+        size: int = SMALL,
+    ) -> None:
+        p = self.plan
+        max_cmds = max(depth, min(p.write_max, MAX_RUN_BYTES // size) // per_cmd)
+        lg.pipelined(srv.addr, cmd, lines, per_cmd, depth, p.warmup, max_cmds // 10)
+        m = self.meter(srv)
+        self.last = self.checked_write(
+            srv,
+            wire,
+            lambda: lg.pipelined(srv.addr, cmd, lines, per_cmd, depth, p.seconds, max_cmds, m),
+        )
+
+    def catchup(self) -> None:
+        """Scenario 5: load N messages, then read them all from the start."""
+        p = self.plan
+        with self.servers("interval") as srvs:
+            for size, count in p.catchup:
+                per = min(1000, max(1, (1 << 20) // size))  # messages per load command
+                count = -(-count // per) * per
+                self.log(
+                    f"  5. catch-up read of {count:,} x {size} B "
+                    f"(logd READ vs Redis XRANGE COUNT 1000)"
+                )
+                for srv in srvs.values():
+                    key = b"catchup:%d" % size
+                    wire = lg.wire_for(srv.kind, key)
+                    cmd, lines = wire.batch([lg.payload(size)] * per)
+                    with lg.Control(srv.addr) as ctl:
+                        start = ctl.logd_head() + 1 if srv.kind == "logd" else 0
+                    load = self.checked_write(
+                        srv,
+                        wire,
+                        lambda: lg.pipelined(
+                            srv.addr, cmd, lines, per, 4, 600.0, count // per, self.meter(srv)
+                        ),
+                    )
+                    if load.messages != count:
+                        raise lg.LoadError(f"loaded {load.messages} of {count}")
+                    load.payload_bytes = count * size
+                    self.log(f"    {srv.kind:5} loaded in {load.seconds:.1f}s")
+                    self.record(5, "bulk load", "interval", srv, load, payload=size, variant="load")
+                    best: lg.Run | None = None
+                    for _ in range(p.read_repeats):
+                        m = self.meter(srv)
+                        if srv.kind == "logd":
+                            run = lg.read_logd(srv.addr, start, count, size, 300.0, m)
+                        else:
+                            run = lg.read_redis(srv.addr, key, count, size, 1000, 300.0, m)
+                        if best is None or run.seconds < best.seconds:
+                            best = run
+                    assert best is not None
+                    best.extra["rss_mb_after_load"] = srv.rss_bytes() / 1e6
+                    self.record(5, "catch-up read", "interval", srv, best, payload=size)
+
+    def footprint(self) -> None:
+        """Scenario 7: server RSS idle, with idle connections, with tails."""
+        p = self.plan
+        with self.servers("interval") as srvs:
+            self.log(f"  7. footprint: RSS with {p.idle_conns} idle connections, {p.tails} tails")
+            for srv in srvs.values():
+                gc.collect()
+                base = srv.rss_bytes()
+                socks = lg.open_idle(srv.addr, srv.kind, p.idle_conns)
+                idle = srv.rss_bytes()
+                for s in socks:
+                    s.close()
+                socks = lg.open_tails(srv.addr, srv.kind, p.tails)
+                tails = srv.rss_bytes()
+                for s in socks:
+                    s.close()
+                rec = {
+                    "scenario": 7,
+                    "name": "footprint",
+                    "variant": "",
+                    "mode": "interval",
+                    "payload": 0,
+                    "server": srv.kind,
+                    "fsync": srv.fsync,
+                    "metrics": {
+                        "rss_mb_base": round(base / 1e6, 2),
+                        "rss_mb_idle_conns": round(idle / 1e6, 2),
+                        "rss_mb_tails": round(tails / 1e6, 2),
+                        "kb_per_idle_conn": round((idle - base) / p.idle_conns / 1e3, 2),
+                        "idle_conns": p.idle_conns,
+                        "tails": p.tails,
+                    },
+                }
+                self.results.append(rec)
+                mm = rec["metrics"]
+                self.log(
+                    f"    {srv.kind:5} RSS {mm['rss_mb_base']} MB idle server, "
+                    f"{mm['rss_mb_idle_conns']} MB with {p.idle_conns} connections, "
+                    f"{mm['rss_mb_tails']} MB with {p.tails} tails"
+                )
+
+    def run(self, only: set[int]) -> None:
+        """Every selected scenario; GC is off during the measurements."""
+        gc.collect()
+        gc.disable()
+        try:
+            for mode in FSYNC_MODES:
+                wanted = {1, 2, 3, 4, 6} & only
+                if not wanted:
+                    break
+                self.log(f"durability {mode}: logd --fsync {FSYNC_MODES[mode][0]} "
+                         f"vs Redis appendfsync {FSYNC_MODES[mode][1]}")
+                self.write_scenarios(mode, only)
+                gc.collect()
+            if 5 in only:
+                self.catchup()
+                gc.collect()
+            if 7 in only:
+                self.footprint()
+        finally:
+            gc.enable()
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    return asdict(plan)
+
+
+def fail(msg: str) -> None:
+    print(msg, file=sys.stderr)
+    raise SystemExit(2)
+
+
+__all__ = ["Bench", "FULL", "QUICK", "Plan", "ServerError", "plan_dict", "fail"]

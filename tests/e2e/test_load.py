@@ -1,0 +1,185 @@
+"""Concurrency, backpressure and stop/crash behaviour of a real `logd serve`."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import psutil
+
+from .conftest import ServerProcess
+
+
+def body_for(writer: int, seq: int, k: int) -> bytes:
+    return b"w%03d-s%05d-k%d" % (writer, seq, k)
+
+
+def run_writers(srv: ServerProcess, writers: int, rounds: int, stop: threading.Event | None = None,
+                ) -> dict[int, bytes]:
+    """Each writer sends MSGs of 1-3 messages; returns acknowledged id -> body."""
+    acked: dict[int, bytes] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            c = srv.connect()
+            for seq in range(rounds):
+                if stop is not None and stop.is_set():
+                    break
+                bodies = [body_for(w, seq, k) for k in range(seq % 3 + 1)]
+                c.send(b"MSG " + b" ".join(b"%d" % len(b) for b in bodies) + b"\r\n"
+                       + b"".join(b + b"\r\n" for b in bodies))
+                try:
+                    reply = c.line()
+                except (ConnectionError, OSError):
+                    break  # the server went away: what was acked is what counts
+                assert reply.startswith(b"OK "), reply
+                last = int(reply.split()[1])
+                with lock:
+                    for i, b in enumerate(bodies):
+                        acked[last - len(bodies) + 1 + i] = b
+            c.close()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return acked
+
+
+def read_all(srv: ServerProcess, start: int, count: int) -> dict[int, bytes]:
+    c = srv.connect()
+    c.send(b"READ %d %d\r\n" % (start, count))
+    assert c.line() == b"OK"
+    out: dict[int, bytes] = {}
+    while (r := c.record()) is not None:
+        out[r[0]] = r[1]
+    return out
+
+
+def test_fifty_concurrent_writers_get_distinct_continuous_ids(server: ServerProcess) -> None:
+    acked = run_writers(server, writers=50, rounds=40)
+    ids = sorted(acked)
+    assert ids == list(range(1, len(ids) + 1))  # distinct and continuous
+    stored = read_all(server, 1, len(ids))
+    assert stored == acked
+    # Each writer's messages are in its own submission order.
+    for w in range(50):
+        mine = [i for i in ids if acked[i].startswith(b"w%03d" % w)]
+        assert [acked[i] for i in mine] == sorted(acked[i] for i in mine)
+
+
+def test_stalled_reader_does_not_grow_memory_or_block_others(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--fsync", "never")
+    proc = psutil.Process(srv.pid)
+    stalled = socket.create_connection((srv.host, srv.port))
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(b"READ 1\r\n")  # a tail that never reads
+    live = srv.connect()
+    live.send(b"READ 1\r\n")
+    assert live.line() == b"OK"
+    w = srv.connect()
+    body = b"m" * 1000
+    batch = b"MSG " + b" ".join([b"1000"] * 1000) + b"\r\n" + (body + b"\r\n") * 1000
+    w.send(batch)
+    assert w.line() == b"OK 1000"
+    rss_before = proc.memory_info().rss
+    total = 200  # 200 MB through the log while a reader is stalled
+    received = 0
+    for i in range(2, total + 1):
+        w.send(batch)
+        assert w.line() == b"OK %d" % (i * 1000)
+        # The live tail keeps up: drain what it has so far.
+        while received < (i - 1) * 1000:
+            r = live.record()
+            assert r is not None
+            received += 1
+    growth = proc.memory_info().rss - rss_before
+    assert growth < 48 * 1024 * 1024, f"server RSS grew by {growth} bytes with a stalled reader"
+    while received < total * 1000:
+        r = live.record()
+        assert r is not None and r[1] == body
+        received += 1
+    stalled.close()
+
+
+def test_sigterm_while_writers_busy_loses_no_acknowledged_message(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server()
+    stop = threading.Event()
+    result: dict[int, bytes] = {}
+
+    def load() -> None:
+        result.update(run_writers(srv, writers=8, rounds=100_000, stop=stop))
+
+    t = threading.Thread(target=load)
+    t.start()
+    c = srv.connect()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until writes are flowing
+        c.send(b"HEAD\r\n")
+        if int(c.line().split()[1]) > 500:
+            break
+    assert srv.terminate(timeout=30) == 0
+    stop.set()
+    t.join(timeout=60)
+    assert len(result) > 500
+    again = start_server(data_dir=srv.data_dir)
+    stored = read_all(again, 1, max(result))
+    for i, b in result.items():
+        assert stored[i] == b
+    assert sorted(stored) == list(range(1, len(stored) + 1))
+
+
+def test_sigkill_with_fsync_always_loses_no_acknowledged_message(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--fsync", "always")
+    stop = threading.Event()
+    result: dict[int, bytes] = {}
+
+    def load() -> None:
+        result.update(run_writers(srv, writers=8, rounds=100_000, stop=stop))
+
+    t = threading.Thread(target=load)
+    t.start()
+    c = srv.connect()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        c.send(b"HEAD\r\n")
+        if int(c.line().split()[1]) > 500:
+            break
+    srv.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    srv.proc.wait(timeout=20)  # type: ignore[union-attr]
+    stop.set()
+    t.join(timeout=60)
+    assert len(result) > 500
+    again = start_server(data_dir=srv.data_dir)
+    head_conn = again.connect()
+    head_conn.send(b"HEAD\r\n")
+    head = int(head_conn.line().split()[1])
+    assert head >= max(result)
+    stored = read_all(again, 1, head)
+    for i, b in result.items():
+        assert stored[i] == b
+    assert sorted(stored) == list(range(1, head + 1))
+
+
+def test_sigterm_ends_tails_with_eof(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server()
+    tail = srv.connect()
+    tail.send(b"READ 1\r\n")
+    assert tail.line() == b"OK"
+    w = srv.connect()
+    w.send(b"MSG 2\r\nhi\r\n")
+    assert w.line() == b"OK 1"
+    assert tail.record() == (1, b"hi")
+    assert srv.terminate() == 0
+    assert tail.record() is None  # +EOF
+    assert tail.closed_by_peer()
+
+
