@@ -458,9 +458,7 @@ class CommandParser:
         self._fail(out, ProtocolError(f"MSG body {i + 1} not followed by CRLF", fatal=True))
         return -1
 
-    def _reject(
-        self, lens: list[int], data: bytes, p: int, out: list[Command | ProtocolError]
-    ) -> int:
+    def _reject(self, lens: list[int], data: bytes, p: int, out: list[Command | ProtocolError]) -> int:
         """Report a MSG over the limits, then discard its bodies (see `_skip`)."""
         if len(lens) > self._max_batch:
             what = f"batch of {len(lens)} messages is over max_batch {self._max_batch}"
@@ -632,6 +630,9 @@ class EndOfStream:
 Reply = OkReply | PongReply | ErrorReply | StatsReply | Record | EndOfStream
 
 _PONG_REPLY = PongReply()
+_new = object.__new__
+_set_record_id = Record.__dict__["id"].__set__
+_set_record_body = Record.__dict__["body"].__set__
 _EOF_REPLY = EndOfStream()
 _OK_REPLY = OkReply(None)
 
@@ -784,46 +785,75 @@ class ClientProtocol:
         size = len(data)
         add = out.append
         nxt = self._next_id
-        max_record = self._max_record
-        try:
-            while p < size and data[p] == 43:
-                nl = find(b"\n", p)
-                if nl < 0:
-                    break
-                if data[nl - 1] != 13:
-                    raise self._corrupt("header not ended by CRLF")
-                parts = data[p + 1 : nl - 1].split(b" ")
-                if len(parts) != 3:
-                    if parts == [b"EOF"]:
-                        add(_EOF_REPLY)
-                        self._expect.popleft()
-                        self._streaming = False
-                        return nl + 1
-                    raise self._corrupt(f"bad header {_show(data[p:nl])}")
-                id_b, len_b, crc_b = parts
-                # The exact spelling of the id we expect: checks syntax and continuity.
-                if id_b != b"%d" % nxt:
-                    raise self._corrupt(f"unexpected id {_show(id_b)}")
-                n = int(len_b)  # ValueError for junk; the spelling check below does the rest
-                if n > max_record or b"%d" % n != len_b:
-                    raise self._corrupt(f"bad length {_show(len_b)}")
-                start = nl + 1
-                end = start + n
-                if end + 2 > size:
-                    self._need = end + 2 - p
-                    break
-                body = data[start:end]
-                if data[end] != 13 or data[end + 1] != 10:
-                    raise self._corrupt("body not followed by CRLF")
-                if b"%08x" % crc32c(body) != crc_b:
-                    raise self._corrupt(f"CRC mismatch (header says {_show(crc_b)})")
-                add(Record(nxt, body))
-                nxt += 1
+        # The len field starts after "+", the id's digits and a space; k
+        # follows the id's digit count, which grows by one at each power of 10.
+        k = len(b"%d" % nxt) + 2
+        bump = 10 ** (k - 2)
+        while p < size and data[p] == 43:
+            nl = find(b"\n", p)
+            if nl < 0:
+                break
+            start = nl + 1
+            try:
+                # The len field ends 10 bytes before the LF (space, 8 hex
+                # digits, CR). A wrong guess from a bad header is caught by the
+                # comparison with the whole expected header below.
+                n = int(data[p + k : nl - 10])
+            except ValueError:
+                n = -1
+            end = start + n
+            if n < 0 or end + 2 > size:
+                # Rare: +EOF, a bad header, or a body still arriving.
                 self._next_id = nxt
-                p = end + 2
-        except ValueError:
-            raise self._corrupt(f"bad header {_show(data[p : p + 60])}") from None
+                if data[p:start] == b"+EOF\r\n":
+                    out.append(_EOF_REPLY)
+                    self._expect.popleft()
+                    self._streaming = False
+                    return start
+                why = self._header_error(data[p:start])
+                if why is not None:
+                    raise self._corrupt(why)
+                if n > self._max_record:
+                    raise self._corrupt(f"length {n} is over max_record_bytes")
+                self._need = end + 2 - p
+                return p
+            body = data[start:end]
+            # One comparison checks the header's syntax, id, length and CRC.
+            if data[p:start] != b"+%d %d %08x\r\n" % (nxt, n, crc32c(body)) or data[end] != 13 or data[end + 1] != 10:
+                self._next_id = nxt
+                why = self._header_error(data[p:start])
+                if why is None:
+                    why = "CRC mismatch" if data[end : end + 2] == b"\r\n" else "no CRLF after body"
+                raise self._corrupt(why)
+            # Bypass the frozen dataclass __init__ (about twice as slow):
+            # records are the bulk of what a client parses.
+            record = _new(Record)
+            _set_record_id(record, nxt)
+            _set_record_body(record, body)
+            add(record)
+            nxt += 1
+            if nxt == bump:
+                k += 1
+                bump *= 10
+            p = end + 2
+        self._next_id = nxt
         return p
+
+    def _header_error(self, header: bytes) -> str | None:
+        """Why a record header (with its CRLF) is not the next one expected, or None."""
+        if header[-2:] != b"\r\n":
+            return "header not ended by CRLF"
+        parts = header[1:-2].split(b" ")
+        if len(parts) != 3:
+            return f"bad header {_show(header)}"
+        id_b, len_b, crc_b = parts
+        if id_b != b"%d" % self._next_id:
+            return f"unexpected id {_show(id_b)}"
+        if not len_b.isdigit() or len(len_b) > 19 or b"%d" % int(len_b) != len_b:
+            return f"bad length {_show(len_b)}"
+        if len(crc_b) != 8 or crc_b.strip(b"0123456789abcdef"):
+            return f"bad CRC field {_show(crc_b)}"
+        return None
 
     def _line(self, line: bytes, out: list[Reply]) -> None:
         """One reply line that is not a record."""
@@ -842,9 +872,7 @@ class ClientProtocol:
         if line[:4] == b"ERR " or line == b"ERR":
             _, _, rest = line.partition(b" ")
             code, _, message = rest.partition(b" ")
-            out.append(
-                ErrorReply(code.decode("ascii", "replace"), message.decode("utf-8", "replace"))
-            )
+            out.append(ErrorReply(code.decode("ascii", "replace"), message.decode("utf-8", "replace")))
             # With nothing outstanding it is unsolicited (BUSY, TIMEOUT): answers nothing.
             if expect:
                 expect.popleft()

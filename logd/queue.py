@@ -129,7 +129,7 @@ class AppendQueue:
                     self._idle.set()
 
     def _take_round(self) -> list[tuple[list[bytes], int, Submitter, object]]:
-        round_ = []
+        round_: list[tuple[list[bytes], int, Submitter, object]] = []
         size = 0
         pending = self._pending
         while pending and (size < MAX_ROUND_BYTES or not round_):

@@ -86,15 +86,17 @@ class Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's class is not a subclass
-        peer = transport.get_extra_info("peername")
+        # uvloop's transport class is not an asyncio.Transport subclass, but quacks like one.
+        tr: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = tr
+        peer = tr.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        tr.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         srv = self.server
         if len(srv.connections) >= srv.config.max_connections or srv.stopping:
             reason = "server is stopping" if srv.stopping else "too many connections"
-            self.transport.write(protocol.error_reply(BusyError(reason)))
-            self.transport.close()
+            tr.write(protocol.error_reply(BusyError(reason)))
+            tr.close()
             self.closed = True
             return
         srv.connections.add(self)
@@ -140,11 +142,12 @@ class Connection(asyncio.Protocol):
                 if hold or self.server.read_only:
                     slots.append([DEFER, item])
                     continue
-                nbytes = sum(map(len, item.bodies))  # type: ignore[union-attr]
+                bodies: list[bytes] = item.bodies  # type: ignore[union-attr]
+                nbytes = sum(map(len, bodies))
                 slot = [WAIT, nbytes]
                 slots.append(slot)
                 self.inflight_bytes += nbytes
-                queue.submit(item.bodies, nbytes, self, slot)  # type: ignore[union-attr]
+                queue.submit(bodies, nbytes, self, slot)
             elif kind is protocol.Ping:
                 slots.append([READY, protocol.PONG])
             elif kind is protocol.Head:
@@ -252,7 +255,7 @@ class Connection(asyncio.Protocol):
         if self.server.read_only:
             out.append(protocol.error_reply(self.server.readonly_error()))
             return
-        nbytes = sum(map(len, msg.bodies))
+        nbytes = sum(len(b) for b in msg.bodies)
         slot: list[Any] = [WAIT, nbytes]
         self.slots.appendleft(slot)
         self.inflight_bytes += nbytes

@@ -7,6 +7,7 @@ import signal
 import time
 
 import crc32c
+
 from .conftest import ServerProcess
 
 

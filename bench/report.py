@@ -1,0 +1,352 @@
+"""Results out: results.json (every figure), RESULTS.md (logd vs Redis), latency.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .servers import FSYNC_MODES
+
+Result = dict[str, Any]
+
+# metric -> (label, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "msgs_per_s": ("msg/s", True),
+    "mb_per_s": ("MB/s", True),
+    "p50_us": ("p50 µs", False),
+    "p99_us": ("p99 µs", False),
+    "p999_us": ("p99.9 µs", False),
+    "rss_mb_base": ("RSS MB, idle server", False),
+    "rss_mb_idle_conns": ("RSS MB, idle connections", False),
+    "rss_mb_tails": ("RSS MB, tails", False),
+    "rss_mb_after_load": ("RSS MB, data loaded", False),
+}
+
+# Which metrics each scenario shows in the table.
+SHOWN: dict[tuple[int, str], tuple[str, ...]] = {
+    (1, "latency"): ("p50_us", "p99_us", "p999_us", "msgs_per_s"),
+    (2, "pipelined"): ("msgs_per_s",),
+    (3, "batched"): ("msgs_per_s", "mb_per_s"),
+    (4, "fan-in"): ("msgs_per_s", "p50_us", "p99_us", "p999_us"),
+    (5, "bulk load"): ("msgs_per_s", "mb_per_s"),
+    (5, "catch-up read"): ("msgs_per_s", "mb_per_s", "rss_mb_after_load"),
+    (6, "tail"): ("p50_us", "p99_us", "p999_us"),
+    (7, "footprint"): ("rss_mb_base", "rss_mb_idle_conns", "rss_mb_tails"),
+}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target of issue 6, checked on every matching pair of results."""
+
+    text: str
+    scenario: int
+    name: str
+    mode: str | None
+    metric: str
+    ok: Callable[[float, float, float], bool]  # (ratio logd/redis, logd, redis) -> met
+
+
+GOALS = (
+    Goal("batched write, interval: logd ≥ 2× Redis", 3, "batched", "interval",
+         "msgs_per_s", lambda r, a, b: r >= 2.0),
+    Goal("fan-in, fsync always: logd ≥ 1× Redis", 4, "fan-in", "always",
+         "msgs_per_s", lambda r, a, b: r >= 1.0),
+    Goal("catch-up read: logd ≥ 2× Redis", 5, "catch-up read", None,
+         "msgs_per_s", lambda r, a, b: r >= 2.0),
+    Goal("catch-up read 64 KiB: logd ≥ 1 GB/s", 5, "catch-up read", None,
+         "mb_per_s", lambda r, a, b: a >= 1000.0),
+    Goal("tail latency p99: logd ≤ Redis", 6, "tail", None,
+         "p99_us", lambda r, a, b: r <= 1.0),
+    Goal("single-message latency p50, interval: logd ≤ 1.3× Redis", 1, "latency", "interval",
+         "p50_us", lambda r, a, b: r <= 1.3),
+)  # fmt: skip
+
+
+def key(r: Result) -> tuple[Any, ...]:
+    return (r["scenario"], r["name"], r["variant"], r["mode"], r["payload"])
+
+
+def pairs(results: list[Result]) -> list[tuple[Result, Result | None]]:
+    """(logd, redis) results of the same measurement, in run order."""
+    redis = {key(r): r for r in results if r["server"] == "redis"}
+    out = [(r, redis.get(key(r))) for r in results if r["server"] == "logd"]
+    if not out:  # a Redis-only run still gets a table
+        out = [(r, None) for r in results if r["server"] == "redis"]
+    return out
+
+
+def size_label(n: int) -> str:
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024} KiB"
+    return f"{n} B"
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def durability(mode: str) -> str:
+    logd, redis = FSYNC_MODES[mode]
+    return f"{logd} / {redis}"
+
+
+def describe(r: Result) -> str:
+    parts = [f"{r['scenario']}. {r['name']}"]
+    if r["variant"] and r["variant"] != "load":
+        parts.append(r["variant"])
+    if r["payload"] and r["scenario"] != 7:
+        parts.append(size_label(r["payload"]))
+    return ", ".join(parts)
+
+
+def table(results: list[Result]) -> list[str]:
+    """The logd vs Redis table, one line per (measurement, metric)."""
+    lines = [
+        "| scenario | fsync logd / Redis | metric | logd | Redis | logd ÷ Redis | better |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for a, b in pairs(results):
+        for metric in SHOWN.get((a["scenario"], a["name"]), ()):
+            va = a["metrics"].get(metric)
+            vb = b["metrics"].get(metric) if b else None
+            if va is None and vb is None:
+                continue
+            label, higher = METRICS[metric]
+            if a["server"] == "redis":  # Redis-only run
+                va, vb = None, va
+            ratio = f"{va / vb:.2f}×" if va is not None and vb else "–"
+            lines.append(
+                f"| {describe(a)} | {durability(a['mode'])} | {label} | {fmt(va)} | {fmt(vb)} "
+                f"| {ratio} | {'higher' if higher else 'lower'} |"
+            )
+    return lines
+
+
+def goals(results: list[Result]) -> list[dict[str, Any]]:
+    """Each goal of the issue, evaluated on every matching measurement."""
+    out = []
+    for g in GOALS:
+        for a, b in pairs(results):
+            if a["server"] != "logd" or b is None:
+                continue
+            if (a["scenario"], a["name"]) != (g.scenario, g.name) or a["variant"] == "load":
+                continue
+            if g.mode and a["mode"] != g.mode:
+                continue
+            if "64 KiB" in g.text and a["payload"] != 65536:
+                continue
+            va, vb = a["metrics"].get(g.metric), b["metrics"].get(g.metric)
+            if va is None or not vb:
+                continue
+            ratio = va / vb
+            out.append(
+                {
+                    "goal": g.text,
+                    "measurement": f"{describe(a)} ({durability(a['mode'])})",
+                    "metric": g.metric,
+                    "logd": va,
+                    "redis": vb,
+                    "ratio": round(ratio, 3),
+                    "met": bool(g.ok(ratio, va, vb)),
+                }
+            )
+    return out
+
+
+def details(results: list[Result]) -> list[str]:
+    """CPU of both sides for every run: is the server (not the client) the bottleneck?"""
+    lines = [
+        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | samples |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        m = r["metrics"]
+        if "msgs_per_s" not in m:
+            continue
+        lines.append(
+            f"| {describe(r)}{' (load)' if r['variant'] == 'load' else ''} | {r['server']} "
+            f"| {r['fsync']} | {fmt(m['msgs_per_s'])} | {m['server_cpu_pct']} "
+            f"| {m['client_cpu_pct']} | {m.get('samples', '–')} |"
+        )
+    return lines
+
+
+def markdown(meta: dict[str, Any], results: list[Result], goal_rows: list[dict[str, Any]]) -> str:
+    """RESULTS.md."""
+    m = meta
+    out = [
+        "# logd vs Redis Streams",
+        "",
+        f"`python -m bench{' --quick' if m['quick'] else ''}`, {m['date']}, "
+        f"{m['machine']['cpu']} ({m['machine']['cpus']} CPUs), "
+        f"{m['machine']['mem_gb']} GB RAM, {m['machine']['os']}, kernel "
+        f"{m['machine']['kernel']}, Python {m['machine']['python']}. "
+        f"logd {m['versions'].get('logd', '–')}, Redis {m['versions'].get('redis', '–')}. "
+        f"Disk fdatasync p50 {m['disk_fdatasync_us']['p50']} µs, "
+        f"p99 {m['disk_fdatasync_us']['p99']} µs.",
+        "",
+        "Same load generator, payloads and machine for both, in one run; servers "
+        f"{'pinned to CPU 0, generator to CPU 1' if m['pinned'] else 'not pinned'}. "
+        "`always` = logd `--fsync always` vs Redis `appendfsync always`; `interval` = "
+        "logd `--fsync interval:1000` vs Redis `appendfsync everysec`. Redis runs with "
+        "`appendonly yes`, `save \"\"`, no automatic AOF rewrite. Messages are "
+        "100 bytes unless a size is given; MB/s counts message bodies (10^6 bytes).",
+        "",
+    ]
+    if m.get("warnings"):
+        out += [f"> **WARNING:** {w}" for w in m["warnings"]] + [""]
+    if goal_rows:
+        out += ["## Goals", "", "| goal | measurement | logd | Redis | ratio | met |",
+                "|---|---|---:|---:|---:|---|"]  # fmt: skip
+        for g in goal_rows:
+            out.append(
+                f"| {g['goal']} | {g['measurement']} | {fmt(g['logd'])} | {fmt(g['redis'])} "
+                f"| {g['ratio']:.2f}× | {'yes' if g['met'] else '**no**'} |"
+            )
+        out.append("")
+    out += ["## logd vs Redis", ""] + table(results) + [""]
+    out += [
+        "## CPU per run",
+        "",
+        "Client CPU is the load generator's (one process, one thread). A server near "
+        "100% is the bottleneck; the client staying well under 100% shows it was not.",
+        "",
+    ]
+    out += details(results) + [""]
+    out += [
+        "![latency distributions](latency.png)",
+        "",
+        "Every figure, with machine info and the plan, is in `results.json`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    """latency.png: percentile curves of the latency-measuring scenarios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (1, "1. one client, one message per round trip"),
+        (4, "4. fan-in, 50 clients"),
+        (6, "6. tail: append-to-delivery at fixed rate"),
+    ]
+    panels = [p for p in panels if any(r["scenario"] == p[0] and r.get("curve") for r in results)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    colors = {"logd": "tab:blue", "redis": "tab:red"}
+    styles = {"always": "-", "interval": "--"}
+    for ax, (scenario, title) in zip(axes[0], panels, strict=True):
+        for r in results:
+            if r["scenario"] != scenario or not r.get("curve"):
+                continue
+            qs = [q for q, _ in r["curve"]]
+            xs = [1.0 / max(1e-9, 1.0 - q / 100.0) for q in qs]
+            ys = [v for _, v in r["curve"]]
+            ax.plot(
+                xs,
+                ys,
+                styles.get(r["mode"], "-"),
+                color=colors.get(r["server"], "black"),
+                label=f"{r['server']} {r['fsync']}",
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = [1, 2, 10, 100, 1000, 10000, 100000]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
+        ax.set_xlim(1, None)
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("latency (µs)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("logd vs Redis Streams: latency distributions (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def disk_fdatasync_us(directory: str | None = None, n: int = 200) -> dict[str, float]:
+    """fdatasync latency of the disk holding the temp dirs (write 128 B + sync, n times)."""
+    fd, name = tempfile.mkstemp(prefix="logd-bench-fsync-", dir=directory)
+    samples = []
+    try:
+        for _ in range(n):
+            os.write(fd, b"x" * 128)
+            t = time.perf_counter_ns()
+            os.fdatasync(fd)
+            samples.append((time.perf_counter_ns() - t) / 1000.0)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    samples.sort()
+    return {"p50": round(samples[n // 2], 1), "p99": round(samples[int(n * 0.99)], 1)}
+
+
+def machine() -> dict[str, Any]:
+    """Where the run happened."""
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    os_name = platform.platform()
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return {
+        "hostname": socket.gethostname(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "os": os_name,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+    }
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_all(out: Path, meta: dict[str, Any], results: list[Result]) -> str:
+    """Write results.json, RESULTS.md and latency.png to ``out``; return the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    goal_rows = goals(results)
+    doc = {"meta": meta, "goals": goal_rows, "results": results}
+    (out / "results.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    text = markdown(meta, results, goal_rows)
+    (out / "RESULTS.md").write_text(text)
+    plot(results, out / "latency.png")
+    return text
