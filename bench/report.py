@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from .scenarios import NOISY_OTHER, NOISY_STEAL
 from .servers import FSYNC_MODES
 
 Result = dict[str, Any]
@@ -60,19 +61,28 @@ class Goal:
 
 
 GOALS = (
-    Goal("batched write, interval: logd ≥ 2× Redis", 3, "batched", "interval",
-         "msgs_per_s", lambda r, a, b: r >= 2.0),
-    Goal("fan-in, fsync always: logd ≥ 1× Redis", 4, "fan-in", "always",
-         "msgs_per_s", lambda r, a, b: r >= 1.0),
-    Goal("catch-up read: logd ≥ 2× Redis", 5, "catch-up read", None,
-         "msgs_per_s", lambda r, a, b: r >= 2.0),
-    Goal("catch-up read 64 KiB: logd ≥ 1 GB/s", 5, "catch-up read", None,
-         "mb_per_s", lambda r, a, b: a >= 1000.0),
-    Goal("tail latency p99: logd ≤ Redis", 6, "tail", None,
-         "p99_us", lambda r, a, b: r <= 1.0),
-    Goal("single-message latency p50, interval: logd ≤ 1.3× Redis", 1, "latency", "interval",
-         "p50_us", lambda r, a, b: r <= 1.3),
-)  # fmt: skip
+    Goal("batched write, interval: logd ≥ 2× Redis", 3, "batched", "interval", "msgs_per_s", lambda r, a, b: r >= 2.0),
+    Goal("fan-in, fsync always: logd ≥ 1× Redis", 4, "fan-in", "always", "msgs_per_s", lambda r, a, b: r >= 1.0),
+    Goal("catch-up read: logd ≥ 2× Redis", 5, "catch-up read", None, "msgs_per_s", lambda r, a, b: r >= 2.0),
+    Goal("catch-up read 64 KiB: logd ≥ 1 GB/s", 5, "catch-up read", None, "mb_per_s", lambda r, a, b: a >= 1000.0),
+    Goal("tail latency p99: logd ≤ Redis", 6, "tail", None, "p99_us", lambda r, a, b: r <= 1.0),
+    Goal(
+        "single-message latency, interval: logd ≤ 1.3× Redis",
+        1,
+        "latency",
+        "interval",
+        "p50_us",
+        lambda r, a, b: r <= 1.3,
+    ),
+    Goal(
+        "single-message latency, interval: logd ≤ 1.3× Redis",
+        1,
+        "latency",
+        "interval",
+        "p99_us",
+        lambda r, a, b: r <= 1.3,
+    ),
+)
 
 
 def key(r: Result) -> tuple[Any, ...]:
@@ -148,7 +158,7 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
         for a, b in pairs(results):
             if a["server"] != "logd" or b is None:
                 continue
-            if (a["scenario"], a["name"]) != (g.scenario, g.name) or a["variant"] == "load":
+            if (a["scenario"], a["name"]) != (g.scenario, g.name) or a["variant"] in ("load", "PING"):
                 continue
             if g.mode and a["mode"] != g.mode:
                 continue
@@ -161,7 +171,7 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
             out.append(
                 {
                     "goal": g.text,
-                    "measurement": f"{describe(a)} ({durability(a['mode'])})",
+                    "measurement": f"{describe(a)} ({durability(a['mode'])}), {METRICS[g.metric][0]}",
                     "metric": g.metric,
                     "logd": va,
                     "redis": vb,
@@ -175,8 +185,8 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
 def details(results: list[Result]) -> list[str]:
     """CPU of both sides for every run: is the server (not the client) the bottleneck?"""
     lines = [
-        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | samples |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | other CPU % | steal % | samples |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r["metrics"]
@@ -185,38 +195,99 @@ def details(results: list[Result]) -> list[str]:
         lines.append(
             f"| {describe(r)}{' (load)' if r['variant'] == 'load' else ''} | {r['server']} "
             f"| {r['fsync']} | {fmt(m['msgs_per_s'])} | {m['server_cpu_pct']} "
-            f"| {m['client_cpu_pct']} | {m.get('samples', '–')} |"
+            f"| {m['client_cpu_pct']} | {m.get('other_cpu_pct', '–')} | {m.get('steal_pct', '–')} "
+            f"| {m.get('samples', '–')} |"
         )
     return lines
+
+
+NOISY_OTHER_PCT = 100 * NOISY_OTHER
+NOISY_STEAL_PCT = 100 * NOISY_STEAL
+
+
+def noisy_runs(results: list[Result]) -> list[str]:
+    """Runs during which something else used a sizeable share of the machine."""
+    out = []
+    for r in results:
+        m = r["metrics"]
+        if m.get("other_cpu_pct", 0) > NOISY_OTHER_PCT or m.get("steal_pct", 0) > NOISY_STEAL_PCT:
+            out.append(f"{describe(r)} {r['server']} {r['fsync']}")
+    return out
+
+
+def method(meta: dict[str, Any]) -> list[str]:
+    """How the figures were made, for the reader who doubts them."""
+    p = meta["plan"]
+    pin = meta["pinned"]
+    where = (
+        f"servers pinned to CPU {pin['server_cpu']}, load generator to CPU {pin['loadgen_cpu']}"
+        if pin
+        else "nothing pinned"
+    )
+    return [
+        "## How it was measured",
+        "",
+        f"- One machine, one run, {where}. Both servers are started by the benchmark on 127.0.0.1 "
+        "(ephemeral ports, temporary data directories on the same disk) and stopped by pid; fresh "
+        "servers for each durability mode, for scenario 5 and for scenario 7.",
+        "- Durability: `always` = logd `--fsync always` vs Redis `appendfsync always`; `interval` = "
+        "logd `--fsync interval:1000` vs Redis `appendfsync everysec`. Redis runs with `appendonly "
+        'yes`, `save ""` and no automatic AOF rewrite (no fork during a measurement).',
+        "- One load generator for both: one Python process and thread, raw sockets (TCP_NODELAY), "
+        "commands encoded once; replies are counted by line, not parsed. After every write run the "
+        "server's HEAD (logd) or XLEN (Redis) must have grown by exactly the acknowledged count; "
+        "catch-up reads are checked for their exact byte size (logd) or entry count (Redis).",
+        f"- Write runs (1-4): {p['warmup']} s warm-up, then {p['seconds']} s measured, "
+        f"{p['rounds']} round(s) per server alternating which server goes first; the median round "
+        "by msg/s is shown (every round's msg/s is in results.json). A run during which other "
+        f"processes used more than a quarter of a core is repeated (up to {p['noisy_retries']} times) "
+        "and flagged below if it stayed noisy.",
+        "- Messages are 100 bytes unless a size is given (letters and digits, same bytes for both). "
+        "MB/s counts message bodies, 10^6 bytes.",
+        "- 1: one command, wait for the reply, repeat. The PING row is the round trip with no "
+        "work on this machine (mostly the cost of waking a process on the other CPU); the rest "
+        "of the latency is the server's.",
+        "- 2: single-message commands (logd `MSG 100`, Redis `XADD bench * d <body>`), N in flight.",
+        "- 3: one batch in flight: logd one `MSG` of 100 messages, Redis 100 pipelined XADDs "
+        "(Redis has no multi-message XADD).",
+        f"- 4: {p['fanin_clients']} connections, each with one message in flight.",
+        "- 5: the messages are loaded (the 'bulk load' rows: batches of up to 1000 messages, 4 in "
+        "flight), then read from the first: logd one `READ <first> <n>`, Redis `XRANGE key (<last> + "
+        f"COUNT 1000` page after page. Data is in RAM / page cache. Median of {p['read_repeats']} read(s).",
+        f"- 6: a writer sends single-message commands at {p['tail_rate']:,} msg/s (in ~1 ms bursts) "
+        "on one connection; a reader tails on another (logd `READ <next> 0`; Redis `XREAD BLOCK 0 "
+        "STREAMS tail <last id>`, re-issued after each reply). Each body carries its send time; "
+        "latency = arrival of the chunk completing the message − send time. "
+        f"{p['tail_seconds']} s after a {p['warmup']} s warm-up.",
+        f"- 7: RSS (psutil) of a fresh, empty server; with {p['idle_conns']:,} connections that each "
+        f"got one PING answered; with {p['tails']} tails waiting for new messages.",
+        "",
+    ]
 
 
 def markdown(meta: dict[str, Any], results: list[Result], goal_rows: list[dict[str, Any]]) -> str:
     """RESULTS.md."""
     m = meta
+    mc = m["machine"]
     out = [
         "# logd vs Redis Streams",
         "",
-        f"`python -m bench{' --quick' if m['quick'] else ''}`, {m['date']}, "
-        f"{m['machine']['cpu']} ({m['machine']['cpus']} CPUs), "
-        f"{m['machine']['mem_gb']} GB RAM, {m['machine']['os']}, kernel "
-        f"{m['machine']['kernel']}, Python {m['machine']['python']}. "
-        f"logd {m['versions'].get('logd', '–')}, Redis {m['versions'].get('redis', '–')}. "
-        f"Disk fdatasync p50 {m['disk_fdatasync_us']['p50']} µs, "
-        f"p99 {m['disk_fdatasync_us']['p99']} µs.",
-        "",
-        "Same load generator, payloads and machine for both, in one run; servers "
-        f"{'pinned to CPU 0, generator to CPU 1' if m['pinned'] else 'not pinned'}. "
-        "`always` = logd `--fsync always` vs Redis `appendfsync always`; `interval` = "
-        "logd `--fsync interval:1000` vs Redis `appendfsync everysec`. Redis runs with "
-        "`appendonly yes`, `save \"\"`, no automatic AOF rewrite. Messages are "
-        "100 bytes unless a size is given; MB/s counts message bodies (10^6 bytes).",
+        f"`{m['command']}`, {m['date']}: {mc['cpu']} ({mc['cpus']} CPUs), {mc['mem_gb']} GB RAM, "
+        f"{mc['os']}, kernel {mc['kernel']}, Python {mc['python']}; logd {m['versions'].get('logd', '–')}, "
+        f"Redis {m['versions'].get('redis', '–')}. Disk fdatasync p50 {m['disk_fdatasync_us']['p50']} µs, "
+        f"p99 {m['disk_fdatasync_us']['p99']} µs. Wall time {m.get('wall_seconds', '?')} s.",
         "",
     ]
-    if m.get("warnings"):
-        out += [f"> **WARNING:** {w}" for w in m["warnings"]] + [""]
+    noisy = noisy_runs(results)
+    warnings = list(m.get("warnings", []))
+    if noisy:
+        warnings.append(
+            f"{len(noisy)} run(s) shared the machine with other load (other CPU > "
+            f"{NOISY_OTHER_PCT:.0f}% or steal > {NOISY_STEAL_PCT:.0f}% of a core): " + "; ".join(noisy)
+        )
+    out += [f"> **WARNING:** {w}\n" for w in warnings]
     if goal_rows:
-        out += ["## Goals", "", "| goal | measurement | logd | Redis | ratio | met |",
-                "|---|---|---:|---:|---:|---|"]  # fmt: skip
+        out += ["## Goals", "", "| goal | measurement | logd | Redis | ratio | met |", "|---|---|---:|---:|---:|---|"]
         for g in goal_rows:
             out.append(
                 f"| {g['goal']} | {g['measurement']} | {fmt(g['logd'])} | {fmt(g['redis'])} "
@@ -224,20 +295,19 @@ def markdown(meta: dict[str, Any], results: list[Result], goal_rows: list[dict[s
             )
         out.append("")
     out += ["## logd vs Redis", ""] + table(results) + [""]
+    out += ["![latency distributions](latency.png)", ""]
+    out += method(m)
     out += [
         "## CPU per run",
         "",
-        "Client CPU is the load generator's (one process, one thread). A server near "
-        "100% is the bottleneck; the client staying well under 100% shows it was not.",
+        "Client CPU is the load generator's; 100% = one core. A server near 100% is the "
+        "bottleneck; the client staying under 100% shows it was not. Other CPU is what the rest "
+        "of the machine used meanwhile (other processes) and steal is CPU the hypervisor gave to "
+        "other guests: large values mean a noisy figure.",
         "",
     ]
     out += details(results) + [""]
-    out += [
-        "![latency distributions](latency.png)",
-        "",
-        "Every figure, with machine info and the plan, is in `results.json`.",
-        "",
-    ]
+    out += ["Every figure, with machine info, versions and the plan, is in `results.json`.", ""]
     return "\n".join(out)
 
 
@@ -275,9 +345,8 @@ def plot(results: list[Result], path: Path) -> None:
             )
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ticks = [1, 2, 10, 100, 1000, 10000, 100000]
-        ax.set_xticks(ticks)
-        ax.set_xticklabels(["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
+        ax.set_xticks([2, 10, 100, 1000, 10000, 100000])
+        ax.set_xticklabels(["50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
         ax.set_xlim(1, None)
         ax.set_xlabel("percentile")
         ax.set_ylabel("latency (µs)")

@@ -7,21 +7,25 @@ server), with the figures in ``metrics``. ``report.py`` pairs them up.
 from __future__ import annotations
 
 import gc
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from . import loadgen as lg
-from .servers import FSYNC_MODES, Server, ServerError, start_logd, start_redis
+from . import readers as rd
+from . import wire as wr
+from .servers import FSYNC_MODES, Server, start_logd, start_redis
 
 SMALL = 100  # bytes: the message size of every scenario unless said otherwise
 BATCH = 100  # messages per batch in scenario 3
 MAX_RUN_BYTES = 1_500_000_000  # cap on bodies written by one run (Redis keeps them in RAM)
+NOISY_OTHER = 0.25  # share of a core used by other processes that makes a run noisy
+NOISY_STEAL = 0.10  # ... or taken by the hypervisor
 
 
 @dataclass(frozen=True)
@@ -36,31 +40,35 @@ class Plan:
     batch_payloads: tuple[int, ...]  # scenario 3
     fanin_clients: int
     catchup: tuple[tuple[int, int], ...]  # scenario 5: (body bytes, messages)
-    read_repeats: int  # scenario 5: best of n reads
+    read_repeats: int  # scenario 5: median of n reads
     tail_modes: tuple[str, ...]  # scenario 6
     tail_rate: int  # messages/s
     tail_seconds: float
     idle_conns: int  # scenario 7
     tails: int
+    rounds: int  # scenarios 1-4: median of this many alternating rounds per server
+    noisy_retries: int  # a run disturbed by other load is repeated up to this many times
     latency_max: int = 200_000  # cap on round trips in scenario 1
     write_max: int = 20_000_000  # cap on messages in other write runs
 
 
 FULL = Plan(
-    seconds=5.0,
-    warmup=1.0,
+    seconds=2.0,
+    warmup=0.5,
     modes=("always", "interval"),
     fanin_modes=("always", "interval"),
     depths=(16, 128),
     batch_payloads=(100, 1024, 65536),
     fanin_clients=50,
     catchup=((100, 2_000_000), (1024, 500_000), (65536, 16_000)),
-    read_repeats=2,
+    read_repeats=3,
     tail_modes=("interval", "always"),
     tail_rate=50_000,
     tail_seconds=10.0,
     idle_conns=1000,
     tails=100,
+    rounds=3,
+    noisy_retries=2,
 )
 
 QUICK = Plan(
@@ -78,7 +86,33 @@ QUICK = Plan(
     tail_seconds=2.0,
     idle_conns=1000,
     tails=100,
+    rounds=1,
+    noisy_retries=0,
 )
+
+
+def noisy(run: lg.Run) -> bool:
+    """Whether other processes or other guests took a sizeable share of the machine."""
+    secs = max(run.seconds, 1e-9)
+    return run.other_cpu_s / secs > NOISY_OTHER or run.steal_s / secs > NOISY_STEAL
+
+
+def wait_quiet(seconds: float, log: Callable[[str], None]) -> bool:
+    """Wait up to ``seconds`` for a 1-second window with little CPU used by anyone."""
+    deadline = time.monotonic() + seconds
+    said = False
+    while True:
+        b0, s0 = lg.machine_cpu()
+        time.sleep(1.0)
+        b1, s1 = lg.machine_cpu()
+        if b1 - b0 < NOISY_OTHER and s1 - s0 < NOISY_STEAL:
+            return True
+        if time.monotonic() > deadline:
+            log(f"  WARNING: the machine is busy ({100 * (b1 - b0):.0f}% of a core used by others); going on")
+            return False
+        if not said:
+            log(f"  waiting up to {seconds:.0f}s for the machine to be quiet ({100 * (b1 - b0):.0f}% busy)")
+            said = True
 
 
 def percentiles(lat_ns: Any) -> dict[str, float]:
@@ -117,6 +151,10 @@ def metrics(run: lg.Run) -> dict[str, float]:
         "msgs_per_s": round(run.messages / secs, 1),
         "server_cpu_pct": round(100 * run.server_cpu_s / secs, 1),
         "client_cpu_pct": round(100 * run.client_cpu_s / secs, 1),
+        # Everything else on the machine (other processes, interrupts), and time the
+        # hypervisor gave to other guests: high values mean a noisy measurement.
+        "other_cpu_pct": round(100 * run.other_cpu_s / secs, 1),
+        "steal_pct": round(100 * run.steal_s / secs, 1),
     }
     if run.payload_bytes:
         m["mb_per_s"] = round(run.payload_bytes / secs / 1e6, 1)
@@ -129,10 +167,18 @@ def metrics(run: lg.Run) -> dict[str, float]:
 class Bench:
     """Runs the plan and collects result records."""
 
-    def __init__(self, plan: Plan, kinds: tuple[str, ...], pin: bool, log: Callable[[str], None]):
+    def __init__(
+        self,
+        plan: Plan,
+        kinds: tuple[str, ...],
+        server_cpu: int | None,
+        log: Callable[[str], None],
+        quiet_wait: float = 0.0,
+    ):
         self.plan = plan
+        self.quiet_wait = quiet_wait
         self.kinds = kinds
-        self.pin = pin
+        self.server_cpu = server_cpu  # every server is pinned to this CPU (None: not pinned)
         self.log = log
         self.results: list[dict[str, Any]] = []
         self.versions: dict[str, str] = {}
@@ -143,7 +189,9 @@ class Bench:
     def servers(self, mode: str) -> Iterator[dict[str, Server]]:
         """Fresh servers (one per kind) for a durability mode, stopped afterwards."""
         started: dict[str, Server] = {}
-        cpu = 0 if self.pin else None
+        cpu = self.server_cpu
+        if self.quiet_wait:
+            wait_quiet(self.quiet_wait, self.log)
         try:
             for kind in self.kinds:
                 fsync = FSYNC_MODES[mode][0 if kind == "logd" else 1]
@@ -151,10 +199,7 @@ class Bench:
                 srv = start_logd(fsync, cpu) if kind == "logd" else start_redis(fsync, cpu)
                 started[kind] = srv
                 self._version(srv)
-                self.log(
-                    f"  started {kind} ({fsync}) pid {srv.pid} port {srv.port} "
-                    f"in {time.monotonic() - t0:.2f}s"
-                )
+                self.log(f"  started {kind} ({fsync}) pid {srv.pid} port {srv.port} in {time.monotonic() - t0:.2f}s")
             yield started
         finally:
             for srv in started.values():
@@ -165,7 +210,7 @@ class Bench:
     def _version(self, srv: Server) -> None:
         if srv.kind in self.versions:
             return
-        with lg.Control(srv.addr) as ctl:
+        with wr.Control(srv.addr) as ctl:
             if srv.kind == "logd":
                 self.versions["logd"] = ctl.logd_stats().get("version", "?")
             else:
@@ -204,114 +249,144 @@ class Bench:
         )
         return rec
 
-    def checked_write(self, srv: Server, wire: lg.Wire, fn: Callable[[], lg.Run]) -> lg.Run:
+    def checked_write(self, srv: Server, wire: wr.Wire, fn: Callable[[], lg.Run]) -> lg.Run:
         """Run a write load and check the server committed exactly what was acknowledged."""
-        with lg.Control(srv.addr) as ctl:
+        with wr.Control(srv.addr) as ctl:
             before = wire.stored(ctl)
             run = fn()
             after = wire.stored(ctl)
         if after - before != run.messages:
-            raise lg.LoadError(
-                f"{srv.kind}: acknowledged {run.messages} messages but stored {after - before}"
-            )
+            raise wr.LoadError(f"{srv.kind}: acknowledged {run.messages} messages but stored {after - before}")
         return run
 
     def meter(self, srv: Server) -> lg.Meter:
         return lg.Meter(srv.cpu_seconds)
 
+    def compare(
+        self,
+        srvs: dict[str, Server],
+        fn: Callable[[Server], lg.Run],
+        rounds: int,
+        scenario: int,
+        name: str,
+        mode: str,
+        payload: int = SMALL,
+        variant: str = "",
+        with_curve: bool = False,
+    ) -> None:
+        """Run ``fn`` on each server ``rounds`` times, alternating which goes first
+        (A B B A ...), and record each server's median round by messages/s."""
+        runs: dict[str, list[lg.Run]] = {k: [] for k in srvs}
+        order = list(srvs.values())
+        retried = dict.fromkeys(srvs, 0)
+        for r in range(rounds):
+            for srv in order if r % 2 == 0 else order[::-1]:
+                run = fn(srv)
+                for _ in range(self.plan.noisy_retries):  # someone else used the machine: once more
+                    if not noisy(run):
+                        break
+                    retried[srv.kind] += 1
+                    run = fn(srv)
+                runs[srv.kind].append(run)
+        for srv in order:
+            done = sorted(runs[srv.kind], key=lambda x: x.messages / max(x.seconds, 1e-9))
+            run = done[(len(done) - 1) // 2]
+            if rounds > 1:
+                run.extra["rounds"] = rounds
+            if retried[srv.kind]:
+                run.extra["noisy_retries"] = retried[srv.kind]
+            rec = self.record(scenario, name, mode, srv, run, payload, variant, with_curve)
+            if rounds > 1:
+                rec["metrics"]["rounds_msgs_per_s"] = [round(x.messages / max(x.seconds, 1e-9)) for x in runs[srv.kind]]
+
     # ----------------------------------------------------------------- scenarios
 
     def write_scenarios(self, mode: str, only: set[int]) -> None:
-        """Scenarios 1-4 (and 6) on one pair of fresh servers."""
+        """Scenarios 1-4 and 6 on one pair of fresh servers."""
         p = self.plan
-        body = lg.payload(SMALL)
+        body = wr.payload(SMALL)
         run_13 = mode in p.modes
+        rounds = p.rounds
         with self.servers(mode) as srvs:
             if 1 in only and run_13:
                 self.log(f"  1. latency, one client, one {SMALL} B message per round trip [{mode}]")
-                for srv in srvs.values():
-                    wire = lg.wire_for(srv.kind)
-                    cmd = wire.write(body)
-                    m = self.meter(srv)
+
+                def single(srv: Server) -> lg.Run:
+                    wire = wr.wire_for(srv.kind)
+                    cmd, m = wire.write(body), self.meter(srv)
                     lg.closed_loop(srv.addr, cmd, wire.write_lines, p.warmup, p.latency_max, m)
-                    run = self.checked_write(
-                        srv,
-                        wire,
-                        lambda: lg.closed_loop(
-                            srv.addr, cmd, wire.write_lines, p.seconds, p.latency_max, m
-                        ),
-                    )
-                    self.record(1, "latency", mode, srv, run, with_curve=True)
+                    fn = partial(lg.closed_loop, srv.addr, cmd, wire.write_lines, p.seconds, p.latency_max, m)
+                    return self.checked_write(srv, wire, fn)
+
+                self.compare(srvs, single, rounds, 1, "latency", mode, with_curve=True)
+                self.log("  1. round-trip floor: PING, one client, one per round trip")
+
+                def ping(srv: Server) -> lg.Run:
+                    return lg.closed_loop(srv.addr, b"PING\r\n", 1, p.seconds / 2, p.latency_max, self.meter(srv))
+
+                self.compare(srvs, ping, rounds, 1, "latency", mode, payload=0, variant="PING")
             if 2 in only and run_13:
                 for depth in p.depths:
                     self.log(f"  2. pipelined, one client, {depth} commands in flight [{mode}]")
-                    for srv in srvs.values():
-                        wire = lg.wire_for(srv.kind)
-                        self._pipelined(srv, wire, wire.write(body), wire.write_lines, 1, depth)
-                        self.record(2, "pipelined", mode, srv, self.last, variant=f"depth {depth}")
+
+                    def pipe(srv: Server, depth: int = depth) -> lg.Run:
+                        wire = wr.wire_for(srv.kind)
+                        return self._pipelined(srv, wire, wire.write(body), wire.write_lines, 1, depth)
+
+                    self.compare(srvs, pipe, rounds, 2, "pipelined", mode, variant=f"depth {depth}")
             if 3 in only and run_13:
                 for size in p.batch_payloads:
-                    self.log(f"  3. batched, {BATCH} x {size} B per batch, one in flight [{mode}]")
-                    for srv in srvs.values():
-                        wire = lg.wire_for(srv.kind)
-                        cmd, lines = wire.batch([lg.payload(size)] * BATCH)
-                        self._pipelined(srv, wire, cmd, lines, BATCH, 1, size)
-                        self.last.payload_bytes = self.last.messages * size
-                        self.record(3, "batched", mode, srv, self.last, payload=size)
+                    self.log(f"  3. batched, {BATCH} x {size} B per batch, one batch in flight [{mode}]")
+
+                    def batched(srv: Server, size: int = size) -> lg.Run:
+                        wire = wr.wire_for(srv.kind)
+                        cmd, lines = wire.batch([wr.payload(size)] * BATCH)
+                        run = self._pipelined(srv, wire, cmd, lines, BATCH, 1, size)
+                        run.payload_bytes = run.messages * size
                         if srv.kind == "redis" and size > 4096:
-                            with lg.Control(srv.addr) as ctl:  # give the RAM back
-                                ctl.redis_call(lg.resp(b"UNLINK", b"bench"))
+                            with wr.Control(srv.addr) as ctl:  # give the RAM back
+                                ctl.redis_call(wr.resp(b"UNLINK", b"bench"))
+                        return run
+
+                    self.compare(srvs, batched, rounds, 3, "batched", mode, payload=size)
             if 4 in only and mode in p.fanin_modes:
                 n = p.fanin_clients
                 self.log(f"  4. fan-in, {n} clients, one message per round trip each [{mode}]")
-                for srv in srvs.values():
-                    wire = lg.wire_for(srv.kind)
-                    cmd = wire.write(body)
-                    m = self.meter(srv)
+
+                def fan(srv: Server) -> lg.Run:
+                    wire = wr.wire_for(srv.kind)
+                    cmd, m = wire.write(body), self.meter(srv)
                     lg.fan_in(srv.addr, cmd, wire.write_lines, n, p.warmup, p.write_max, m)
-                    run = self.checked_write(
-                        srv,
-                        wire,
-                        lambda: lg.fan_in(
-                            srv.addr, cmd, wire.write_lines, n, p.seconds, p.write_max, m
-                        ),
-                    )
-                    self.record(4, "fan-in", mode, srv, run, variant=f"{n} clients", with_curve=True)
+                    fn = partial(lg.fan_in, srv.addr, cmd, wire.write_lines, n, p.seconds, p.write_max, m)
+                    return self.checked_write(srv, wire, fn)
+
+                self.compare(srvs, fan, rounds, 4, "fan-in", mode, variant=f"{n} clients", with_curve=True)
             if 6 in only and mode in p.tail_modes:
-                self.log(
-                    f"  6. tail latency, writer at {p.tail_rate:,} msg/s, one tailing reader [{mode}]"
-                )
-                for srv in srvs.values():
-                    run = lg.tail_latency(
-                        srv.kind,
-                        srv.addr,
-                        p.tail_rate,
-                        p.tail_seconds,
-                        p.warmup,
-                        SMALL,
-                        self.meter(srv),
-                    )
-                    self.record(6, "tail", mode, srv, run, with_curve=True)
+                self.log(f"  6. tail latency, writer at {p.tail_rate:,} msg/s, one tailing reader [{mode}]")
+
+                def tail(srv: Server) -> lg.Run:
+                    m = self.meter(srv)
+                    return rd.tail_latency(srv.kind, srv.addr, p.tail_rate, p.tail_seconds, p.warmup, SMALL, m)
+
+                self.compare(srvs, tail, 1, 6, "tail", mode, with_curve=True)
 
     def _pipelined(
         self,
         srv: Server,
-        wire: lg.Wire,
+        wire: wr.Wire,
         cmd: bytes,
         lines: int,
         per_cmd: int,
         depth: int,
         size: int = SMALL,
-    ) -> None:
+    ) -> lg.Run:
+        """Warm up, then a checked pipelined run."""
         p = self.plan
         max_cmds = max(depth, min(p.write_max, MAX_RUN_BYTES // size) // per_cmd)
         lg.pipelined(srv.addr, cmd, lines, per_cmd, depth, p.warmup, max_cmds // 10)
         m = self.meter(srv)
-        self.last = self.checked_write(
-            srv,
-            wire,
-            lambda: lg.pipelined(srv.addr, cmd, lines, per_cmd, depth, p.seconds, max_cmds, m),
-        )
+        fn = partial(lg.pipelined, srv.addr, cmd, lines, per_cmd, depth, p.seconds, max_cmds, m)
+        return self.checked_write(srv, wire, fn)
 
     def catchup(self) -> None:
         """Scenario 5: load N messages, then read them all from the start."""
@@ -320,40 +395,44 @@ class Bench:
             for size, count in p.catchup:
                 per = min(1000, max(1, (1 << 20) // size))  # messages per load command
                 count = -(-count // per) * per
-                self.log(
-                    f"  5. catch-up read of {count:,} x {size} B "
-                    f"(logd READ vs Redis XRANGE COUNT 1000)"
-                )
-                for srv in srvs.values():
-                    key = b"catchup:%d" % size
-                    wire = lg.wire_for(srv.kind, key)
-                    cmd, lines = wire.batch([lg.payload(size)] * per)
-                    with lg.Control(srv.addr) as ctl:
-                        start = ctl.logd_head() + 1 if srv.kind == "logd" else 0
-                    load = self.checked_write(
-                        srv,
-                        wire,
-                        lambda: lg.pipelined(
-                            srv.addr, cmd, lines, per, 4, 600.0, count // per, self.meter(srv)
-                        ),
-                    )
-                    if load.messages != count:
-                        raise lg.LoadError(f"loaded {load.messages} of {count}")
-                    load.payload_bytes = count * size
-                    self.log(f"    {srv.kind:5} loaded in {load.seconds:.1f}s")
-                    self.record(5, "bulk load", "interval", srv, load, payload=size, variant="load")
-                    best: lg.Run | None = None
-                    for _ in range(p.read_repeats):
-                        m = self.meter(srv)
-                        if srv.kind == "logd":
-                            run = lg.read_logd(srv.addr, start, count, size, 300.0, m)
-                        else:
-                            run = lg.read_redis(srv.addr, key, count, size, 1000, 300.0, m)
-                        if best is None or run.seconds < best.seconds:
-                            best = run
-                    assert best is not None
-                    best.extra["rss_mb_after_load"] = srv.rss_bytes() / 1e6
-                    self.record(5, "catch-up read", "interval", srv, best, payload=size)
+                key = b"catchup:%d" % size
+                self.log(f"  5. bulk load of {count:,} x {size} B ({per} per batch, 4 batches in flight)")
+                starts: dict[str, int] = {}
+
+                def load(
+                    srv: Server,
+                    per: int = per,
+                    count: int = count,
+                    key: bytes = key,
+                    size: int = size,
+                    starts: dict[str, int] = starts,
+                ) -> lg.Run:
+                    wire = wr.wire_for(srv.kind, key)
+                    cmd, lines = wire.batch([wr.payload(size)] * per)
+                    with wr.Control(srv.addr) as ctl:
+                        starts[srv.kind] = ctl.logd_head() + 1 if srv.kind == "logd" else 0
+                    fn = partial(lg.pipelined, srv.addr, cmd, lines, per, 4, 600.0, count // per, self.meter(srv))
+                    run = self.checked_write(srv, wire, fn)
+                    if run.messages != count:
+                        raise wr.LoadError(f"loaded {run.messages} of {count}")
+                    run.payload_bytes = count * size
+                    return run
+
+                self.compare(srvs, load, 1, 5, "bulk load", "interval", payload=size, variant="load")
+                self.log(f"  5. catch-up read of {count:,} x {size} B (logd READ vs Redis XRANGE COUNT 1000)")
+
+                def read(
+                    srv: Server, count: int = count, key: bytes = key, size: int = size, starts: dict[str, int] = starts
+                ) -> lg.Run:
+                    m = self.meter(srv)
+                    if srv.kind == "logd":
+                        run = rd.read_logd(srv.addr, starts["logd"], count, size, 300.0, m)
+                    else:
+                        run = rd.read_redis(srv.addr, key, count, size, 1000, 300.0, m)
+                    run.extra["rss_mb_after_load"] = srv.rss_bytes() / 1e6
+                    return run
+
+                self.compare(srvs, read, p.read_repeats, 5, "catch-up read", "interval", payload=size)
 
     def footprint(self) -> None:
         """Scenario 7: server RSS idle, with idle connections, with tails."""
@@ -363,14 +442,22 @@ class Bench:
             for srv in srvs.values():
                 gc.collect()
                 base = srv.rss_bytes()
-                socks = lg.open_idle(srv.addr, srv.kind, p.idle_conns)
+                socks = rd.open_idle(srv.addr, srv.kind, p.idle_conns)
                 idle = srv.rss_bytes()
                 for s in socks:
                     s.close()
-                socks = lg.open_tails(srv.addr, srv.kind, p.tails)
+                socks = rd.open_tails(srv.addr, srv.kind, p.tails)
                 tails = srv.rss_bytes()
                 for s in socks:
                     s.close()
+                mm: dict[str, float] = {
+                    "rss_mb_base": round(base / 1e6, 2),
+                    "rss_mb_idle_conns": round(idle / 1e6, 2),
+                    "rss_mb_tails": round(tails / 1e6, 2),
+                    "kb_per_idle_conn": round((idle - base) / p.idle_conns / 1e3, 2),
+                    "idle_conns": p.idle_conns,
+                    "tails": p.tails,
+                }
                 rec = {
                     "scenario": 7,
                     "name": "footprint",
@@ -379,17 +466,9 @@ class Bench:
                     "payload": 0,
                     "server": srv.kind,
                     "fsync": srv.fsync,
-                    "metrics": {
-                        "rss_mb_base": round(base / 1e6, 2),
-                        "rss_mb_idle_conns": round(idle / 1e6, 2),
-                        "rss_mb_tails": round(tails / 1e6, 2),
-                        "kb_per_idle_conn": round((idle - base) / p.idle_conns / 1e3, 2),
-                        "idle_conns": p.idle_conns,
-                        "tails": p.tails,
-                    },
+                    "metrics": mm,
                 }
                 self.results.append(rec)
-                mm = rec["metrics"]
                 self.log(
                     f"    {srv.kind:5} RSS {mm['rss_mb_base']} MB idle server, "
                     f"{mm['rss_mb_idle_conns']} MB with {p.idle_conns} connections, "
@@ -405,8 +484,10 @@ class Bench:
                 wanted = {1, 2, 3, 4, 6} & only
                 if not wanted:
                     break
-                self.log(f"durability {mode}: logd --fsync {FSYNC_MODES[mode][0]} "
-                         f"vs Redis appendfsync {FSYNC_MODES[mode][1]}")
+                self.log(
+                    f"durability {mode}: logd --fsync {FSYNC_MODES[mode][0]} "
+                    f"vs Redis appendfsync {FSYNC_MODES[mode][1]}"
+                )
                 self.write_scenarios(mode, only)
                 gc.collect()
             if 5 in only:
@@ -416,15 +497,3 @@ class Bench:
                 self.footprint()
         finally:
             gc.enable()
-
-
-def plan_dict(plan: Plan) -> dict[str, Any]:
-    return asdict(plan)
-
-
-def fail(msg: str) -> None:
-    print(msg, file=sys.stderr)
-    raise SystemExit(2)
-
-
-__all__ = ["Bench", "FULL", "QUICK", "Plan", "ServerError", "plan_dict", "fail"]

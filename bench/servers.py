@@ -168,7 +168,8 @@ def logd_available() -> tuple[bool, str]:
 
 
 def _logd_env() -> dict[str, str]:
-    env = dict(os.environ)
+    # No LOGD_* from the caller's environment: the flags below are the whole config.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOGD_")}
     # Run the tree's logd even when it is not pip-installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env

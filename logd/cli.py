@@ -81,11 +81,18 @@ def main() -> None:
 @option("max-message-bytes", default=1 << 20, type=SIZE, help="Largest message body.")
 @option("max-line-bytes", default=64 * 1024, type=SIZE, help="Longest command line.")
 @option("max-batch", default=10_000, type=int, help="Most messages in one MSG.")
+@option("max-batch-bytes", default=str(64 << 20), type=SIZE, help="Most body bytes in one MSG.")
 @option("max-connections", default=10_000, type=int, help="Connections beyond this get ERR BUSY.")
 @option("idle-timeout", default=None, type=float, help="Close connections idle this many seconds (not tails).")
 @option("allow-shutdown", is_flag=True, default=False, help="Let clients stop the server with SHUTDOWN.")
 @option("log-format", default="console", type=click.Choice(["console", "json"]), help="Log output format.")
 @option("log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level.")
+@option("replica-of", default=None, metavar="HOST:PORT",
+        help="Run as a follower of this leader (read-only until promoted with ACCEPT).")
+@option("min-replicas", default=0, type=int,
+        help="Acknowledge a MSG only once this many replicas have committed it (0: asynchronous).")
+@option("replica-timeout", default=5.0, type=float,
+        help="Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.")
 def serve(**flags: Any) -> None:
     """Run the logd server."""
     from .logging import configure_logging
@@ -102,7 +109,7 @@ def serve(**flags: Any) -> None:
         sys.stdout.flush()
 
     try:
-        run(config, ready)
+        status = run(config, ready)
     except LockedError as exc:
         click.echo(f"logd: {exc}", err=True)
         sys.exit(EXIT_STARTUP_FAILED)
@@ -112,16 +119,80 @@ def serve(**flags: Any) -> None:
     except LogdError as exc:
         click.echo(f"logd: cannot start: {exc}", err=True)
         sys.exit(EXIT_STARTUP_FAILED)
+    if status:
+        click.echo(f"logd: stopped with status {status} (see the log above)", err=True)
+        sys.exit(status)
 
 
 @main.command()
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--repair", is_flag=True, help="Truncate the log at the first bad record (says what is lost first).")
-def check(data_dir: str, repair: bool) -> None:
+@click.option("--diverge", "other_dir", default=None, type=click.Path(file_okay=False), metavar="OTHER_DIR",
+              help="Instead: print the first id where OTHER_DIR and DATA_DIR differ; exit 1 if they do.")
+def check(data_dir: str, repair: bool, other_dir: str | None) -> None:
     """Verify every record and index of DATA_DIR; exit non-zero if anything is wrong."""
+    if other_dir is not None:
+        from .storage.check import diverge_point
+
+        try:
+            point = diverge_point(other_dir, data_dir)
+        except LogdError as exc:
+            click.echo(f"logd: {exc}", err=True)
+            sys.exit(2)
+        if point is None:
+            click.echo("no divergence: one log is a prefix of the other")
+            sys.exit(0)
+        click.echo(f"diverged at id {point}")
+        sys.exit(1)
     from .storage.check import check_data_dir
 
     sys.exit(check_data_dir(data_dir, repair=repair))
+
+
+def _send_admin(address: str, verb: bytes, timeout: float) -> None:
+    """Send one admin command (ACCEPT, REFUSE) and exit non-zero unless it is answered OK."""
+    import socket
+
+    from .replication import parse_address
+
+    try:
+        host, port = parse_address(address)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(verb + b"\r\nCLOSE\r\n")
+            reply = b""
+            while b"\n" not in reply:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError as exc:
+        click.echo(f"logd: cannot reach {address}: {exc}", err=True)
+        sys.exit(1)
+    line = reply.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+    if line != "OK":
+        click.echo(f"logd: {address} answered {line or 'nothing'}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the server.")
+def promote(address: str, timeout: float) -> None:
+    """Make the server at HOST:PORT a leader (ACCEPT): it stops following and accepts MSG."""
+    _send_admin(address, b"ACCEPT", timeout)
+    click.echo(f"{address} accepts writes")
+
+
+@main.command()
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the server.")
+def demote(address: str, timeout: float) -> None:
+    """Make the server at HOST:PORT read-only (REFUSE); it keeps serving reads."""
+    _send_admin(address, b"REFUSE", timeout)
+    click.echo(f"{address} refuses writes")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class Config:
     max_message_bytes: int = 1 << 20
     max_line_bytes: int = 64 * 1024
     max_batch: int = 10_000
+    max_batch_bytes: int = 64 << 20  # total body bytes of one MSG
     max_connections: int = 10_000
     idle_timeout: float | None = None  # seconds; None = never time out
     allow_shutdown: bool = False
@@ -39,8 +40,16 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
-        for name in ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_connections"):
+        for name in ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_batch_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
         if self.log_format not in ("console", "json"):
             raise ValueError("log-format must be console or json")
+        if self.min_replicas < 0:
+            raise ValueError("min-replicas must be 0 or more")
+        if self.replica_timeout <= 0:
+            raise ValueError("replica-timeout must be positive")
+        if self.replica_of is not None:
+            host, sep, port = self.replica_of.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"replica-of must be HOST:PORT, not {self.replica_of!r}")

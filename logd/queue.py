@@ -174,6 +174,24 @@ class AppendQueue:
         for fn in self._listeners:
             fn(head)
 
+    async def commit_written(self, messages: int, nbytes: int) -> int:
+        """Commit records a replica wrote straight to the log, as a MSG round would.
+
+        Syncs under ``fsync=always``, counts them, and tells the commit
+        listeners (tails). Returns the commit point. A follower has no MSG
+        traffic, so this never interleaves with `_apply`'s rounds.
+        """
+        if self.log.policy.mode == "always":
+            await self._sync()
+        elif self.log.needs_sync and self.log.policy.mode == "never":
+            asyncio.get_running_loop().run_in_executor(self._executor, self._sync_quietly)
+        self.appended_messages += messages
+        self.appended_bytes += nbytes
+        head = self.log.head
+        for fn in self._listeners:
+            fn(head)
+        return head
+
     @staticmethod
     def _flush_all(round_: list[tuple[list[bytes], int, Submitter, object]]) -> None:
         # One transport.write per connection per round, however many batches it had.

@@ -41,6 +41,7 @@ from .errors import (
     UnavailableError,
 )
 from .queue import AppendQueue
+from .replication import Follower, ReplicaSet, position_marker, segment_marker
 from .storage import Log
 
 log = structlog.get_logger("logd.server")
@@ -66,6 +67,7 @@ class Connection(asyncio.Protocol):
             max_line_bytes=cfg.max_line_bytes,
             max_message_bytes=cfg.max_message_bytes,
             max_batch=cfg.max_batch,
+            max_batch_bytes=cfg.max_batch_bytes,
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -82,6 +84,9 @@ class Connection(asyncio.Protocol):
         self.stream_kind = ""
         self.replica_acked = 0
         self.stream_slots = 0  # STREAM slots queued but not started
+        # REPLICATE streams: the segment last announced (+SEG) and position (+HEAD) last sent.
+        self.stream_seg = 0
+        self.stream_pos = (-1, -1)
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -136,12 +141,18 @@ class Connection(asyncio.Protocol):
         slots = self.slots
         queue = self.server.queue
         hold = self.streaming or self.stream_slots > 0
+        replicas = self.server.replication
         for item in items:
             kind = type(item)
             if kind is protocol.Msg:
                 if hold or self.server.read_only:
                     slots.append([DEFER, item])
                     continue
+                if replicas.min_replicas:
+                    refusal = replicas.refusal()
+                    if refusal is not None:
+                        slots.append([READY, protocol.error_reply(refusal)])
+                        continue
                 bodies: list[bytes] = item.bodies  # type: ignore[union-attr]
                 nbytes = sum(map(len, bodies))
                 slot = [WAIT, nbytes]
@@ -164,15 +175,16 @@ class Connection(asyncio.Protocol):
                 slots.append([LAZY, self._stats_reply])
             elif kind is protocol.Ack:
                 # A replica's progress report: it needs no reply.
-                self.replica_acked = max(self.replica_acked, item.id)  # type: ignore[union-attr]
-                self.server.replicas[self] = self.replica_acked
+                if self.streaming and self.stream_kind == "replicate":
+                    self.replica_acked = max(self.replica_acked, item.id)  # type: ignore[union-attr]
+                    self.server.replica_ack(self, self.replica_acked)
             elif kind is protocol.Shutdown:
                 slots.append([SHUTDOWN, None])
             elif kind is protocol.Refuse:
-                self.server.read_only = True
+                self.server.refuse_writes()
                 slots.append([READY, OK_EMPTY])
             elif kind is protocol.Accept:
-                self.server.read_only = False
+                self.server.accept_writes()
                 slots.append([READY, OK_EMPTY])
             elif isinstance(item, ProtocolError):
                 slots.append([FATAL if item.fatal else READY, protocol.error_reply(item)])
@@ -185,8 +197,19 @@ class Connection(asyncio.Protocol):
     def batch_done(self, token: object, last_id: int) -> None:
         slot: list[Any] = token  # type: ignore[assignment]
         self.inflight_bytes -= slot[1]
+        replicas = self.server.replication
+        if replicas.min_replicas and last_id > replicas.hw:
+            # Committed here; the reply waits until min_replicas replicas hold it.
+            slot[1] = 0
+            replicas.hold(self, slot, last_id)
+            return
         slot[0] = READY
         slot[1] = b"OK %d\r\n" % last_id
+
+    def answer_held(self, slot: list[Any], reply: bytes) -> None:
+        """The reply to a MSG held for replicas (`ReplicaSet.hold`) is ready."""
+        slot[0] = READY
+        slot[1] = reply
 
     def batch_failed(self, token: object, error: LogdError) -> None:
         slot: list[Any] = token  # type: ignore[assignment]
@@ -255,6 +278,10 @@ class Connection(asyncio.Protocol):
         if self.server.read_only:
             out.append(protocol.error_reply(self.server.readonly_error()))
             return
+        refusal = self.server.replication.refusal()
+        if refusal is not None:
+            out.append(protocol.error_reply(refusal))
+            return
         nbytes = sum(len(b) for b in msg.bodies)
         slot: list[Any] = [WAIT, nbytes]
         self.slots.appendleft(slot)
@@ -271,7 +298,7 @@ class Connection(asyncio.Protocol):
         self.transport.close()
 
     def _head_reply(self) -> bytes:
-        return b"OK %d\r\n" % self.server.log.head
+        return b"OK %d\r\n" % self.server.visible_head()
 
     def _stats_reply(self) -> bytes:
         return protocol.stats_reply(self.server.stats())
@@ -317,7 +344,11 @@ class Connection(asyncio.Protocol):
         self.stream_left = cmd.limit if isinstance(cmd, protocol.Read) else 0
         self.stream_kind = "replicate" if isinstance(cmd, protocol.Replicate) else "read"
         if self.stream_kind == "replicate":
-            srv.replicas[self] = cmd.start - 1
+            self.stream_seg = 0
+            self.stream_pos = (srv.log.head, srv.visible_head())
+            out.append(position_marker(*self.stream_pos))
+            self.replica_acked = cmd.start - 1
+            srv.replica_ack(self, cmd.start - 1)
         return True
 
     def _pump(self) -> bool:
@@ -327,9 +358,18 @@ class Connection(asyncio.Protocol):
         """
         srv = self.server
         assert self.transport is not None
+        replica = self.stream_kind == "replicate"
         while not self.write_paused:
+            # Readers see up to the high watermark; replicas get everything committed.
+            limit = srv.log.head if replica else srv.visible_head()
+            if self.stream_next > limit:
+                srv.waiting.add(self)
+                return False
+            count = limit - self.stream_next + 1
+            if self.stream_left and self.stream_left < count:
+                count = self.stream_left
             try:
-                span = srv.log.span(self.stream_next, self.stream_left, STREAM_CHUNK)
+                span = srv.log.span(self.stream_next, count, STREAM_CHUNK)
             except NotFoundError as exc:
                 # Retention deleted what this reader was about to read.
                 self.transport.write(protocol.error_reply(exc))
@@ -348,6 +388,12 @@ class Connection(asyncio.Protocol):
                 self.transport.write(protocol.error_reply(UnavailableError("segment shorter than its index")))
                 self._stream_over()
                 return True
+            if replica:
+                self.send_position()
+                seg = srv.log.segment_of(span.first_id)
+                if seg != self.stream_seg:
+                    self.stream_seg = seg
+                    self.transport.write(segment_marker(seg))
             self.transport.write(data)
             n = span.last_id - span.first_id + 1
             self.stream_next = span.last_id + 1
@@ -358,6 +404,14 @@ class Connection(asyncio.Protocol):
                     self._stream_over()
                     return True
         return False
+
+    def send_position(self) -> None:
+        """Tell a replica the commit point and high watermark if they moved (``+HEAD``)."""
+        srv = self.server
+        pos = (srv.log.head, srv.visible_head())
+        if pos != self.stream_pos and self.transport is not None and not self.closed:
+            self.stream_pos = pos
+            self.transport.write(position_marker(*pos))
 
     def wake(self) -> None:
         """The commit point moved past our next id: send more."""
@@ -401,10 +455,13 @@ class LogServer:
             retention_ms=config.retention_ms,
         )
         self.queue = AppendQueue(self.log)
+        self.replication = ReplicaSet(config.min_replicas, config.replica_timeout, self.log.head)
+        self.follower: Follower | None = None
+        self.exit_code = 0
         self.connections: set[Connection] = set()  # counted against max_connections
         self.alive: set[Connection] = set()  # until connection_lost (flushing closes)
         self.waiting: set[Connection] = set()
-        self.replicas: dict[Connection, int] = {}
+        self.replicas: dict[Connection, int] = self.replication.acked
         self.read_only = False
         self.leader_address: str | None = None
         self.stopping = False
@@ -429,6 +486,11 @@ class LogServer:
             self._tasks.append(loop.create_task(self._idle_sweeper()))
         if self.config.retention_bytes is not None or self.config.retention_ms is not None:
             self._tasks.append(loop.create_task(self._retention_loop()))
+        if self.config.replica_of:
+            self.read_only = True
+            self.leader_address = self.config.replica_of
+            self.follower = Follower(self, self.config.replica_of)
+            self.follower.start()
         log.info(
             "listening",
             host=host,
@@ -455,11 +517,15 @@ class LogServer:
         self.stopping = True
         if self._server is not None:
             self._server.close()
+        if self.follower is not None:
+            await self.follower.stop()
+        self.replication.close()
         for task in self._tasks:
             task.cancel()
         for conn in list(self.connections):
             conn._update_reading()
         await self.queue.drain()
+        self.replication.abandon("before the server stopped")
         for conn in list(self.connections):
             conn.close_for_stop()
         await self.queue.drain()
@@ -477,14 +543,68 @@ class LogServer:
     # --- commit fan-out -------------------------------------------------------------
 
     def _on_commit(self, head: int) -> None:
+        if self.replication.on_commit(head):
+            self._release_held()
+        self.wake_streams()
+
+    def wake_streams(self) -> None:
+        """Wake parked streams that have something to send: replicas up to the
+        commit point, readers up to the high watermark."""
         if not self.waiting:
             return
-        ready = [c for c in self.waiting if c.stream_next <= head]
+        head = self.log.head
+        visible = self.visible_head()
+        ready = [c for c in self.waiting if c.stream_next <= (head if c.stream_kind == "replicate" else visible)]
         for conn in ready:
             self.waiting.discard(conn)
             conn.wake()
 
     # --- replication hooks ------------------------------------------------------------
+
+    def visible_head(self) -> int:
+        """The highest id readers may see: the commit point, capped by the high
+        watermark (with --min-replicas, or on a follower, the leader's)."""
+        head = self.log.head
+        if self.follower is not None:
+            return min(head, self.follower.leader_visible)
+        if self.replication.min_replicas:
+            return min(head, self.replication.hw)
+        return head
+
+    def replica_ack(self, conn: Connection, id: int) -> None:
+        """A replica holds everything up to ``id``."""
+        if self.replication.ack(conn, id):
+            self._release_held()
+            self.wake_streams()
+            # Replicas cap their readers at our high watermark: tell the idle ones.
+            for c in list(self.waiting):
+                if c.stream_kind == "replicate":
+                    c.send_position()
+
+    def _release_held(self) -> None:
+        self.replication.release()
+
+    def refuse_writes(self) -> None:
+        """REFUSE: stop accepting MSG (failover: the old leader steps down); reads go on."""
+        if not self.read_only:
+            log.warning("writes_refused", head=self.log.head)
+        self.read_only = True
+
+    def accept_writes(self) -> None:
+        """ACCEPT: stop following (if we were) and accept MSG from the next id."""
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            # What the old leader's readers could see stays visible here.
+            self.replication.hw = max(self.replication.hw, follower.leader_visible)
+            follower.cancel()
+            log.warning("promoted", former_leader=follower.leader, head=self.log.head)
+        self.read_only = False
+        self.leader_address = None
+
+    def fail(self, exit_code: int, reason: str) -> None:
+        """Stop the server with a non-zero exit status (e.g. a follower that diverged)."""
+        self.exit_code = exit_code
+        self.request_stop(reason)
 
     def check_replica_start(self, start: int, prev_crc: int | None) -> None:
         """Refuse a follower whose history differs from ours (DIVERGED)."""
@@ -507,7 +627,7 @@ class LogServer:
         p50, p99 = self.queue.fsync_percentiles()
         figures: dict[str, object] = {
             "version": __version__,
-            "role": "readonly" if self.read_only else "leader",
+            "role": "follower" if self.follower is not None else "readonly" if self.read_only else "leader",
         }
         figures.update(self.log.stats())
         figures.update(
@@ -525,6 +645,11 @@ class LogServer:
                 "uptime_s": int(time.monotonic() - self.started),
             }
         )
+        figures["head"] = self.visible_head()
+        figures["log_head"] = self.log.head
+        if self.follower is not None:
+            figures.update(self.follower.stats())
+        figures.update(self.replication.stats())
         return figures
 
     # --- housekeeping ---------------------------------------------------------------------
@@ -550,8 +675,8 @@ class LogServer:
                 log.info("retention_deleted", segments=deleted, first=self.log.first)
 
 
-async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
-    """Run a server until it is asked to stop (signal or SHUTDOWN)."""
+async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> int:
+    """Run a server until it is asked to stop (signal or SHUTDOWN); return the exit status."""
     server = LogServer(config)
     host, port = await server.start()
     loop = asyncio.get_running_loop()
@@ -572,10 +697,11 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
     if ready is not None:
         ready(host, port)
     await server.wait_stopped()
+    return server.exit_code
 
 
-def run(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
-    """Blocking entry point for the CLI: uvloop, then `serve`."""
+def run(config: Config, ready: Callable[[str, int], None] | None = None) -> int:
+    """Blocking entry point for the CLI: uvloop, then `serve`; returns the exit status."""
     import uvloop
 
-    uvloop.run(serve(config, ready))
+    return uvloop.run(serve(config, ready))

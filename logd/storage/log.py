@@ -99,6 +99,7 @@ class Log:
         self._dir_dirty = False
         self._head = 0  # last id written
         self._committed = 0  # the commit point
+        self._synced = 0  # last id made durable by sync (or found on disk at open)
         self._failed: BaseException | None = None
         self._lock_fd = -1
         self.recovered_bytes_cut = 0
@@ -125,12 +126,15 @@ class Log:
             if firsts:
                 active, cut = Segment.recover_active(self.directory, firsts[-1])
                 self.recovered_bytes_cut = cut
+                # What survived the crash becomes visible now: make it durable
+                # first, or a second crash could take back what readers saw.
+                active.sync_data()
             else:
                 active = Segment.create(self.directory, 1)
                 self._fsync_dir()
             self._segments.append(active)
             self._firsts = [s.first_id for s in self._segments]
-            self._head = self._committed = active.last_id
+            self._head = self._committed = self._synced = active.last_id
         except BaseException:
             self._release_lock()
             raise
@@ -238,19 +242,43 @@ class Log:
         return self._head
 
     def append_encoded(self, data: bytes, offsets: Sequence[int], count: int) -> int:
-        """Append records already encoded (and verified) by the caller, e.g. a replica.
+        """Append records already encoded and verified by the caller (a replica).
 
-        ``offsets`` are relative to the start of ``data``.
+        ``data`` holds ``count`` whole records with ids from ``written + 1``;
+        ``offsets`` are their starts relative to ``data``. Unlike `append` this
+        never rolls: a replica starts segments only where its leader did
+        (`start_segment`), so closed segments are byte-identical on both.
         """
         from array import array
 
+        if len(offsets) != count:
+            raise ValueError(f"{len(offsets)} offsets for {count} records")
+        if not count:
+            return self._head
         self._check_failed()
         active = self._segments[-1]
-        if active.size and active.size + len(data) > self.segment_bytes:
-            active = self._roll()
         base = active.size
         self._write(active, data, array("Q", [base + o for o in offsets]))
         return self._head
+
+    def start_segment(self, first_id: int) -> None:
+        """Close the active segment and start one named ``first_id`` (a replica following a roll).
+
+        ``first_id`` must be the next id. A no-op when the active segment is
+        empty and already has that name.
+        """
+        self._check_failed()
+        active = self._segments[-1]
+        if first_id != self._head + 1:
+            raise ValueError(f"a segment can only start at the next id {self._head + 1}, not {first_id}")
+        if active.size == 0:
+            if active.first_id == first_id:
+                return
+            raise ValueError(f"active segment {active.first_id} is empty but the next id is {first_id}")
+        try:
+            self._roll()
+        except OSError as exc:
+            raise UnavailableError(f"cannot start segment {first_id}: {os.strerror(exc.errno or 0)}") from exc
 
     def _write(self, active: Segment, data: bytes, offsets: object) -> None:
         try:
@@ -266,7 +294,10 @@ class Log:
                 self._committed = self._head
 
     def _roll(self) -> Segment:
-        new = Segment.create(self.directory, self._head + 1)
+        try:
+            new = Segment.create(self.directory, self._head + 1)
+        except OSError as exc:  # e.g. no inodes or descriptors left: as for a failed write
+            raise UnavailableError(f"cannot start a segment: {os.strerror(exc.errno or 0)}") from exc
         with self._lock:
             self._rolled.append(self._segments[-1])
             self._segments.append(new)
@@ -276,8 +307,14 @@ class Log:
 
     @property
     def needs_sync(self) -> bool:
-        """Whether `sync` has work: unsynced data, or rolled segments to finish."""
-        return bool(self._rolled) or self._committed < self._head or self._dir_dirty
+        """Whether `sync` has work: rolled segments to finish, or data the policy wants synced.
+
+        Under ``never`` data is left to the OS, so only a roll makes work;
+        under ``interval`` and ``always`` any id written since the last sync does.
+        """
+        if self._rolled or self._dir_dirty:
+            return True
+        return self.policy.mode != "never" and self._synced < self._head
 
     def sync(self) -> int:
         """Make everything written so far durable; return the new commit point.
@@ -306,6 +343,8 @@ class Log:
             with self._lock:
                 if target > self._committed:
                     self._committed = target
+                if target > self._synced:
+                    self._synced = target
                 return self._committed
 
     def _fsync_dir(self) -> None:
@@ -362,6 +401,10 @@ class Log:
             last = lo
             end = seg.offset_of(last + 1)
         return Span(seg.reader(), begin, end, start, last, seg.log_path)
+
+    def segment_of(self, id: int) -> int:
+        """Name (first id) of the segment holding ``id``, or that would hold it if it were next."""
+        return self._segment_for(id).first_id
 
     def offset_of(self, id: int) -> tuple[str, int]:
         """Segment path and byte offset of record ``id`` (which must be retained)."""

@@ -16,7 +16,7 @@ from array import array
 from collections.abc import Iterator
 from itertools import islice
 
-from ..errors import CorruptRecordError
+from ..errors import CorruptRecordError, UnavailableError
 from .record import BadRecord, Decoded, decode_record
 
 INDEX_ENTRY = 8
@@ -120,7 +120,11 @@ class Segment:
         seg = cls(directory, first_id)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         seg._log_fd = os.open(seg.log_path, flags | os.O_TRUNC, 0o644)
-        seg._idx_fd = os.open(seg.idx_path, flags | os.O_TRUNC, 0o644)
+        try:
+            seg._idx_fd = os.open(seg.idx_path, flags | os.O_TRUNC, 0o644)
+        except OSError:
+            os.close(seg._log_fd)
+            raise
         seg._offsets = array("Q")
         seg.active = True
         return seg
@@ -228,12 +232,16 @@ class Segment:
         try:
             write_all(self._log_fd, data)
             write_all(self._idx_fd, offsets.tobytes())
-        except OSError:
+        except OSError as exc:
             # Put both files back as they were so nothing partial is ever read.
-            os.ftruncate(self._log_fd, old_size)
-            os.ftruncate(self._idx_fd, old_count * INDEX_ENTRY)
-            os.lseek(self._log_fd, old_size, os.SEEK_SET)
-            os.lseek(self._idx_fd, old_count * INDEX_ENTRY, os.SEEK_SET)
+            try:
+                os.ftruncate(self._log_fd, old_size)
+                os.ftruncate(self._idx_fd, old_count * INDEX_ENTRY)
+                os.lseek(self._log_fd, old_size, os.SEEK_SET)
+                os.lseek(self._idx_fd, old_count * INDEX_ENTRY, os.SEEK_SET)
+            except OSError as undo_exc:
+                # Not an OSError, so the log fails for good instead of writing after the debris.
+                raise UnavailableError(f"write to {self.log_path} failed and could not be undone: {undo_exc}") from exc
             raise
         self._offsets.extend(offsets)
         self.size += len(data)
@@ -284,8 +292,9 @@ class Segment:
         k = id - self.first_id
         if k == self.count:
             return self.size
-        if self._offsets is not None:
-            return self._offsets[k]
+        offsets = self._offsets  # read once: a sync on another thread may `finish` us meanwhile
+        if offsets is not None:
+            return offsets[k]
         return self._index_view()[k]
 
     def _index_view(self) -> memoryview:
@@ -301,6 +310,16 @@ class Segment:
         """Read and verify one record, raising `CorruptRecordError` if it is bad."""
         offset = self.offset_of(id)
         end = self.offset_of(id + 1)
+        if not 0 <= offset < end <= self.size:
+            # A closed index is only size-checked at open; a garbage entry must not
+            # reach pread (negative or huge counts) or return the wrong bytes.
+            raise CorruptRecordError(
+                f"bad index entry in {self.idx_path} for id {id}: byte range {offset}..{end}"
+                f" is not inside the {self.size} bytes of {self.log_path}",
+                where=self.log_path,
+                offset=offset,
+                id=id,
+            )
         data = os.pread(self.reader().fd, end - offset, offset)
         try:
             return decode_record(data, 0, id)

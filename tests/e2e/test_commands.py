@@ -153,11 +153,13 @@ def test_msg_with_lying_length_line_is_fatal(server: ServerProcess) -> None:
 
 
 def test_too_large_message_and_batch_are_skipped(start_server) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server("--max-message-bytes", "10", "--max-batch", "3")
+    srv = start_server("--max-message-bytes", "10", "--max-batch", "3", "--max-batch-bytes", "25")
     c = srv.connect()
     c.send(b"MSG 11\r\n" + b"x" * 11 + b"\r\n")
     assert c.line().startswith(b"ERR TOO_LARGE ")
     c.send(b"MSG 1 1 1 1\r\na\r\nb\r\nc\r\nd\r\n")
+    assert c.line().startswith(b"ERR TOO_LARGE ")
+    c.send(b"MSG 10 10 10\r\n" + (b"z" * 10 + b"\r\n") * 3)  # 30 bytes > max-batch-bytes
     assert c.line().startswith(b"ERR TOO_LARGE ")
     c.send(b"MSG 10\r\n" + b"y" * 10 + b"\r\n")  # still framed: the next MSG works
     assert c.line() == b"OK 1"

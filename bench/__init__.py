@@ -1,0 +1,1 @@
+"""Benchmark of logd against Redis Streams: ``python -m bench`` (see README.md)."""

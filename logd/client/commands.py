@@ -1,0 +1,251 @@
+"""What the two clients share: each command written once, URLs, the retry policy, deadlines.
+
+A `Call` is one command: what to send, whether it may be sent again after a
+failure, and how its replies become a Python value. `Client` and
+`AsyncClient` only move calls over their transports.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import tenacity
+
+from .. import errors
+from ..protocol import (
+    Command,
+    EndOfStream,
+    ErrorReply,
+    Head,
+    Msg,
+    OkReply,
+    Ping,
+    PongReply,
+    Read,
+    Record,
+    Reply,
+    Shutdown,
+    Stats,
+    StatsReply,
+)
+
+DEFAULT_PORT = 1774  # protocol.md section 3; the server's default too
+DEFAULT_URL = f"logd://127.0.0.1:{DEFAULT_PORT}"
+RECV_BYTES = 1 << 20
+# The server closes the connection after these replies.
+CLOSING_CODES = frozenset({"BUSY", "TIMEOUT", "DIVERGED"})
+
+T = TypeVar("T")
+Body = bytes | str
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``logd://host:port`` (or ``host:port``; port defaults to 1774) -> (host, port)."""
+    parts = urlsplit(url if "://" in url else "logd://" + url)
+    if parts.scheme != "logd":
+        raise ValueError(f"not a logd URL (logd://host:port): {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"a logd URL has only a host and a port: {url!r}")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    return parts.hostname or "127.0.0.1", port
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How failed calls and lost connections are retried: a policy as data.
+
+    ``attempts`` counts tries, the first included (1: never retry; None: no
+    limit but the call's deadline). After the n-th failed try the wait is
+    uniform in ``[0, min(maximum, initial * 2**(n-1))]`` seconds ("full
+    jitter"), so clients that lost the same server do not all come back at
+    the same instant.
+    """
+
+    attempts: int | None = 6
+    initial: float = 0.05
+    maximum: float = 2.0
+
+    def policy(self, retriable: Callable[[BaseException], bool], limit: float | None) -> dict[str, Any]:
+        """Keyword arguments for `tenacity.Retrying` / `AsyncRetrying`."""
+        stop: Any = (
+            tenacity.stop_never if self.attempts is None else tenacity.stop_after_attempt(self.attempts)
+        )
+        if limit is not None:
+            stop = stop | tenacity.stop_before_delay(limit)
+        return {
+            "stop": stop,
+            "wait": tenacity.wait_random_exponential(multiplier=self.initial, max=self.maximum),
+            "retry": tenacity.retry_if_exception(retriable),
+            "reraise": True,
+        }
+
+
+NO_RETRY = Retry(attempts=1)
+
+
+def retriable(exc: BaseException, resend_ok: bool) -> bool:
+    """Whether a failed call may be tried again (``resend_ok``: sending it twice is harmless)."""
+    if isinstance(exc, errors.BusyError | errors.IdleTimeoutError):
+        return True  # the server closed the connection without acting on anything
+    return resend_ok and isinstance(exc, errors.ConnectionError)
+
+
+# --- commands, each written once ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One command: what to send, whether it can be resent, how its replies become a value."""
+
+    command: Command
+    result: Callable[[list[Reply]], T]
+    idempotent: bool = True
+    stream: bool = False  # answered by OK, records, +EOF
+
+
+def checked(reply: Reply) -> Reply:
+    """The reply, or the exception an ``ERR`` reply stands for."""
+    if isinstance(reply, ErrorReply):
+        raise errors.error_from_reply(reply.code, reply.message)
+    return reply
+
+
+def id_of(replies: list[Reply]) -> int:
+    reply = checked(replies[0])
+    if isinstance(reply, OkReply) and reply.value is not None and reply.value.isdigit():
+        return int(reply.value)
+    raise errors.ProtocolError(f"expected OK <id>, got {reply!r}")
+
+
+def ok_of(replies: list[Reply]) -> None:
+    if not isinstance(checked(replies[0]), OkReply):
+        raise errors.ProtocolError(f"expected OK, got {replies[0]!r}")
+
+
+def pong_of(replies: list[Reply]) -> bool:
+    if not isinstance(checked(replies[0]), PongReply):
+        raise errors.ProtocolError(f"expected PONG, got {replies[0]!r}")
+    return True
+
+
+def stats_of(replies: list[Reply]) -> dict[str, str]:
+    reply = checked(replies[0])
+    if not isinstance(reply, StatsReply):
+        raise errors.ProtocolError(f"expected STATS lines, got {reply!r}")
+    return reply.values
+
+
+def records_of(replies: list[Reply]) -> list[Record]:
+    checked(replies[0])
+    checked(replies[-1])  # an error can end a READ early (retention, storage)
+    return [r for r in replies if isinstance(r, Record)]
+
+
+def as_bytes(body: Body) -> bytes:
+    return body.encode() if isinstance(body, str) else body
+
+
+def msg_call(bodies: Sequence[Body]) -> Call[list[int]]:
+    if not bodies:
+        raise ValueError("append needs at least one message")
+    n = len(bodies)
+
+    def ids(replies: list[Reply]) -> list[int]:
+        last = id_of(replies)
+        return list(range(last - n + 1, last + 1))
+
+    return Call(Msg([as_bytes(b) for b in bodies]), ids, idempotent=False)
+
+
+HEAD = Call(Head(), id_of)
+PING = Call(Ping(), pong_of)
+STATS = Call(Stats(), stats_of)
+SHUTDOWN = Call(Shutdown(), ok_of, idempotent=False)
+
+
+def read_call(start: int, limit: int) -> Call[list[Record]]:
+    return Call(Read(start, limit), records_of, stream=True)
+
+
+def clamp(start: int, limit: int, head: int) -> int:
+    """How many records a non-waiting read of ``limit`` from ``start`` asks for."""
+    if start < 1 or limit < 1:
+        raise ValueError("read needs start >= 1 and limit >= 1")
+    return max(0, min(limit, head - start + 1))
+
+
+def deadline_after(limit: float | None) -> float | None:
+    return None if limit is None else time.monotonic() + limit
+
+
+def remaining(deadline: float | None, cap: float | None = None) -> float | None:
+    """Seconds left before ``deadline`` (at most ``cap``); TimeoutError when none are."""
+    if deadline is None:
+        return cap
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.TimeoutError("timed out")
+    return left if cap is None else min(left, cap)
+
+
+def where(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+def why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def tune(sock: Any) -> None:
+    for level, option in ((socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_KEEPALIVE)):
+        try:
+            sock.setsockopt(level, option, 1)
+        except (OSError, AttributeError):
+            pass
+
+
+def stream_step(replies: list[Reply], out: deque[Record]) -> tuple[int, bool]:
+    """Take a tail's replies: records go to ``out``.
+
+    Returns (the id after the last record, or 0 if none; whether the stream
+    ended, i.e. the server sent ``+EOF`` because it is stopping). An ``ERR``
+    (retention deleted what comes next, storage failed) is raised.
+    """
+    nxt = 0
+    for reply in replies:
+        if isinstance(reply, Record):
+            out.append(reply)
+            nxt = reply.id + 1
+        elif isinstance(reply, EndOfStream):
+            return nxt, True
+        else:
+            checked(reply)
+    return nxt, False
+
+
+# --- the blocking transport -----------------------------------------------------
+
+
+def with_retry(policy: dict[str, Any], fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, retried as ``policy`` (from `Retry.policy`) says."""
+    for attempt in tenacity.Retrying(**policy):
+        with attempt:
+            return fn(*args)
+    raise AssertionError("unreachable")  # pragma: no cover - tenacity returns or raises
+
+
+async def with_retry_async(policy: dict[str, Any], fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``await fn(*args)``, retried as ``policy`` (from `Retry.policy`) says."""
+    async for attempt in tenacity.AsyncRetrying(**policy):
+        with attempt:
+            return await fn(*args)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,475 @@
+"""Producers: batch messages like Kafka's producer and keep several MSGs in flight.
+
+`send(body)` adds a message to the open batch and returns a future of its
+id. A batch is sealed when it holds ``max_batch_messages`` messages or
+``max_batch_bytes`` bytes, or ``linger_ms`` after its first message arrived;
+sealed batches go out in order on one connection, each as one MSG, with up
+to ``max_in_flight`` MSGs unacknowledged at a time. Because they share one
+connection and the server answers in order, ids follow the order of `send`.
+
+Failures: a batch not yet written when its connection fails is sent on the
+next connection. A batch already written when the connection fails is never
+sent again (it may or may not have been appended: resending could duplicate
+it); its futures fail with `errors.ConnectionError`. An ``ERR`` reply fails
+the futures of its batch with the matching exception.
+
+`send` waits (backpressure) while ``max_in_flight`` sealed batches are
+already waiting to be written, so memory stays bounded.
+
+`Producer` is the blocking one (a background thread owns the socket,
+futures are `concurrent.futures.Future`); `AsyncProducer` runs in the event
+loop (futures are `asyncio.Future`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from .. import errors
+from ..protocol import ErrorReply, Msg, Reply
+from .aio import AsyncConnection
+from .commands import (
+    DEFAULT_URL,
+    RECV_BYTES,
+    Body,
+    Retry,
+    as_bytes,
+    id_of,
+    parse_url,
+    retriable,
+    with_retry,
+    with_retry_async,
+)
+from .sync import Connection
+
+__all__ = ["AsyncProducer", "Producer"]
+
+F = TypeVar("F", concurrent.futures.Future[int], asyncio.Future[int])
+
+
+@dataclass
+class _Batch(Generic[F]):
+    """Messages sent as one MSG, and the futures of their ids."""
+
+    bodies: list[bytes] = field(default_factory=list)
+    futures: list[F] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class _Limits:
+    linger: float  # seconds
+    max_messages: int
+    max_bytes: int
+    max_in_flight: int
+
+    @classmethod
+    def check(cls, linger_ms: float, max_messages: int, max_bytes: int, max_in_flight: int) -> _Limits:
+        if linger_ms < 0 or max_messages < 1 or max_bytes < 1 or max_in_flight < 1:
+            raise ValueError("linger_ms >= 0 and positive batch limits and max_in_flight please")
+        return cls(linger_ms / 1000, max_messages, max_bytes, max_in_flight)
+
+
+def _settle(batch: _Batch[Any], reply: Reply | errors.LogdError) -> None:
+    """Resolve a batch's futures from its reply (``OK <last id>``, ``ERR``) or a failure."""
+    futures = batch.futures
+    if isinstance(reply, ErrorReply):
+        reply = errors.error_from_reply(reply.code, reply.message)
+    if not isinstance(reply, errors.LogdError):
+        try:
+            first = id_of([reply]) - len(futures) + 1
+        except errors.LogdError as exc:
+            reply = exc
+    if isinstance(reply, errors.LogdError):
+        for fut in futures:
+            _resolve(fut.set_exception, reply)
+    else:
+        for id, fut in enumerate(futures, first):
+            _resolve(fut.set_result, id)
+
+
+def _resolve(setter: Callable[[Any], None], value: object) -> None:
+    try:
+        setter(value)
+    except _CANCELLED:
+        pass  # the caller cancelled this future: it no longer wants the outcome
+
+
+_CANCELLED = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
+
+
+def _lost(n: int, why: errors.LogdError) -> errors.ConnectionError:
+    return errors.ConnectionError(
+        f"{why}; {n} message(s) were in flight and may or may not have been appended"
+    )
+
+
+class Producer:
+    """A blocking, batching producer: ``producer.send(b"...").result()`` is the id.
+
+    A background thread seals batches and writes them, another reads the
+    acknowledgements. Use it as a context manager, or call `close` (which
+    flushes first).
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        linger_ms: float = 5.0,
+        max_batch_messages: int = 1000,
+        max_batch_bytes: int = 1 << 20,
+        max_in_flight: int = 8,
+        connect_timeout: float = 5.0,
+        retry: Retry = Retry(),  # noqa: B008 - frozen
+    ) -> None:
+        self.address = parse_url(url)
+        self._limits = _Limits.check(linger_ms, max_batch_messages, max_batch_bytes, max_in_flight)
+        self._connect_timeout = connect_timeout
+        self._retry = retry
+        # One plain lock guards the batches; the condition on it wakes the
+        # writer, the reader, flush() and senders waiting for room.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # The open batch, kept as bare lists: send() is the per-message hot path.
+        self._bodies: list[bytes] = []
+        self._futures: list[concurrent.futures.Future[int]] = []
+        self._nbytes = 0
+        self._opened_at = 0.0
+        self._ready: deque[_Batch[concurrent.futures.Future[int]]] = deque()
+        self._inflight: deque[_Batch[concurrent.futures.Future[int]]] = deque()
+        self._conn: Connection | None = None
+        self._closing = False
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="logd-producer", daemon=True)
+        self._writer.start()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, body: Body) -> concurrent.futures.Future[int]:
+        """Queue one message; the future gives its id once the server has acknowledged it.
+
+        Blocks while ``max_in_flight`` sealed batches already wait to be written.
+        """
+        fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        data = body.encode() if isinstance(body, str) else body
+        limits = self._limits
+        with self._lock:
+            if len(self._ready) >= limits.max_in_flight or self._closing:
+                self._wait_for_room()
+            self._bodies.append(data)
+            self._futures.append(fut)
+            self._nbytes += len(data)
+            n = len(self._bodies)
+            if n >= limits.max_messages or self._nbytes >= limits.max_bytes:
+                self._seal()
+            elif n == 1:
+                self._opened_at = time.monotonic()
+                self._cond.notify_all()  # the writer times the linger from now
+        return fut
+
+    def _wait_for_room(self) -> None:
+        while len(self._ready) >= self._limits.max_in_flight and not self._closing:
+            self._cond.wait()
+        if self._closing:
+            raise errors.LogdError("producer is closed")
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send the open batch now and wait until every batch sent so far is acknowledged."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            if self._bodies:
+                self._seal()
+            while self._ready or self._inflight:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise errors.TimeoutError("flush timed out")
+                self._cond.wait(left)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then stop the threads and close the connection."""
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        finally:
+            with self._lock:
+                self._closing = True
+                self._cond.notify_all()
+            self._writer.join()
+            self._closed = True
+
+    # --- the writer thread -----------------------------------------------------------
+
+    def _seal(self) -> None:
+        """Move the open batch to the ready queue (lock held)."""
+        self._ready.append(_Batch(self._bodies, self._futures, self._nbytes))
+        self._bodies = []
+        self._futures = []
+        self._nbytes = 0
+        self._cond.notify_all()
+
+    def _next_batches(self) -> list[_Batch[concurrent.futures.Future[int]]] | None:
+        """Wait for batches to write (lock held); None once closing and all is done."""
+        limits = self._limits
+        while True:
+            if self._bodies and time.monotonic() - self._opened_at >= limits.linger:
+                self._seal()
+            room = limits.max_in_flight - len(self._inflight)
+            if self._ready and room > 0:
+                return [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
+            if self._closing and not self._ready and not self._inflight and not self._bodies:
+                return None
+            wait = None
+            if self._bodies and room > 0:
+                wait = max(0.0, self._opened_at + limits.linger - time.monotonic())
+            self._cond.wait(wait)
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    batches = self._next_batches()
+                    self._cond.notify_all()  # senders waiting for room in the ready queue
+                if batches is None:
+                    return
+                self._write(batches)
+        finally:
+            if self._conn is not None:
+                try:
+                    self._conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _connected(self) -> Connection:
+        conn = self._conn
+        if conn is not None:
+            return conn
+        policy = self._retry.policy(lambda e: retriable(e, True), None)
+        conn = with_retry(policy, Connection, self.address, self._connect_timeout)
+        conn.sock.settimeout(None)
+        self._conn = conn
+        threading.Thread(target=self._read_loop, args=(conn,), name="logd-producer-acks", daemon=True).start()
+        return conn
+
+    def _write(self, batches: list[_Batch[concurrent.futures.Future[int]]]) -> None:
+        try:
+            conn = self._connected()
+        except errors.LogdError as exc:
+            for batch in batches:  # never written: fail them, later batches try again
+                _settle(batch, exc)
+            return
+        with self._lock:
+            if conn is not self._conn:  # lost while we were connecting
+                self._ready.extendleft(reversed(batches))
+                return
+            data = b"".join(conn.proto.send(Msg(b.bodies)) for b in batches)
+            self._inflight.extend(batches)
+        try:
+            conn.sock.sendall(data)
+        except OSError:
+            pass  # the reader thread sees the loss and fails what was in flight
+
+    # --- the reader thread -------------------------------------------------------------
+
+    def _read_loop(self, conn: Connection) -> None:
+        """Resolve acknowledged batches, in order, until the connection ends."""
+        failure: errors.LogdError | None = None
+        while failure is None:
+            try:
+                chunk = conn.sock.recv(RECV_BYTES)
+            except OSError as exc:
+                chunk = b""
+                failure = errors.ConnectionError(f"connection lost: {exc}")
+            done: list[tuple[_Batch[Any], Reply]] = []
+            with self._lock:
+                try:
+                    replies = conn.proto.receive_data(chunk)
+                    if not chunk and failure is None:
+                        failure = errors.ConnectionError("connection closed by the server")
+                except errors.LogdError as exc:
+                    replies = []
+                    failure = exc
+                for reply in replies:
+                    if self._inflight:
+                        done.append((self._inflight.popleft(), reply))
+                lost: list[_Batch[Any]] = []
+                if failure is not None:
+                    lost = list(self._inflight)
+                    self._inflight.clear()
+                    if self._conn is conn:
+                        self._conn = None
+                    conn.close()
+                self._cond.notify_all()
+            for batch, reply in done:
+                _settle(batch, reply)
+            if failure is not None:
+                for batch in lost:
+                    _settle(batch, _lost(len(batch.bodies), failure))
+
+
+class AsyncProducer:
+    """The asyncio producer: ``fut = await producer.send(b"...")``; ``await fut`` is the id.
+
+    ``send`` is a coroutine only so that it can wait when the producer is
+    full; it returns as soon as the message is queued.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        linger_ms: float = 5.0,
+        max_batch_messages: int = 1000,
+        max_batch_bytes: int = 1 << 20,
+        max_in_flight: int = 8,
+        connect_timeout: float = 5.0,
+        retry: Retry = Retry(),  # noqa: B008 - frozen
+    ) -> None:
+        self.address = parse_url(url)
+        self._limits = _Limits.check(linger_ms, max_batch_messages, max_batch_bytes, max_in_flight)
+        self._connect_timeout = connect_timeout
+        self._retry = retry
+        self._open: _Batch[asyncio.Future[int]] = _Batch()
+        self._timer: asyncio.TimerHandle | None = None
+        self._ready: deque[_Batch[asyncio.Future[int]]] = deque()
+        self._inflight: deque[_Batch[asyncio.Future[int]]] = deque()
+        self._conn: AsyncConnection | None = None
+        self._changed: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> AsyncProducer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def send(self, body: Body) -> asyncio.Future[int]:
+        """Queue one message; the future gives its id once the server has acknowledged it."""
+        if self._closing:
+            raise errors.LogdError("producer is closed")
+        limits = self._limits
+        while len(self._ready) >= limits.max_in_flight:
+            await self._wait_change()
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._task = loop.create_task(self._write_loop(), name="logd-producer")
+        fut: asyncio.Future[int] = loop.create_future()
+        data = as_bytes(body)
+        batch = self._open
+        batch.bodies.append(data)
+        batch.futures.append(fut)
+        batch.nbytes += len(data)
+        if len(batch.bodies) >= limits.max_messages or batch.nbytes >= limits.max_bytes:
+            self._seal()
+        elif len(batch.bodies) == 1:
+            self._timer = loop.call_later(limits.linger, self._seal)
+        return fut
+
+    async def flush(self) -> None:
+        """Send the open batch now and wait until every batch sent so far is acknowledged."""
+        if self._open.bodies:
+            self._seal()
+        while self._ready or self._inflight:
+            await self._wait_change()
+
+    async def close(self) -> None:
+        """Flush, then stop the writer and close the connection."""
+        try:
+            await self.flush()
+        finally:
+            self._closing = True
+            self._changed_now()
+            if self._task is not None:
+                await self._task
+                self._task = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # --- internals --------------------------------------------------------------------
+
+    async def _wait_change(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        self._changed.clear()
+        await self._changed.wait()
+
+    def _changed_now(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _seal(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._open.bodies:
+            self._ready.append(self._open)
+            self._open = _Batch()
+            self._changed_now()
+
+    async def _write_loop(self) -> None:
+        limits = self._limits
+        while True:
+            room = limits.max_in_flight - len(self._inflight)
+            if not self._ready or room <= 0:
+                if self._closing and not self._ready and not self._inflight:
+                    return
+                await self._wait_change()
+                continue
+            try:
+                conn = await self._connected()
+            except errors.LogdError as exc:
+                while self._ready:  # never written: fail them, later batches try again
+                    _settle(self._ready.popleft(), exc)
+                self._changed_now()
+                continue
+            batches = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
+            for batch in batches:
+                conn.send(Msg(batch.bodies))
+                self._inflight.append(batch)
+            self._changed_now()
+            try:
+                await conn.drain()
+            except errors.LogdError:
+                pass  # on_lost has failed what was in flight
+
+    async def _connected(self) -> AsyncConnection:
+        conn = self._conn
+        if conn is not None and conn.error is None:
+            return conn
+        policy = self._retry.policy(lambda e: retriable(e, True), None)
+        conn = await with_retry_async(policy, AsyncConnection.open, self.address, self._connect_timeout)
+        conn.on_replies = self._on_replies
+        conn.on_lost = self._on_lost
+        self._conn = conn
+        return conn
+
+    def _on_replies(self, replies: list[Reply]) -> None:
+        inflight = self._inflight
+        for reply in replies:
+            if inflight:
+                _settle(inflight.popleft(), reply)
+        self._changed_now()
+
+    def _on_lost(self, why: errors.LogdError) -> None:
+        self._conn = None
+        lost = list(self._inflight)
+        self._inflight.clear()
+        for batch in lost:
+            _settle(batch, _lost(len(batch.bodies), why))
+        self._changed_now()
+

@@ -1,0 +1,379 @@
+"""The blocking client: `Client`, its `Tail`, and `connect`."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from .. import errors
+from ..protocol import ClientProtocol, Command, EndOfStream, ErrorReply, Head, Msg, OkReply, Read, Record, Reply
+from .commands import (
+    CLOSING_CODES,
+    DEFAULT_PORT,
+    DEFAULT_URL,
+    HEAD,
+    PING,
+    RECV_BYTES,
+    SHUTDOWN,
+    STATS,
+    Body,
+    Call,
+    Retry,
+    as_bytes,
+    checked,
+    clamp,
+    deadline_after,
+    id_of,
+    msg_call,
+    parse_url,
+    read_call,
+    remaining,
+    retriable,
+    stream_step,
+    tune,
+    where,
+    why,
+    with_retry,
+)
+
+__all__ = ["Client", "Tail", "connect"]
+
+T = TypeVar("T")
+
+class Connection:
+    """A blocking socket and its ClientProtocol; any failure closes it for good."""
+
+    def __init__(self, address: tuple[str, int], timeout: float | None) -> None:
+        try:
+            self.sock = socket.create_connection(address, timeout=timeout)
+        except TimeoutError:
+            raise errors.ConnectionError(f"cannot connect to {where(address)}: timed out") from None
+        except OSError as exc:
+            raise errors.ConnectionError(f"cannot connect to {where(address)}: {why(exc)}") from None
+        tune(self.sock)
+        self.address = address
+        self.proto = ClientProtocol()
+        self.replies: deque[Reply] = deque()
+
+    def stale(self) -> bool:
+        """Whether the server closed, or spoke unprompted (BUSY, TIMEOUT), while we were idle."""
+        if self.replies:
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _io(self, fn: Callable[[Any], T], arg: Any, deadline: float | None) -> T:
+        try:
+            self.sock.settimeout(remaining(deadline))
+            return fn(arg)
+        except TimeoutError:
+            raise errors.TimeoutError(f"no reply from {where(self.address)} in time") from None
+        except OSError as exc:
+            raise errors.ConnectionError(f"connection to {where(self.address)} lost: {why(exc)}") from None
+
+    def send(self, command: Command, deadline: float | None) -> None:
+        self.send_bytes(self.proto.send(command), deadline)
+
+    def send_bytes(self, data: bytes, deadline: float | None) -> None:
+        self._io(self.sock.sendall, data, deadline)
+
+    def receive(self, deadline: float | None) -> list[Reply]:
+        """Every complete reply received so far, waiting (until ``deadline``) for at least one."""
+        while not self.replies:
+            chunk = self._io(self.sock.recv, RECV_BYTES, deadline)
+            self.replies.extend(self.proto.receive_data(chunk))  # b"" raises if replies are due
+            if not chunk:
+                raise errors.ConnectionError(f"connection closed by {where(self.address)}")
+        out = list(self.replies)
+        self.replies.clear()
+        return out
+
+    def reply(self, deadline: float | None) -> Reply:
+        while not self.replies:
+            self.replies.extend(self.receive(deadline))
+        return self.replies.popleft()
+
+    def collect(self, stream: bool, deadline: float | None) -> list[Reply]:
+        """The whole reply to one command: one line, or OK + records + ``+EOF``."""
+        first = self.reply(deadline)
+        if not stream or not isinstance(first, OkReply):
+            return [first]
+        out: list[Reply] = [first]
+        while True:
+            reply = self.reply(deadline)
+            out.append(reply)
+            if isinstance(reply, EndOfStream | ErrorReply):
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Client:
+    """A blocking logd client on one connection; calls from several threads take turns.
+
+    ``timeout`` (seconds, None: no limit) is the default deadline of a call,
+    ``connect_timeout`` bounds each connection attempt, ``retry`` says how
+    lost connections are retried (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        timeout: float | None = 10.0,
+        connect_timeout: float = 5.0,
+        retry: Retry = Retry(),  # noqa: B008 - frozen
+    ) -> None:
+        self.address = (host, port)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retry = retry
+        self._conn: Connection | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_url(cls, url: str = DEFAULT_URL, **kwargs: Any) -> Client:
+        """A client for ``logd://host:port``; keywords as for the constructor."""
+        host, port = parse_url(url)
+        return cls(host, port, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Client logd://{where(self.address)}>"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (the next call opens a new one)."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self, deadline: float | None) -> Connection:
+        conn = self._conn
+        if conn is not None and conn.stale():
+            self._drop()
+            conn = None
+        if conn is None:
+            conn = self._conn = Connection(self.address, remaining(deadline, self.connect_timeout))
+        return conn
+
+    def _execute(self, call: Call[T], timeout: float | None) -> T:
+        """Run one command: connect if needed, send, read its whole reply, retry per policy."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = deadline_after(limit)
+        sent = [False]
+        policy = self.retry.policy(lambda e: retriable(e, call.idempotent or not sent[0]), limit)
+        return with_retry(policy, self._attempt, call, deadline, sent)
+
+    def _attempt(self, call: Call[T], deadline: float | None, sent: list[bool]) -> T:
+        sent[0] = False
+        return call.result(self._once(call, deadline, sent))
+
+    def _once(self, call: Call[Any], deadline: float | None, sent: list[bool]) -> list[Reply]:
+        with self._lock:
+            conn = self._connection(deadline)
+            try:
+                sent[0] = True
+                conn.send(call.command, deadline)
+                replies = conn.collect(call.stream, deadline)
+            except BaseException:
+                self._drop()  # mid-reply: the stream can no longer be trusted to be in step
+                raise
+            last = replies[-1]
+            if isinstance(last, ErrorReply) and last.code in CLOSING_CODES:
+                self._drop()
+            return replies
+
+    # --- commands ---------------------------------------------------------------
+
+    def append(self, *bodies: Body, timeout: float | None = None) -> list[int]:
+        """Append the messages atomically (one MSG); return their ids. ``str`` is sent as UTF-8."""
+        return self._execute(msg_call(bodies), timeout)
+
+    def head(self, *, timeout: float | None = None) -> int:
+        """The id of the last committed message (0: the log is empty)."""
+        return self._execute(HEAD, timeout)
+
+    def ping(self, *, timeout: float | None = None) -> bool:
+        """True when the server answers PONG."""
+        return self._execute(PING, timeout)
+
+    def stats(self, *, timeout: float | None = None) -> dict[str, str]:
+        """The server's figures, name -> value (see protocol.md, STATS)."""
+        return self._execute(STATS, timeout)
+
+    def read(
+        self, start: int, limit: int = 1000, *, wait: bool = False, timeout: float | None = None
+    ) -> list[Record]:
+        """Up to ``limit`` records from id ``start``, those committed now.
+
+        With ``wait``, exactly ``limit`` records, waiting for ones not yet
+        written (until the timeout). Raises NotFoundError if ``start`` is
+        older than the oldest retained id.
+        """
+        if not wait:
+            limit = clamp(start, limit, self.head(timeout=timeout))
+            if not limit:
+                return []
+        return self._execute(read_call(start, limit), timeout)
+
+    def tail(self, start: int | None = None) -> Tail:
+        """Records from id ``start`` (None: only new ones) as they are committed, forever."""
+        return Tail(self, start)
+
+    def append_batches(
+        self, batches: Iterable[Sequence[Body]], *, max_in_flight: int = 16, timeout: float | None = None
+    ) -> Iterator[range]:
+        """Append each batch as one MSG, pipelined; yield each batch's ids, in order.
+
+        Up to ``max_in_flight`` MSGs are on the wire at once; ``timeout``
+        bounds each wait for an acknowledgement. Nothing is retried once sent:
+        after an error, batches acknowledged so far have been yielded and the
+        fate of those still in flight is unknown. Holds the connection until
+        exhausted or closed.
+        """
+        with self._lock:
+            limit = self.timeout if timeout is None else timeout
+            conn: Connection | None = None
+            sizes: deque[int] = deque()
+            try:
+                for bodies in batches:
+                    if not bodies:
+                        continue
+                    if conn is None:  # connect lazily, with retries: nothing is sent yet
+                        policy = self.retry.policy(lambda e: retriable(e, True), limit)
+                        conn = with_retry(policy, self._connection, deadline_after(limit))
+                    while len(sizes) >= max_in_flight:
+                        yield self._acked(conn, sizes.popleft(), deadline_after(limit))
+                    conn.send(Msg([as_bytes(b) for b in bodies]), deadline_after(limit))
+                    sizes.append(len(bodies))
+                while sizes:
+                    assert conn is not None
+                    yield self._acked(conn, sizes.popleft(), deadline_after(limit))
+            except BaseException:
+                self._drop()
+                raise
+
+    @staticmethod
+    def _acked(conn: Connection, n: int, deadline: float | None) -> range:
+        last = id_of([conn.reply(deadline)])
+        return range(last - n + 1, last + 1)
+
+    def shutdown(self, *, timeout: float | None = None) -> None:
+        """Ask the server to stop gracefully (DeniedError unless it allows SHUTDOWN)."""
+        self._execute(SHUTDOWN, timeout)
+
+
+class Tail:
+    """Records from ``start`` on, as they are committed; iterate it, or take `batch`es.
+
+    It holds its own connection (a tailing connection takes no other
+    command). When the connection is lost, or the server ends the stream
+    because it is stopping, it reconnects with the client's retry policy and
+    resumes at the last id received + 1, like a NATS ordered consumer.
+    """
+
+    def __init__(self, client: Client, start: int | None) -> None:
+        if start is not None and start < 1:
+            raise ValueError("a tail starts at an id >= 1")
+        self._client = client
+        self._want = start  # the next id to ask the server for; None: after the head
+        self._conn: Connection | None = None
+        self._records: deque[Record] = deque()
+
+    @property
+    def position(self) -> int | None:
+        """The id of the next record this tail will hand out (None: not connected yet)."""
+        return self._records[0].id if self._records else self._want
+
+    def __iter__(self) -> Tail:
+        return self
+
+    def __next__(self) -> Record:
+        while not self._records:
+            self._fill(None)
+        return self._records.popleft()
+
+    def batch(self, max_records: int = 1000, timeout: float | None = None) -> list[Record]:
+        """Up to ``max_records`` records, waiting up to ``timeout`` s (None: forever) for the first."""
+        if not self._records:
+            self._fill(deadline_after(timeout))
+        take = self._records.popleft
+        return [take() for _ in range(min(max_records, len(self._records)))]
+
+    def __enter__(self) -> Tail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the tail's connection (iterating again reconnects)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _fill(self, deadline: float | None) -> None:
+        while not self._records:
+            if self._conn is None:
+                self._open()
+            assert self._conn is not None
+            try:
+                replies = self._conn.receive(deadline)
+            except errors.TimeoutError:
+                return  # nothing new in time; no byte was lost, the stream stays in step
+            except errors.ConnectionError:
+                self.close()
+                continue
+            except BaseException:
+                self.close()
+                raise
+            try:
+                nxt, ended = stream_step(replies, self._records)
+            except BaseException:
+                self.close()
+                raise
+            if nxt:
+                self._want = nxt
+            if ended:
+                self.close()
+
+    def _open(self) -> None:
+        client = self._client
+        policy = client.retry.policy(lambda e: retriable(e, True), None)
+        self._conn = with_retry(policy, self._connect)
+
+    def _connect(self) -> Connection:
+        client = self._client
+        deadline = deadline_after(client.timeout)
+        conn = Connection(client.address, remaining(deadline, client.connect_timeout))
+        try:
+            if self._want is None:
+                conn.send(Head(), deadline)
+                self._want = id_of([conn.reply(deadline)]) + 1
+            conn.send(Read(self._want, 0), deadline)
+            checked(conn.reply(deadline))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+
+def connect(url: str = DEFAULT_URL, **kwargs: Any) -> Client:
+    """A blocking `Client` for ``logd://host:port`` (connects on first use)."""
+    return Client.from_url(url, **kwargs)

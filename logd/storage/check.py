@@ -1,0 +1,304 @@
+"""Offline verification and repair of a data directory (``logd check``).
+
+Modelled on leveldb's log reader: every problem is reported with where it is
+(segment file, byte offset, id), why, and how many bytes it costs. A record
+cut off at the very end of the active segment is a crash during a write, not
+corruption: it is reported as a note (logd itself cuts it at open), like an
+active index of the wrong size (it is written after the data and not synced).
+
+The files are read directly, never through a `Log` opened for writing, but the
+LOCK flock is held while checking so a server cannot start meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from ..errors import LockedError, StorageError
+from .log import LOCK_NAME
+from .record import BadRecord
+from .segment import INDEX_ENTRY, NAME_DIGITS, scan_records, segment_name, write_all
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_CANNOT_CHECK = 2
+
+
+@dataclass
+class _Scan:
+    """What scanning one segment found: its valid records, then what stopped the scan."""
+
+    first_id: int
+    log_path: str
+    idx_path: str
+    size: int  # bytes in the .log file
+    offsets: array = field(default_factory=lambda: array("Q"))  # of the valid records
+    end: int = 0  # byte just after the last valid record
+    bad: str | None = None  # why the bytes at `end` are not the next record
+    truncated: bool = False  # ... and whether they are a record cut off by the end of file
+
+    @property
+    def next_id(self) -> int:
+        return self.first_id + len(self.offsets)
+
+
+def segment_firsts(path: str) -> list[int]:
+    """First ids of the segments in data dir ``path``, oldest first."""
+    return sorted(
+        int(name[:NAME_DIGITS])
+        for name in os.listdir(path)
+        if name.endswith(".log") and len(name) == NAME_DIGITS + 4 and name[:NAME_DIGITS].isdigit()
+    )
+
+
+def _scan(path: str, first_id: int, limit: int | None) -> _Scan:
+    """Scan a segment from its start, verifying each record, up to ``limit`` records."""
+    stem = os.path.join(path, segment_name(first_id))
+    fd = os.open(stem + ".log", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        s = _Scan(first_id, stem + ".log", stem + ".idx", os.fstat(fd).st_size)
+        try:
+            # Stop at the limit before decoding further: the bytes after it are not records.
+            for off, rec in scan_records(fd, 0, first_id, s.size):
+                s.offsets.append(off)
+                s.end = off + rec.size
+                if len(s.offsets) == limit:
+                    break
+        except BadRecord as bad:
+            s.bad, s.truncated = bad.reason, bad.truncated
+    finally:
+        os.close(fd)
+    return s
+
+
+def _iter_crcs(path: str) -> Iterator[tuple[int, int]]:
+    """``(id, crc)`` of each record of a data dir, up to its first bad record or missing id."""
+    firsts = segment_firsts(path)
+    for i, first in enumerate(firsts):
+        limit = firsts[i + 1] - first if i + 1 < len(firsts) else None
+        stem = os.path.join(path, segment_name(first))
+        fd = os.open(stem + ".log", os.O_RDONLY | os.O_CLOEXEC)
+        n = 0
+        try:
+            for _off, rec in scan_records(fd, 0, first, os.fstat(fd).st_size):
+                yield rec.id, rec.crc
+                n += 1
+                if n == limit:
+                    break
+        except BadRecord:
+            return
+        finally:
+            os.close(fd)
+        if limit is not None and n < limit:
+            return
+
+
+def diverge_point(dir_a: str, dir_b: str) -> int | None:
+    """The first id whose record differs between two data dirs, or None.
+
+    Compares the CRCs of the ids both dirs hold (from the larger first id to
+    the smaller last id). None means they agree there: one log is a prefix of
+    the other (or they share no id). Each log counts up to its first bad
+    record or missing id, as `check_data_dir` would repair it. Takes no lock,
+    so it is meant for stopped servers or copies. Raises `StorageError` if a
+    path is not a data dir.
+    """
+    for path in (dir_a, dir_b):
+        if not os.path.isdir(path) or not segment_firsts(path):
+            raise StorageError(f"{path} is not a logd data dir (no segment files)")
+    a, b = _iter_crcs(dir_a), _iter_crcs(dir_b)
+    ra, rb = next(a, None), next(b, None)
+    while ra is not None and rb is not None:
+        if ra[0] < rb[0]:
+            ra = next(a, None)
+        elif rb[0] < ra[0]:
+            rb = next(b, None)
+        elif ra[1] != rb[1]:
+            return ra[0]
+        else:
+            ra, rb = next(a, None), next(b, None)
+    return None
+
+
+def _take_lock(path: str) -> int:
+    """The LOCK flock of protocol.md section 2, as `Log` takes it; raises `LockedError`."""
+    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        pid = int(holder) if holder.isdigit() else None
+        raise LockedError(f"data dir {path} is in use by another logd process (pid {holder or '?'})", pid=pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_data_dir(path: str, *, repair: bool = False, out: TextIO = sys.stdout) -> int:
+    """Verify every record and index entry of the data dir ``path``; with ``repair``, fix it.
+
+    Prints one line per problem (segment or index file, byte offset, id,
+    reason) and a summary to ``out``. Repair truncates the log at the first
+    bad record (that segment is cut and its index rewritten, every later
+    segment deleted) after printing which ids and bytes that loses; an index
+    that does not match good data is rebuilt. Returns 0 if the dir is sound,
+    1 if problems were found (and repaired, with ``repair``), 2 if it cannot
+    be checked (not a data dir, or locked by a running logd).
+    """
+
+    def say(line: str) -> None:
+        print(line, file=out)
+
+    if not os.path.isdir(path) or not segment_firsts(path):
+        say(f"logd check: {path} is not a logd data dir (no segment files)")
+        return EXIT_CANNOT_CHECK
+    try:
+        lock_fd = _take_lock(path)
+    except (LockedError, OSError) as exc:
+        say(f"logd check: cannot check: {exc}")
+        return EXIT_CANNOT_CHECK
+    try:
+        return _check(path, repair, say)
+    finally:
+        os.close(lock_fd)  # drops the flock
+
+
+def _check(path: str, repair: bool, say: Callable[[str], None]) -> int:
+    firsts = segment_firsts(path)  # again, now that no server can roll or delete
+    scans = [
+        _scan(path, first, firsts[i + 1] - first if i + 1 < len(firsts) else None) for i, first in enumerate(firsts)
+    ]
+    problems = 0
+    cut: tuple[int, int] | None = None  # (segment index, byte offset) where the log must end
+    for i, s in enumerate(scans):
+        active = i == len(scans) - 1
+        where = f"{s.log_path}: offset {s.end}: id {s.next_id}:"
+        ok = False
+        if s.bad is not None and active and s.truncated:
+            say(
+                f"{where} note: torn tail, a cut-off record of {s.size - s.end} bytes "
+                "(a crash during a write; logd cuts it at open)"
+            )
+            ok = True
+        elif s.bad is not None:
+            say(f"{where} bad record: {s.bad} ({s.size - s.end} bytes from here unreadable)")
+        elif not active and s.next_id < firsts[i + 1]:
+            say(
+                f"{where} segment ends early: ids {s.next_id}..{firsts[i + 1] - 1} missing "
+                f"(next segment starts at {firsts[i + 1]})"
+            )
+        else:
+            ok = True
+            if s.end < s.size:  # only a closed segment stops before its end
+                say(f"{where} {s.size - s.end} bytes after the segment's last id {s.next_id - 1}")
+                problems += 1
+        if not ok:
+            problems += 1
+            cut = cut or (i, s.end)
+        problems += _check_index(s, complete=ok, active=active, say=say)
+
+    kept = scans if cut is None else scans[: cut[0] + 1]
+    last_id = kept[-1].next_id - 1
+    ids = f"ids {firsts[0]}..{last_id}" if last_id >= firsts[0] else "no records"
+    say(
+        f"{len(scans)} segments, {sum(len(s.offsets) for s in kept)} records, {ids}, "
+        f"{sum(s.size for s in scans)} bytes: " + (f"{problems} problem{'s' * (problems > 1)}" if problems else "OK")
+    )
+    if repair:
+        _repair(path, scans, cut, say)
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def _check_index(s: _Scan, *, complete: bool, active: bool, say: Callable[[str], None]) -> int:
+    """Compare a segment's index with its valid records; print and count the problems."""
+    try:
+        with open(s.idx_path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        say(f"{s.idx_path}: offset 0: id {s.first_id}: index missing")
+        return 1
+    entries = array("Q")
+    entries.frombytes(raw[: len(raw) - len(raw) % INDEX_ENTRY])
+    n = len(s.offsets)
+    common = min(n, len(entries))
+    if entries[:common] != s.offsets[:common]:
+        wrong = [k for k in range(common) if entries[k] != s.offsets[k]]
+        k = wrong[0]
+        say(
+            f"{s.idx_path}: offset {k * INDEX_ENTRY}: id {s.first_id + k}: index entry says "
+            f"offset {entries[k]}, the record is at {s.offsets[k]} ({len(wrong)} entries wrong)"
+        )
+        return 1
+    if not complete or len(raw) == n * INDEX_ENTRY:
+        return 0
+    where = f"{s.idx_path}: offset {min(len(raw), n * INDEX_ENTRY)}: id {s.first_id + common}:"
+    size = f"index is {len(raw)} bytes, {n} records need {n * INDEX_ENTRY}"
+    if active:  # the index is written after the data and not synced: a crash leftover
+        say(f"{where} note: {size} (logd fixes the active index at open)")
+        return 0
+    say(f"{where} {size}")
+    return 1
+
+
+def _repair(path: str, scans: list[_Scan], cut: tuple[int, int] | None, say: Callable[[str], None]) -> None:
+    """Cut the log at ``cut``, drop later segments, make kept files match their records."""
+    if cut is not None:
+        i, offset = cut
+        s = scans[i]
+        lost_bytes = s.size - offset + sum(t.size for t in scans[i + 1 :])
+        if i + 1 < len(scans):
+            last = max(scans[i + 1].first_id - 1, scans[-1].next_id - 1)
+            ids = f"ids {s.next_id}..{last}"
+        else:
+            ids = f"id {s.next_id} and anything after it"
+        say(
+            f"repair: truncating the log after id {s.next_id - 1}: losing {ids} "
+            f"({lost_bytes} bytes); deleting {len(scans) - i - 1} later segments"
+        )
+        for t in reversed(scans[i + 1 :]):  # newest first: a crash leaves a valid prefix
+            for p in (t.log_path, t.idx_path):
+                if os.path.exists(p):
+                    os.unlink(p)
+        scans = scans[: i + 1]
+    for s in scans:
+        if s.size != s.end:
+            say(f"repair: {s.log_path}: truncating {s.size - s.end} bytes at offset {s.end}")
+            fd = os.open(s.log_path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, s.end)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        want = s.offsets.tobytes()
+        try:
+            with open(s.idx_path, "rb") as f:
+                same = f.read() == want
+        except FileNotFoundError:
+            same = False
+        if not same:
+            say(f"repair: {s.idx_path}: rebuilt ({len(s.offsets)} entries)")
+            tmp = s.idx_path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                write_all(fd, want)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, s.idx_path)
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    first, last = scans[0].first_id, scans[-1].next_id - 1
+    say("repair: done; the log now holds " + (f"ids {first}..{last}" if last >= first else "no records"))

@@ -1,0 +1,333 @@
+"""Replication end to end: real leader and follower processes on ephemeral ports.
+
+No sleeps as synchronisation: every wait polls a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .conftest import RawConn, ServerProcess
+
+SEGMENT = "64KiB"
+DEADLINE = 60.0
+
+
+def wait_for(cond: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> object:
+    """Poll ``cond`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(delay)  # polling interval, not synchronisation
+        delay = min(delay * 2, 0.1)
+
+
+def stats(srv: ServerProcess) -> dict[str, str]:
+    conn = srv.connect()
+    try:
+        conn.send(b"STATS\r\n")
+        n = int(conn.line().split()[1])
+        out = {}
+        for _ in range(n):
+            name, _, value = conn.line().decode().partition(" ")
+            out[name] = value
+        return out
+    finally:
+        conn.close()
+
+
+def head(srv: ServerProcess) -> int:
+    conn = srv.connect()
+    try:
+        conn.send(b"HEAD\r\n")
+        return int(conn.line().split()[1])
+    finally:
+        conn.close()
+
+
+def read_all(srv: ServerProcess, start: int, count: int) -> list[tuple[int, bytes]]:
+    conn = srv.connect(timeout=30)
+    try:
+        conn.send(b"READ %d %d\r\n" % (start, count))
+        assert conn.line() == b"OK"
+        out = []
+        while (rec := conn.record()) is not None:
+            out.append(rec)
+        return out
+    finally:
+        conn.close()
+
+
+def send_msgs(srv: ServerProcess, bodies: list[bytes]) -> int:
+    """One MSG with ``bodies``; return the id of the last one."""
+    conn = srv.connect(timeout=30)
+    try:
+        conn.send(b"MSG " + b" ".join(b"%d" % len(b) for b in bodies) + b"\r\n")
+        conn.send(b"".join(b + b"\r\n" for b in bodies))
+        reply = conn.line()
+        assert reply.startswith(b"OK "), reply
+        return int(reply.split()[1])
+    finally:
+        conn.close()
+
+
+class Writer(threading.Thread):
+    """Writes one-message MSGs, pipelined, until stopped; remembers the body of every acked id."""
+
+    def __init__(self, srv: ServerProcess, prefix: bytes, window: int = 64, limit: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.conn = srv.connect(timeout=30)
+        self.prefix = prefix
+        self.window = window
+        self.limit = limit
+        self.acked: dict[int, bytes] = {}
+        self.errors: list[bytes] = []
+        self.stop_event = threading.Event()
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        sent: list[bytes] = []
+        k = 0
+        try:
+            while not self.stop_event.is_set() and (not self.limit or k < self.limit):
+                while len(sent) - len(self.acked) - len(self.errors) < self.window:
+                    body = b"%s-%08d" % (self.prefix, k)
+                    k += 1
+                    sent.append(body)
+                    self.conn.send(b"MSG %d\r\n%s\r\n" % (len(body), body))
+                self._take_reply(sent)
+            while len(self.acked) + len(self.errors) < len(sent):
+                self._take_reply(sent)
+        except (OSError, ConnectionError) as exc:
+            self.failure = exc
+        finally:
+            self.conn.close()
+
+    def _take_reply(self, sent: list[bytes]) -> None:
+        reply = self.conn.line()
+        body = sent[len(self.acked) + len(self.errors)]
+        if reply.startswith(b"OK "):
+            self.acked[int(reply.split()[1])] = body
+        else:
+            self.errors.append(reply)
+
+    def finish(self, timeout: float = 30) -> None:
+        self.stop_event.set()
+        self.join(timeout)
+        assert not self.is_alive(), "writer did not finish"
+
+
+def closed_segments_identical(dirs: list[Path]) -> int:
+    """Assert every closed segment (and index) of dirs[0] is byte-identical in the others."""
+    names = sorted(n for n in os.listdir(dirs[0]) if n.endswith(".log"))
+    for d in dirs[1:]:
+        assert sorted(n for n in os.listdir(d) if n.endswith(".log")) == names, f"segment names differ in {d}"
+    for name in names[:-1]:
+        for ext in (".log", ".idx"):
+            f = name[:-4] + ext
+            for d in dirs[1:]:
+                assert filecmp.cmp(dirs[0] / f, d / f, shallow=False), f"{f} differs in {d}"
+    return len(names) - 1
+
+
+def logd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "logd.cli", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_two_followers_under_writes_are_byte_identical(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    leader = start_server("--segment-bytes", SEGMENT)
+    addr = f"{leader.host}:{leader.port}"
+    f1 = start_server("--replica-of", addr)
+    writer = Writer(leader, b"a")
+    writer.start()
+    try:
+        wait_for(lambda: len(writer.acked) > 5000, what="some writes")
+        f2 = start_server("--replica-of", addr)  # joins mid-stream, catches up from id 1
+        wait_for(lambda: len(writer.acked) > 20000, what="more writes")
+    finally:
+        writer.finish()
+    assert writer.failure is None and not writer.errors
+    last = max(writer.acked)
+    for f in (f1, f2):
+        wait_for(lambda f=f: head(f) == last, what="followers caught up")
+    n = closed_segments_identical([leader.data_dir, f1.data_dir, f2.data_dir])
+    assert n >= 3
+    # Followers serve reads and say who they follow; MSG is refused with the leader's address.
+    assert read_all(f2, 1, last) == sorted(writer.acked.items())
+    s = stats(f1)
+    assert s["role"] == "follower" and s["leader"] == addr and s["lag_messages"] == "0"
+    s = stats(leader)
+    assert s["replicas"] == "2" and sum(k.endswith("_acked") and v == str(last) for k, v in s.items()) == 2
+    conn = f1.connect()
+    conn.send(b"MSG 1\r\nx\r\n")
+    assert conn.line().startswith(b"ERR READONLY " + addr.encode())
+    conn.close()
+    for srv in (leader, f1, f2):
+        assert srv.terminate() == 0
+    for srv in (f1, f2):
+        assert logd_cli("check", str(srv.data_dir)).returncode == 0
+
+
+def test_follower_killed_and_restarted_catches_up(start_server) -> None:  # type: ignore[no-untyped-def]
+    leader = start_server("--segment-bytes", SEGMENT)
+    addr = f"{leader.host}:{leader.port}"
+    follower = start_server("--replica-of", addr)
+    writer = Writer(leader, b"k")
+    writer.start()
+    try:
+        wait_for(lambda: len(writer.acked) > 5000, what="some writes")
+        wait_for(lambda: head(follower) > 1000, what="follower progress")
+        follower.kill()  # SIGKILL mid-stream
+        wait_for(lambda: len(writer.acked) > 15000, what="writes while the follower is down")
+        follower.start()  # same data dir: recovers, then REPLICATE from its head + 1
+        wait_for(lambda: len(writer.acked) > 20000, what="writes after the restart")
+    finally:
+        writer.finish()
+    last = max(writer.acked)
+    wait_for(lambda: head(follower) == last, what="follower caught up")
+    records = read_all(follower, 1, last)
+    assert [r[0] for r in records] == list(range(1, last + 1))  # no gap, no duplicate
+    assert records == sorted(writer.acked.items())
+    closed_segments_identical([leader.data_dir, follower.data_dir])
+
+
+def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    big = 40 << 20  # more than the socket buffers between the two can hold
+    a = start_server("--segment-bytes", SEGMENT, "--min-replicas", "1", "--replica-timeout", "2",
+                     "--max-message-bytes", "64MiB")
+    a_addr = f"{a.host}:{a.port}"
+    # Nothing is accepted while no replica is in sync, and nothing is written.
+    conn = a.connect()
+    conn.send(b"MSG 1\r\nx\r\n")
+    assert conn.line().startswith(b"ERR UNAVAILABLE 0 replicas in sync")
+    conn.close()
+    b = start_server("--replica-of", a_addr, "--max-message-bytes", "64MiB")
+    wait_for(lambda: stats(a)["replicas_in_sync"] == "1", what="replica in sync")
+    writer = Writer(a, b"f", window=32)
+    writer.start()
+    stopped = False
+    try:
+        wait_for(lambda: len(writer.acked) > 3000, what="acknowledged writes")
+        os.kill(b.pid, signal.SIGSTOP)
+        stopped = True
+        # A message the follower can never receive whole: a commits it, b never acks it.
+        sock = socket.create_connection((a.host, a.port))
+        sock.sendall(b"MSG %d\r\n" % big + b"B" * big + b"\r\n")
+        wait_for(lambda: int(stats(a)["appended_bytes"]) > big, what="big message committed on a")
+        a_head = int(stats(a)["log_head"])
+        a.kill()  # SIGKILL the leader with acknowledgements outstanding
+        sock.close()
+    finally:
+        if stopped:
+            os.kill(b.pid, signal.SIGCONT)
+    writer.finish()
+    acked = dict(writer.acked)
+    assert acked
+    last_acked = max(acked)
+    # Every acknowledged message is on the survivor.
+    wait_for(lambda: head(b) >= last_acked, what="survivor holds every acked id")
+    on_b = dict(read_all(b, 1, last_acked))
+    assert all(on_b[i] == body for i, body in acked.items())
+    # Promote the survivor; writes continue there from the next id. (Until now its
+    # readers saw only up to a's last high watermark; what it holds past that,
+    # received but never acknowledged by a, becomes visible as it takes over.)
+    assert logd_cli("promote", f"{b.host}:{b.port}").returncode == 0
+    wait_for(lambda: stats(b)["role"] == "leader", what="promotion")
+    b_head = int(stats(b)["log_head"])
+    assert last_acked <= b_head < a_head and head(b) == b_head
+    assert send_msgs(b, [b"after-1"]) == b_head + 1
+    assert send_msgs(b, [b"after-%d" % i for i in range(2, a_head - b_head + 3)]) > a_head
+    # The old leader holds id a_head, which b never got: as b's follower it is refused.
+    old = ServerProcess(a.data_dir, ["--replica-of", f"{b.host}:{b.port}"]).start()
+    try:
+        assert old.proc is not None
+        assert old.proc.wait(timeout=30) != 0
+        assert "DIVERGED" in old.stderr()
+    finally:
+        old.kill()
+    out = logd_cli("check", "--diverge", str(a.data_dir), str(b.data_dir))
+    assert out.returncode == 1 and "diverged at id" in out.stdout
+    assert last_acked < int(out.stdout.split()[-1]) <= a_head
+
+
+def test_paused_follower_catches_up(start_server) -> None:  # type: ignore[no-untyped-def]
+    total = 200_000
+    leader = start_server("--segment-bytes", "1MiB")
+    follower = start_server("--replica-of", f"{leader.host}:{leader.port}")
+    wait_for(lambda: stats(leader)["replicas"] == "1", what="follower connected")
+    os.kill(follower.pid, signal.SIGSTOP)
+    try:
+        conn: RawConn = leader.connect(timeout=60)
+        batch = 1000
+        for k in range(0, total, batch):
+            bodies = [b"p-%08d" % i for i in range(k, k + batch)]
+            conn.send(b"MSG " + b" ".join(b"%d" % len(x) for x in bodies) + b"\r\n"
+                      + b"".join(x + b"\r\n" for x in bodies))
+        for _ in range(total // batch):
+            assert conn.line().startswith(b"OK ")
+        conn.close()
+        assert head(leader) == total
+    finally:
+        os.kill(follower.pid, signal.SIGCONT)
+    t0 = time.monotonic()
+    wait_for(lambda: head(follower) == total, what="paused follower caught up")
+    print(f"caught up {total} messages in {time.monotonic() - t0:.2f} s")
+    s = stats(follower)
+    assert s["lag_messages"] == "0"
+    closed_segments_identical([leader.data_dir, follower.data_dir])
+    assert read_all(follower, total - 2, 3) == [(i + 1, b"p-%08d" % i) for i in range(total - 3, total)]
+
+
+def test_demote_and_promote_commands(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server()
+    addr = f"{srv.host}:{srv.port}"
+    send_msgs(srv, [b"one"])
+    assert logd_cli("demote", addr).returncode == 0
+    conn = srv.connect()
+    conn.send(b"MSG 1\r\nx\r\nHEAD\r\n")
+    assert conn.line().startswith(b"ERR READONLY")
+    assert conn.line() == b"OK 1"  # still serves reads
+    conn.close()
+    assert stats(srv)["role"] == "readonly"
+    assert logd_cli("promote", addr).returncode == 0
+    assert send_msgs(srv, [b"two"]) == 2
+    assert logd_cli("promote", "127.0.0.1:1").returncode != 0
+
+
+def test_min_replicas_hides_unreplicated_records_from_readers(start_server) -> None:  # type: ignore[no-untyped-def]
+    leader = start_server("--min-replicas", "1", "--replica-timeout", "1")
+    follower = start_server("--replica-of", f"{leader.host}:{leader.port}")
+    wait_for(lambda: stats(leader)["replicas_in_sync"] == "1", what="replica in sync")
+    assert send_msgs(leader, [b"seen"]) == 1
+    os.kill(follower.pid, signal.SIGSTOP)
+    try:
+        conn = leader.connect()
+        conn.send(b"MSG 6\r\nunseen\r\n")
+        # Not acknowledged: the replica never confirms it, so after the timeout the MSG fails...
+        assert conn.line().startswith(b"ERR UNAVAILABLE id 2 is committed here")
+        # ...and readers do not see it (HEAD and READ stop at the high watermark).
+        assert head(leader) == 1
+        assert stats(leader)["log_head"] == "2"
+        conn.send(b"MSG 1\r\nx\r\n")  # the replica is now out of sync: refused up front
+        assert conn.line().startswith(b"ERR UNAVAILABLE 0 replicas in sync")
+        conn.close()
+    finally:
+        os.kill(follower.pid, signal.SIGCONT)
+    # Once the replica has it, readers do.
+    wait_for(lambda: head(leader) == 2, what="high watermark reaches 2")
+    assert read_all(leader, 1, 2) == [(1, b"seen"), (2, b"unseen")]
+    wait_for(lambda: head(follower) == 2, what="follower's readers see 2")
