@@ -40,7 +40,9 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
-        for name in ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_batch_bytes", "max_connections"):
+        positive = ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_batch_bytes",
+                    "max_connections")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
         if self.log_format not in ("console", "json"):

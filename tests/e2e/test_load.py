@@ -17,9 +17,9 @@ def body_for(writer: int, seq: int, k: int) -> bytes:
 
 
 def run_writers(srv: ServerProcess, writers: int, rounds: int, stop: threading.Event | None = None,
-                ) -> dict[int, bytes]:
-    """Each writer sends MSGs of 1-3 messages; returns acknowledged id -> body."""
-    acked: dict[int, bytes] = {}
+                acked: dict[int, bytes] | None = None) -> dict[int, bytes]:
+    """Each writer sends MSGs of 1-3 messages; returns acknowledged id -> body (filled as acks arrive)."""
+    acked = {} if acked is None else acked
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -52,6 +52,14 @@ def run_writers(srv: ServerProcess, writers: int, rounds: int, stop: threading.E
         t.join(timeout=120)
     assert not errors, errors
     return acked
+
+
+def wait_for_acks(acked: dict[int, bytes], n: int, timeout: float = 30.0) -> None:
+    """Block until the writers have been acknowledged more than n messages."""
+    deadline = time.monotonic() + timeout
+    while len(acked) <= n and time.monotonic() < deadline:
+        time.sleep(0.005)  # polling a condition with a deadline, not a fixed wait
+    assert len(acked) > n, "writes never got going"
 
 
 def read_all(srv: ServerProcess, start: int, count: int) -> dict[int, bytes]:
@@ -116,20 +124,15 @@ def test_sigterm_while_writers_busy_loses_no_acknowledged_message(start_server, 
     result: dict[int, bytes] = {}
 
     def load() -> None:
-        result.update(run_writers(srv, writers=8, rounds=100_000, stop=stop))
+        run_writers(srv, writers=8, rounds=100_000, stop=stop, acked=result)
 
     t = threading.Thread(target=load)
     t.start()
-    c = srv.connect()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait until writes are flowing
-        c.send(b"HEAD\r\n")
-        if int(c.line().split()[1]) > 500:
-            break
+    wait_for_acks(result, 500)
     assert srv.terminate(timeout=30) == 0
     stop.set()
     t.join(timeout=60)
-    assert len(result) > 500
+    result = dict(result)
     again = start_server(data_dir=srv.data_dir)
     stored = read_all(again, 1, max(result))
     for i, b in result.items():
@@ -143,21 +146,16 @@ def test_sigkill_with_fsync_always_loses_no_acknowledged_message(start_server) -
     result: dict[int, bytes] = {}
 
     def load() -> None:
-        result.update(run_writers(srv, writers=8, rounds=100_000, stop=stop))
+        run_writers(srv, writers=8, rounds=100_000, stop=stop, acked=result)
 
     t = threading.Thread(target=load)
     t.start()
-    c = srv.connect()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        c.send(b"HEAD\r\n")
-        if int(c.line().split()[1]) > 500:
-            break
+    wait_for_acks(result, 500)
     srv.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     srv.proc.wait(timeout=20)  # type: ignore[union-attr]
     stop.set()
     t.join(timeout=60)
-    assert len(result) > 500
+    result = dict(result)
     again = start_server(data_dir=srv.data_dir)
     head_conn = again.connect()
     head_conn.send(b"HEAD\r\n")

@@ -1,0 +1,106 @@
+"""The follower's stream parser (sans-IO) and the leader's replica bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+
+from logd.errors import CorruptRecordError, ProtocolError
+from logd.replication import (
+    Chunk,
+    LeaderPosition,
+    ReplicaSet,
+    ReplicaStreamParser,
+    SegmentStart,
+    StreamEnd,
+    StreamError,
+    StreamOk,
+    position_marker,
+    segment_marker,
+)
+from logd.storage.record import encode_record
+
+BODIES = [b"hello", b"", b"with\r\nCRLF", b"x" * 3000, b"+1 2 3\r\n"] + [b"m%d" % i for i in range(5, 15)]
+
+
+def stream(first: int = 1) -> bytes:
+    recs = [encode_record(first + i, b) for i, b in enumerate(BODIES)]
+    return (
+        b"OK\r\n"
+        + position_marker(20, 18)
+        + segment_marker(first)
+        + b"".join(recs[:6])
+        + segment_marker(first + 6)
+        + b"".join(recs[6:])
+        + b"+EOF\r\n"
+    )
+
+
+def collect(parser: ReplicaStreamParser, pieces: list[bytes]) -> tuple[list[object], bytes, list[int]]:
+    """Feed pieces; return the non-chunk events, the concatenated chunk bytes and their first ids."""
+    events: list[object] = []
+    data = b""
+    firsts: list[int] = []
+    for piece in pieces:
+        for ev in parser.feed(piece):
+            if isinstance(ev, Chunk):
+                assert len(ev.offsets) == ev.count
+                # Offsets point at each record within the chunk.
+                for k, off in enumerate(ev.offsets):
+                    assert ev.data[off:].startswith(b"+%d " % (ev.first_id + k))
+                data += ev.data
+                firsts.append(ev.first_id)
+            else:
+                events.append(ev)
+    return events, data, firsts
+
+
+def expected_events(first: int = 1) -> list[object]:
+    return [StreamOk(), LeaderPosition(20, 18), SegmentStart(first), SegmentStart(first + 6), StreamEnd()]
+
+
+def test_whole_stream() -> None:
+    events, data, firsts = collect(ReplicaStreamParser(1), [stream()])
+    assert events == expected_events()
+    assert data == b"".join(encode_record(1 + i, b) for i, b in enumerate(BODIES))
+    assert firsts == [1, 7]  # one chunk per segment
+
+
+def test_byte_by_byte_and_every_split() -> None:
+    s = stream(98)  # ids cross 100: the id's digit count grows
+    want = b"".join(encode_record(98 + i, b) for i, b in enumerate(BODIES))
+    events, data, _ = collect(ReplicaStreamParser(98), [s[i : i + 1] for i in range(len(s))])
+    assert events == expected_events(98) and data == want
+    for cut in range(1, len(s), 7):
+        events, data, _ = collect(ReplicaStreamParser(98), [s[:cut], s[cut:]])
+        assert events == expected_events(98) and data == want, cut
+
+
+def test_crc_mismatch_and_gap_are_corrupt() -> None:
+    rec = bytearray(encode_record(1, b"hello"))
+    rec[-3] ^= 1
+    with pytest.raises(CorruptRecordError, match="record 1"):
+        ReplicaStreamParser(1).feed(b"OK\r\n" + bytes(rec))
+    with pytest.raises(CorruptRecordError, match="record 1"):
+        ReplicaStreamParser(1).feed(b"OK\r\n" + encode_record(2, b"gap") + encode_record(3, b"x"))
+    with pytest.raises(CorruptRecordError):
+        ReplicaStreamParser(1).feed(b"OK\r\n+1 99999999999 00000000\r\nabc")
+
+
+def test_errors_and_garbage() -> None:
+    assert ReplicaStreamParser(5).feed(b"ERR DIVERGED id 4 differs\r\n") == [StreamError("DIVERGED", "id 4 differs")]
+    with pytest.raises(ProtocolError):
+        ReplicaStreamParser(1).feed(b"OK\r\nhello\r\n")
+
+
+def test_replica_set_high_watermark_and_in_sync() -> None:
+    rs = ReplicaSet(min_replicas=2, timeout=5.0, head=0)
+    a, b = object(), object()
+    assert rs.on_commit(10) is False and rs.hw == 0
+    assert rs.refusal() is not None
+    assert rs.ack(a, 10) is False  # one replica of two
+    assert rs.ack(b, 7) is True and rs.hw == 7
+    assert rs.in_sync() == 2 and rs.refusal() is None
+    del rs.acked[b]
+    assert rs.hw == 7 and "1 replicas in sync" in str(rs.refusal())
+    asynchronous = ReplicaSet(min_replicas=0, timeout=5.0, head=3)
+    assert asynchronous.on_commit(4) is True and asynchronous.hw == 4 and asynchronous.refusal() is None
