@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--seconds", type=float, default=None, help="measured seconds per write run (default 2, or 0.8 with --quick)"
     )
-    ap.add_argument("--no-pin", action="store_true", help="do not pin the servers to one CPU and the load generator to another")
+    ap.add_argument(
+        "--no-pin", action="store_true", help="do not pin the servers to one CPU and the load generator to another"
+    )
     ap.add_argument(
         "--wait-quiet",
         type=float,
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.append(f"the run stopped early: {meta['error']}")
         status = 1
     meta["versions"].update(bench.versions)
+    if bench.errors:
+        status = 1
+        warnings.extend(f"failed: {e}" for e in bench.errors)
     meta["wall_seconds"] = round(time.monotonic() - t_begin, 1)
     text = report.write_all(out, meta, bench.results)
     print()

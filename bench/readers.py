@@ -225,12 +225,14 @@ def tail_latency(
                     out += cmd * due
                     sent += due
             if out:
-                k = writer.send(out)
-                del out[:k]
+                try:
+                    del out[: writer.send(out)]
+                except BlockingIOError:
+                    pass  # the server is not reading: the backlog counts in the latency
             elif t >= end and tr.seen >= sent:
                 break
             if time.monotonic() > deadline:
-                raise LoadError(f"tail: {sent - tr.seen} messages never delivered")
+                break  # reported as undelivered
             for fd, _ev in ep.poll(0.0005 if t < end else 0.05):
                 if fd == writer.fileno():
                     chunk = writer.recv(RECV_BYTES)
@@ -270,6 +272,7 @@ def tail_latency(
     # Rate over the whole writing time; latency samples only after the warm-up.
     run = Run(sent, (end - t_start) / 1e9, latencies_ns=tr.lat)
     run.extra["drain_ms"] = (t_stop - end) / 1e6
+    run.extra["undelivered"] = sent - tr.seen
     run.extra["writer_rate"] = sent / ((end - t_start) / 1e9)
     run.extra["max_writer_lag_msgs"] = max_lag
     return meter.stop(run)

@@ -7,6 +7,7 @@ server), with the figures in ``metrics``. ``report.py`` pairs them up.
 from __future__ import annotations
 
 import gc
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ import numpy as np
 from . import loadgen as lg
 from . import readers as rd
 from . import wire as wr
-from .servers import FSYNC_MODES, Server, start_logd, start_redis
+from .servers import FSYNC_MODES, Server, ServerError, start_logd, start_redis
 
 SMALL = 100  # bytes: the message size of every scenario unless said otherwise
 BATCH = 100  # messages per batch in scenario 3
@@ -182,6 +183,7 @@ class Bench:
         self.log = log
         self.results: list[dict[str, Any]] = []
         self.versions: dict[str, str] = {}
+        self.errors: list[str] = []  # measurements that failed
 
     # ----------------------------------------------------------------- plumbing
 
@@ -279,16 +281,29 @@ class Bench:
         runs: dict[str, list[lg.Run]] = {k: [] for k in srvs}
         order = list(srvs.values())
         retried = dict.fromkeys(srvs, 0)
+        failed: set[str] = set()
         for r in range(rounds):
             for srv in order if r % 2 == 0 else order[::-1]:
-                run = fn(srv)
-                for _ in range(self.plan.noisy_retries):  # someone else used the machine: once more
-                    if not noisy(run):
-                        break
-                    retried[srv.kind] += 1
+                if srv.kind in failed:
+                    continue
+                try:
                     run = fn(srv)
+                    for _ in range(self.plan.noisy_retries):  # someone else used the machine: once more
+                        if not noisy(run):
+                            break
+                        retried[srv.kind] += 1
+                        run = fn(srv)
+                except (OSError, wr.LoadError, ServerError) as exc:
+                    # One failed measurement must not cost the others: note it, go on.
+                    failed.add(srv.kind)
+                    what = f"{scenario}. {name} {variant} {payload} B [{mode}] on {srv.kind}"
+                    self.errors.append(f"{what}: {type(exc).__name__}: {exc}")
+                    self.log(f"    {srv.kind:5} FAILED: {type(exc).__name__}: {exc}")
+                    continue
                 runs[srv.kind].append(run)
         for srv in order:
+            if not runs[srv.kind]:
+                continue
             done = sorted(runs[srv.kind], key=lambda x: x.messages / max(x.seconds, 1e-9))
             run = done[(len(done) - 1) // 2]
             if rounds > 1:
@@ -440,16 +455,24 @@ class Bench:
         with self.servers("interval") as srvs:
             self.log(f"  7. footprint: RSS with {p.idle_conns} idle connections, {p.tails} tails")
             for srv in srvs.values():
-                gc.collect()
-                base = srv.rss_bytes()
-                socks = rd.open_idle(srv.addr, srv.kind, p.idle_conns)
-                idle = srv.rss_bytes()
-                for s in socks:
-                    s.close()
-                socks = rd.open_tails(srv.addr, srv.kind, p.tails)
-                tails = srv.rss_bytes()
-                for s in socks:
-                    s.close()
+                # Tails first: the fewer connections, so what a server keeps after
+                # they close barely changes the 1,000-connection figure.
+                socks: list[socket.socket] = []
+                try:
+                    base = srv.rss_bytes()
+                    socks = rd.open_tails(srv.addr, srv.kind, p.tails)
+                    tails = srv.rss_bytes()
+                    for s in socks:
+                        s.close()
+                    socks = rd.open_idle(srv.addr, srv.kind, p.idle_conns)
+                    idle = srv.rss_bytes()
+                except (OSError, wr.LoadError) as exc:
+                    self.errors.append(f"7. footprint on {srv.kind}: {type(exc).__name__}: {exc}")
+                    self.log(f"    {srv.kind:5} FAILED: {type(exc).__name__}: {exc}")
+                    continue
+                finally:
+                    for s in socks:
+                        s.close()
                 mm: dict[str, float] = {
                     "rss_mb_base": round(base / 1e6, 2),
                     "rss_mb_idle_conns": round(idle / 1e6, 2),

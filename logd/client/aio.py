@@ -29,6 +29,7 @@ from .commands import (
     msg_call,
     parse_url,
     read_call,
+    readable_now,
     remaining,
     retriable,
     stream_step,
@@ -64,6 +65,7 @@ class AsyncConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._read_paused = False
+        self._fd = -1
 
     @classmethod
     async def open(cls, address: tuple[str, int], timeout: float | None) -> AsyncConnection:
@@ -82,7 +84,9 @@ class AsyncConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        tune(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        tune(sock)
+        self._fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -142,8 +146,14 @@ class AsyncConnection(asyncio.Protocol):
 
     @property
     def stale(self) -> bool:
-        """Closed, or holding a reply nobody asked for (BUSY, TIMEOUT); check while idle."""
-        return self.error is not None or bool(self.replies)
+        """Closed, or the server spoke unprompted (BUSY, TIMEOUT, end of stream); check while idle.
+
+        Asks the socket too: the event loop may not have run since the server
+        closed it (then a MSG sent now would fail after leaving).
+        """
+        if self.error is not None or self.replies:
+            return True
+        return self._fd >= 0 and readable_now(self._fd)
 
     def send(self, command: Command) -> None:
         if self.error is not None:

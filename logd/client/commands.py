@@ -7,6 +7,7 @@ failure, and how its replies become a Python value. `Client` and
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections import deque
@@ -203,6 +204,13 @@ def where(address: tuple[str, int]) -> str:
 
 def why(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
+
+
+def readable_now(fd: int) -> bool:
+    """Whether reading ``fd`` would not block (data or end of stream waiting)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def tune(sock: Any) -> None:

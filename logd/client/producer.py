@@ -206,6 +206,7 @@ class Producer:
         self._nbytes = 0
         self._opened_at = 0.0
         self._ready: deque[_Batch[concurrent.futures.Future[int]]] = deque()
+        self._writing = 0  # batches the writer has taken but not yet put in flight
         self._inflight: deque[_Batch[concurrent.futures.Future[int]]] = deque()
         self._conn: Connection | None = None
         self._closing = False
@@ -256,7 +257,7 @@ class Producer:
         with self._lock:
             if self._bodies:
                 self._seal()
-            while self._ready or self._inflight:
+            while self._ready or self._writing or self._inflight:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise errors.TimeoutError("flush timed out")
@@ -293,7 +294,8 @@ class Producer:
                 self._seal()
             room = limits.max_in_flight - len(self._inflight)
             if self._ready and room > 0:
-                return [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
+                self._writing = min(room, len(self._ready))
+                return [self._ready.popleft() for _ in range(self._writing)]
             if self._closing and not self._ready and not self._inflight and not self._bodies:
                 return None
             wait = None
@@ -334,8 +336,12 @@ class Producer:
         except errors.LogdError as exc:
             for batch in batches:  # never written: fail them, later batches try again
                 _settle(batch, exc)
+            with self._lock:
+                self._writing = 0
+                self._cond.notify_all()
             return
         with self._lock:
+            self._writing = 0
             if conn is not self._conn:  # lost while we were connecting
                 self._ready.extendleft(reversed(batches))
                 return

@@ -9,24 +9,18 @@ from __future__ import annotations
 import base64
 import json
 import os
-import select
 import string
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from ..protocol import Record
+from .commands import readable_now
 
 __all__ = ["CHUNK_BYTES", "MAX_MESSAGE_BYTES", "format_records", "read_chunks", "split_messages"]
 
 CHUNK_BYTES = 1 << 20  # read up to this much input, and send at most about this much per MSG
 MAX_MESSAGE_BYTES = 64 << 20  # a "message" longer than this is not one: stop with an error
 TEMPLATE_FIELDS = frozenset({"id", "body", "len"})
-
-
-def _readable_now(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def read_chunks(stream: BinaryIO, size: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -47,7 +41,7 @@ def read_chunks(stream: BinaryIO, size: int = CHUNK_BYTES) -> Iterator[bytes]:
         if fd >= 0 and len(data) < size:
             parts = [data]
             have = len(data)
-            while have < size and _readable_now(fd):
+            while have < size and readable_now(fd):
                 more = os.read(fd, size - have)
                 if not more:
                     break

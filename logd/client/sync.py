@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 from collections import deque
@@ -31,6 +30,7 @@ from .commands import (
     msg_call,
     parse_url,
     read_call,
+    readable_now,
     remaining,
     retriable,
     stream_step,
@@ -61,11 +61,7 @@ class Connection:
 
     def stale(self) -> bool:
         """Whether the server closed, or spoke unprompted (BUSY, TIMEOUT), while we were idle."""
-        if self.replies:
-            return True
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(0))
+        return bool(self.replies) or readable_now(self.sock.fileno())
 
     def _io(self, fn: Callable[[Any], T], arg: Any, deadline: float | None) -> T:
         try:
@@ -310,9 +306,13 @@ class Tail:
         return self._records.popleft()
 
     def batch(self, max_records: int = 1000, timeout: float | None = None) -> list[Record]:
-        """Up to ``max_records`` records, waiting up to ``timeout`` s (None: forever) for the first."""
+        """Up to ``max_records`` records: all that can be had now, waiting up to ``timeout`` s
+        (None: forever) for the first one."""
         if not self._records:
             self._fill(deadline_after(timeout))
+        # Top up with what has arrived meanwhile, without waiting.
+        while len(self._records) < max_records and self._conn is not None and self._conn.stale():
+            self._step(None)
         take = self._records.popleft
         return [take() for _ in range(min(max_records, len(self._records)))]
 
@@ -332,26 +332,34 @@ class Tail:
         while not self._records:
             if self._conn is None:
                 self._open()
-            assert self._conn is not None
-            try:
-                replies = self._conn.receive(deadline)
-            except errors.TimeoutError:
-                return  # nothing new in time; no byte was lost, the stream stays in step
-            except errors.ConnectionError:
-                self.close()
-                continue
-            except BaseException:
-                self.close()
-                raise
-            try:
-                nxt, ended = stream_step(replies, self._records)
-            except BaseException:
-                self.close()
-                raise
-            if nxt:
-                self._want = nxt
-            if ended:
-                self.close()
+            if not self._step(deadline):
+                return
+
+    def _step(self, deadline: float | None) -> bool:
+        """Receive once (reconnecting if the connection is lost); False if nothing came in time."""
+        if self._conn is None:
+            self._open()
+        assert self._conn is not None
+        try:
+            replies = self._conn.receive(deadline)
+        except errors.TimeoutError:
+            return False  # nothing new in time; no byte was lost, the stream stays in step
+        except errors.ConnectionError:
+            self.close()
+            return True
+        except BaseException:
+            self.close()
+            raise
+        try:
+            nxt, ended = stream_step(replies, self._records)
+        except BaseException:
+            self.close()
+            raise
+        if nxt:
+            self._want = nxt
+        if ended:
+            self.close()
+        return True
 
     def _open(self) -> None:
         client = self._client

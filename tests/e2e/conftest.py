@@ -36,7 +36,7 @@ class ServerProcess:
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}.stderr"
         err = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "logd.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+            [sys.executable, "-m", "logd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--data-dir", str(self.data_dir), "--log-level", "warning", *self.args],
             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, preexec_fn=self.preexec,
         )
@@ -158,12 +158,15 @@ class RawConn:
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
-    """Factory: start_server(*args, data_dir=None) -> ServerProcess; all stopped at teardown."""
+    """Factory: start_server(*args, data_dir=None, port=0) -> ServerProcess; all stopped at teardown.
+
+    ``port`` 0 picks a free one; pass a stopped server's port to restart it where clients expect it.
+    """
     started: list[ServerProcess] = []
 
-    def _start(*args: str, data_dir: Path | None = None) -> ServerProcess:
+    def _start(*args: str, data_dir: Path | None = None, port: int = 0) -> ServerProcess:
         d = data_dir or tmp_path / f"data{len(started)}"
-        srv = ServerProcess(d, list(args)).start()
+        srv = ServerProcess(d, list(args), port=port).start()
         started.append(srv)
         return srv
 
