@@ -258,7 +258,7 @@ def method(meta: dict[str, Any]) -> list[str]:
         "on one connection; a reader tails on another (logd `READ <next> 0`; Redis `XREAD BLOCK 0 "
         "STREAMS tail <last id>`, re-issued after each reply). Each body carries its send time; "
         "latency = arrival of the chunk completing the message − send time. "
-        f"{p['tail_seconds']} s after a {p['warmup']} s warm-up.",
+        f"{p['tail_seconds']} s after a {p['warmup']} s warm-up; median of {p['tail_rounds']} round(s) by p99.",
         f"- 7: RSS (psutil) of a fresh, empty server; with {p['idle_conns']:,} connections that each "
         f"got one PING answered; with {p['tails']} tails waiting for new messages.",
         "",

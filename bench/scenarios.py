@@ -45,6 +45,7 @@ class Plan:
     tail_modes: tuple[str, ...]  # scenario 6
     tail_rate: int  # messages/s
     tail_seconds: float
+    tail_rounds: int  # median of this many rounds by p99
     idle_conns: int  # scenario 7
     tails: int
     rounds: int  # scenarios 1-4: median of this many alternating rounds per server
@@ -65,7 +66,8 @@ FULL = Plan(
     read_repeats=3,
     tail_modes=("interval", "always"),
     tail_rate=50_000,
-    tail_seconds=10.0,
+    tail_seconds=4.0,
+    tail_rounds=3,
     idle_conns=1000,
     tails=100,
     rounds=3,
@@ -85,6 +87,7 @@ QUICK = Plan(
     tail_modes=("interval",),
     tail_rate=50_000,
     tail_seconds=2.0,
+    tail_rounds=1,
     idle_conns=1000,
     tails=100,
     rounds=1,
@@ -114,6 +117,11 @@ def wait_quiet(seconds: float, log: Callable[[str], None]) -> bool:
         if not said:
             log(f"  waiting up to {seconds:.0f}s for the machine to be quiet ({100 * (b1 - b0):.0f}% busy)")
             said = True
+
+
+def p99(run: lg.Run) -> float:
+    """The 99th percentile latency of a run (ns), for picking the median round."""
+    return float(np.percentile(np.frombuffer(run.latencies_ns, dtype=np.int64), 99)) if run.latencies_ns else 0.0
 
 
 def percentiles(lat_ns: Any) -> dict[str, float]:
@@ -275,9 +283,10 @@ class Bench:
         payload: int = SMALL,
         variant: str = "",
         with_curve: bool = False,
+        by: Callable[[lg.Run], float] | None = None,
     ) -> None:
         """Run ``fn`` on each server ``rounds`` times, alternating which goes first
-        (A B B A ...), and record each server's median round by messages/s."""
+        (A B B A ...), and record each server's median round by messages/s (or ``by``)."""
         runs: dict[str, list[lg.Run]] = {k: [] for k in srvs}
         order = list(srvs.values())
         retried = dict.fromkeys(srvs, 0)
@@ -304,7 +313,7 @@ class Bench:
         for srv in order:
             if not runs[srv.kind]:
                 continue
-            done = sorted(runs[srv.kind], key=lambda x: x.messages / max(x.seconds, 1e-9))
+            done = sorted(runs[srv.kind], key=by or (lambda x: x.messages / max(x.seconds, 1e-9)))
             run = done[(len(done) - 1) // 2]
             if rounds > 1:
                 run.extra["rounds"] = rounds
@@ -313,6 +322,8 @@ class Bench:
             rec = self.record(scenario, name, mode, srv, run, payload, variant, with_curve)
             if rounds > 1:
                 rec["metrics"]["rounds_msgs_per_s"] = [round(x.messages / max(x.seconds, 1e-9)) for x in runs[srv.kind]]
+                if run.latencies_ns:
+                    rec["metrics"]["rounds_p99_us"] = [round(p99(x) / 1000, 1) for x in runs[srv.kind]]
 
     # ----------------------------------------------------------------- scenarios
 
@@ -383,7 +394,7 @@ class Bench:
                     m = self.meter(srv)
                     return rd.tail_latency(srv.kind, srv.addr, p.tail_rate, p.tail_seconds, p.warmup, SMALL, m)
 
-                self.compare(srvs, tail, 1, 6, "tail", mode, with_curve=True)
+                self.compare(srvs, tail, p.tail_rounds, 6, "tail", mode, with_curve=True, by=p99)
 
     def _pipelined(
         self,

@@ -287,7 +287,7 @@ def append(messages: tuple[str, ...], delimiter: str, null: bool, quiet: bool, m
     if messages:
         batches: Any = (list(messages[i : i + max_batch]) for i in range(0, len(messages), max_batch))
     else:
-        batches = split_messages(read_chunks(stdin), sep, max_batch, bar.update if bar else None)
+        batches = split_messages(read_chunks(stdin), sep, max_batch, bar.update if bar is not None else None)
     try:
         with _Quiet(), _client(url, timeout) as client:
             for ids in client.append_batches(batches):
@@ -409,7 +409,9 @@ def consume(checkpoint: str, max_batch: int, follow: bool, command: tuple[str, .
     batch interrupted by a crash runs again). A non-zero exit stops with that
     status and the checkpoint where it was. COMMAND also gets LOGD_FIRST_ID
     and LOGD_LAST_ID in its environment. Put it after --:
-    logd consume --checkpoint app.ckpt -- ./handle.sh
+
+    \b
+        logd consume --checkpoint app.ckpt -- ./handle.sh
     """
     import os
     import subprocess

@@ -136,6 +136,16 @@ async def test_async_commands(shared: ServerProcess) -> None:
         assert await ac.append(b"after") == [base + 8]
 
 
+async def test_shutdown_sync_and_async(start_server: Callable[..., ServerProcess]) -> None:
+    a, b = start_server("--allow-shutdown"), start_server("--allow-shutdown")
+    with logd.connect(url_of(a)) as c:
+        c.shutdown()
+    async with logd.AsyncClient.from_url(url_of(b)) as ac:
+        await ac.shutdown()
+    assert a.proc is not None and b.proc is not None
+    assert a.proc.wait(20) == 0 and b.proc.wait(20) == 0
+
+
 async def test_async_cancel_mid_reply_drops_the_connection(shared: ServerProcess) -> None:
     async with logd.AsyncClient.from_url(url_of(shared)) as ac:
         base = (await ac.append(b"c"))[0]
@@ -479,6 +489,23 @@ def test_producer_errors_fail_their_batch_only(start_server: Callable[..., Serve
     with pytest.raises(errors.TooLargeError):
         big.result()
     assert big.cancel() is False  # a message handed over cannot be taken back
+
+
+async def test_producers_survive_the_server_closing_idle_connections(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    srv = start_server("--idle-timeout", "0.2")
+    with logd.Producer(url_of(srv), linger_ms=1, retry=NO_RETRY) as prod:
+        assert prod.send(b"1").result(timeout=5) == 1
+        wait_for(lambda: prod._conn is None or prod._conn.stale(), what="the idle connection to be closed")
+        assert prod.send(b"2").result(timeout=5) == 2
+    async with logd.AsyncProducer(url_of(srv), linger_ms=1, retry=NO_RETRY) as aprod:
+        assert await (await aprod.send(b"3")) == 3
+        deadline = time.monotonic() + 10
+        while aprod._conn is not None and not aprod._conn.stale:
+            assert time.monotonic() < deadline, "the idle connection was never closed"
+            await asyncio.sleep(0.01)
+        assert await (await aprod.send(b"4")) == 4
 
 
 def test_producer_without_server_fails_futures() -> None:

@@ -42,10 +42,12 @@ from .commands import (
 __all__ = ["AsyncClient", "AsyncTail"]
 
 T = TypeVar("T")
-# Replies an async connection holds before it stops reading (a tail whose
-# reader is slower than the server); it resumes below the low mark.
-REPLIES_HIGH = 100_000
-REPLIES_LOW = 10_000
+# What an async connection holds, unread by its user, before it stops reading
+# from the socket (a tail whose reader is slower than the server); it reads
+# again once its user has taken everything.
+HOLD_REPLIES = 100_000
+HOLD_BYTES = 8 << 20
+
 
 class AsyncConnection(asyncio.Protocol):
     """An asyncio transport and its ClientProtocol; any failure closes it for good.
@@ -65,6 +67,7 @@ class AsyncConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._read_paused = False
+        self._held_bytes = 0  # received since the user last took every reply
         self._fd = -1
 
     @classmethod
@@ -100,7 +103,9 @@ class AsyncConnection(asyncio.Protocol):
             self.on_replies(got)
             return
         self.replies.extend(got)
-        if len(self.replies) > REPLIES_HIGH and not self._read_paused and self.transport is not None:
+        self._held_bytes += len(data)
+        if (len(self.replies) > HOLD_REPLIES or self._held_bytes > HOLD_BYTES) and not self._read_paused:
+            assert self.transport is not None
             self.transport.pause_reading()
             self._read_paused = True
         self._wake()
@@ -115,8 +120,8 @@ class AsyncConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        why = f": {exc}" if exc else ""
-        self._fail(errors.ConnectionError(f"connection to {self.where} lost{why}"))
+        detail = f": {exc}" if exc else ""
+        self._fail(errors.ConnectionError(f"connection to {self.where} lost{detail}"))
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -191,7 +196,10 @@ class AsyncConnection(asyncio.Protocol):
         return reply
 
     def _resume(self) -> None:
-        if self._read_paused and len(self.replies) < REPLIES_LOW and self.transport is not None:
+        if self.replies:
+            return
+        self._held_bytes = 0
+        if self._read_paused and self.transport is not None:
             self.transport.resume_reading()
             self._read_paused = False
 
@@ -427,6 +435,9 @@ class AsyncTail:
             except errors.ConnectionError:
                 await self.aclose()
                 continue
+            except errors.LogdError:  # a corrupt record or reply: nothing to resume from
+                await self.aclose()
+                raise
             try:
                 nxt, ended = stream_step(replies, self._records)
             except BaseException:

@@ -8,10 +8,14 @@ to ``max_in_flight`` MSGs unacknowledged at a time. Because they share one
 connection and the server answers in order, ids follow the order of `send`.
 
 Failures: a batch not yet written when its connection fails is sent on the
-next connection. A batch already written when the connection fails is never
-sent again (it may or may not have been appended: resending could duplicate
-it); its futures fail with `errors.ConnectionError`. An ``ERR`` reply fails
-the futures of its batch with the matching exception.
+next connection (connecting is retried per ``retry``; when that gives up, the
+batch's futures fail with `errors.ConnectionError`). A batch already written
+when the connection fails is never sent again (it may or may not have been
+appended: resending could duplicate it); its futures fail with
+`errors.ConnectionError`. A MSG is atomic, so an ``ERR`` reply (say
+TOO_LARGE for one message) fails every future of its batch with the matching
+exception. A connection the server closed while the producer was idle is
+replaced before anything is written to it.
 
 `send` waits (backpressure) while ``max_in_flight`` sealed batches are
 already waiting to be written, so memory stays bounded.
@@ -322,7 +326,16 @@ class Producer:
     def _connected(self) -> Connection:
         conn = self._conn
         if conn is not None:
-            return conn
+            if self._inflight or not conn.stale():
+                return conn
+            # Closed by the server while idle (idle timeout, restart): a batch
+            # written now would be lost for nothing. Replace it.
+            with self._lock:
+                self._conn = None
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes its reader thread
+            except OSError:
+                pass
         policy = self._retry.policy(lambda e: retriable(e, True), None)
         conn = with_retry(policy, Connection, self.address, self._connect_timeout)
         conn.sock.settimeout(None)
@@ -372,14 +385,17 @@ class Producer:
                 except errors.LogdError as exc:
                     replies = []
                     failure = exc
+                # A connection the writer replaced had nothing in flight: what
+                # it still says (ERR TIMEOUT, end of stream) concerns no batch.
+                current = self._conn is conn
                 for reply in replies:
-                    if self._inflight:
+                    if current and self._inflight:
                         done.append((self._inflight.popleft(), reply))
                 lost: list[_Batch[Any]] = []
                 if failure is not None:
-                    lost = list(self._inflight)
-                    self._inflight.clear()
-                    if self._conn is conn:
+                    if current:
+                        lost = list(self._inflight)
+                        self._inflight.clear()
                         self._conn = None
                     conn.close()
                 self._cond.notify_all()
@@ -522,23 +538,30 @@ class AsyncProducer:
 
     async def _connected(self) -> AsyncConnection:
         conn = self._conn
-        if conn is not None and conn.error is None:
-            return conn
+        if conn is not None:
+            if conn.error is None and (self._inflight or not conn.stale):
+                return conn
+            self._conn = None  # closed by the server while idle: replace it (see Producer)
+            conn.close()
         policy = self._retry.policy(lambda e: retriable(e, True), None)
         conn = await with_retry_async(policy, AsyncConnection.open, self.address, self._connect_timeout)
-        conn.on_replies = self._on_replies
-        conn.on_lost = self._on_lost
+        conn.on_replies = lambda replies, c=conn: self._on_replies(c, replies)
+        conn.on_lost = lambda why, c=conn: self._on_lost(c, why)
         self._conn = conn
         return conn
 
-    def _on_replies(self, replies: list[Reply]) -> None:
+    def _on_replies(self, conn: AsyncConnection, replies: list[Reply]) -> None:
+        if conn is not self._conn:
+            return  # a replaced connection had nothing in flight
         inflight = self._inflight
         for reply in replies:
             if inflight:
                 _settle(inflight.popleft(), reply)
         self._changed_now()
 
-    def _on_lost(self, why: errors.LogdError) -> None:
+    def _on_lost(self, conn: AsyncConnection, why: errors.LogdError) -> None:
+        if conn is not self._conn:
+            return
         self._conn = None
         lost = list(self._inflight)
         self._inflight.clear()

@@ -44,6 +44,7 @@ __all__ = ["Client", "Tail", "connect"]
 
 T = TypeVar("T")
 
+
 class Connection:
     """A blocking socket and its ClientProtocol; any failure closes it for good."""
 
@@ -73,10 +74,7 @@ class Connection:
             raise errors.ConnectionError(f"connection to {where(self.address)} lost: {why(exc)}") from None
 
     def send(self, command: Command, deadline: float | None) -> None:
-        self.send_bytes(self.proto.send(command), deadline)
-
-    def send_bytes(self, data: bytes, deadline: float | None) -> None:
-        self._io(self.sock.sendall, data, deadline)
+        self._io(self.sock.sendall, self.proto.send(command), deadline)
 
     def receive(self, deadline: float | None) -> list[Reply]:
         """Every complete reply received so far, waiting (until ``deadline``) for at least one."""
@@ -115,7 +113,7 @@ class Client:
 
     ``timeout`` (seconds, None: no limit) is the default deadline of a call,
     ``connect_timeout`` bounds each connection attempt, ``retry`` says how
-    lost connections are retried (see the module docstring).
+    lost connections are retried (see `logd.client`).
     """
 
     def __init__(
