@@ -17,7 +17,8 @@ import matplotlib
 import psutil
 
 from . import report
-from .scenarios import FULL, QUICK, Bench
+from .plan import FULL, QUICK
+from .scenarios import Bench
 from .servers import (
     FSYNC_MODES,
     REDIS_HOWTO,

@@ -84,6 +84,7 @@ class Connection(asyncio.Protocol):
         self.stream_kind = ""
         self.replica_acked = 0
         self.stream_slots = 0  # STREAM slots queued but not started
+        self.max_inflight = cfg.max_inflight_bytes
         # REPLICATE streams: the segment last announced (+SEG) and position (+HEAD) last sent.
         self.stream_seg = 0
         self.stream_pos = (-1, -1)
@@ -224,11 +225,14 @@ class Connection(asyncio.Protocol):
         """Send every reply that is ready, in order, in one write."""
         if self.closed or self.transport is None:
             return
-        if self.streaming:
-            self._update_reading()
+        slots = self.slots
+        if self.streaming or (slots and slots[0][0] == WAIT):
+            # Nothing can be sent yet (the common case right after a MSG is
+            # submitted): only check whether this client must be paused.
+            if self.read_paused or self.inflight_bytes > self.max_inflight or len(slots) > MAX_SLOTS:
+                self._update_reading()
             return
         out: list[bytes] = []
-        slots = self.slots
         while slots:
             state = slots[0][0]
             if state == WAIT:
@@ -308,7 +312,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.closed:
             return
         pause = (
-            self.inflight_bytes > self.server.config.max_inflight_bytes
+            self.inflight_bytes > self.max_inflight
             or (self.write_paused and not self.streaming)
             or len(self.slots) > MAX_SLOTS
             or self.server.stopping
