@@ -1,0 +1,154 @@
+"""Commands (client -> server): one frozen dataclass per verb, and their encoders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Ids are 1 <= id < 2^63 (protocol.md section 1); numbers in commands are
+# bounded the same way so nothing downstream meets an unbounded int.
+MAX_ID = (1 << 63) - 1
+
+
+# --- commands (client -> server) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Msg:
+    """``MSG <len> ...`` with its bodies: append them, atomically, with consecutive ids.
+
+    Not validated when built: the parser makes hundreds of thousands a second.
+    """
+
+    bodies: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """``READ <start> [<limit>]``: stream records from ``start``; ``limit`` 0 means tail."""
+
+    start: int
+    limit: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start <= MAX_ID or not 0 <= self.limit <= MAX_ID:
+            raise ValueError(f"bad READ {self.start} {self.limit}")
+
+
+@dataclass(frozen=True, slots=True)
+class Replicate:
+    """``REPLICATE <start> [<prev_crc>]``: tail from ``start`` for a replica.
+
+    ``prev_crc`` is the CRC the replica holds for id ``start - 1`` (None: not sent).
+    """
+
+    start: int
+    prev_crc: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start <= MAX_ID:
+            raise ValueError(f"bad REPLICATE start {self.start}")
+        if self.prev_crc is not None and not 0 <= self.prev_crc <= 0xFFFFFFFF:
+            raise ValueError(f"bad REPLICATE prev_crc {self.prev_crc}")
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """``HEAD``: ask for the commit point."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``PING``: answered by ``PONG``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """``STATS``: answered by ``OK <n>`` and n ``<name> <value>`` lines."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """``CLOSE``: ``OK``, then the server closes the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """``SHUTDOWN``: stop the server gracefully (if it allows it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """``ACK <id>``: a replica reports, on its REPLICATE connection, what it holds.
+
+    The leader sends no reply to it.
+    """
+
+    id: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.id <= MAX_ID:
+            raise ValueError(f"bad ACK id {self.id}")
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """``REFUSE``: make a leader read-only."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """``ACCEPT``: promote a follower to leader."""
+
+
+Command = Msg | Read | Replicate | Head | Ping | Stats | Close | Shutdown | Ack | Refuse | Accept
+
+# Building a Msg through its slot setter skips the frozen dataclass __init__
+# (object.__setattr__ per field), which costs as much as parsing the command.
+_new = object.__new__
+_set_msg_bodies = Msg.__dict__["bodies"].__set__
+
+# Commands without arguments carry no state, so one instance of each serves all.
+_NO_ARGS: dict[bytes, Command] = {
+    b"HEAD": Head(),
+    b"PING": Ping(),
+    b"STATS": Stats(),
+    b"CLOSE": Close(),
+    b"SHUTDOWN": Shutdown(),
+    b"REFUSE": Refuse(),
+    b"ACCEPT": Accept(),
+}
+
+
+
+
+
+def encode_msg(bodies: Sequence[bytes]) -> bytes:
+    """``MSG <len> ...`` followed by each body and CRLF: one bytes object to write."""
+    if not bodies:
+        raise ValueError("MSG needs at least one body")
+    parts = [b"MSG %s\r\n" % b" ".join([b"%d" % len(body) for body in bodies])]
+    for body in bodies:
+        parts.append(body)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_command(cmd: Command) -> bytes:
+    """The bytes of any command."""
+    if isinstance(cmd, Msg):
+        return encode_msg(cmd.bodies)
+    if isinstance(cmd, Read):
+        if cmd.limit:
+            return b"READ %d %d\r\n" % (cmd.start, cmd.limit)
+        return b"READ %d\r\n" % cmd.start
+    if isinstance(cmd, Replicate):
+        if cmd.prev_crc is None:
+            return b"REPLICATE %d\r\n" % cmd.start
+        return b"REPLICATE %d %08x\r\n" % (cmd.start, cmd.prev_crc)
+    if isinstance(cmd, Ack):
+        return b"ACK %d\r\n" % cmd.id
+    return _NO_ARGS_BYTES[type(cmd)]
+
+
+_NO_ARGS_BYTES: dict[type, bytes] = {type(cmd): name + b"\r\n" for name, cmd in _NO_ARGS.items()}

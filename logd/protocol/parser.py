@@ -1,0 +1,364 @@
+"""The server side: `CommandParser` turns received bytes into commands (protocol.md 3.1)."""
+
+from __future__ import annotations
+
+from logd.errors import (
+    ProtocolError,
+    TooLargeError,
+    UnknownCommandError,
+)
+
+from .commands import _NO_ARGS, MAX_ID, Ack, Command, Msg, Read, Replicate, _new, _set_msg_bodies
+
+
+def _show(token: bytes) -> str:
+    """A peer-supplied token, quoted, cut short and printable, for an error message."""
+    return ascii(token[:40].decode("latin-1"))
+
+
+def _number(token: bytes, what: str) -> int:
+    """A decimal argument (digits only, below 2^63), or ProtocolError."""
+    if not token.isdigit():
+        raise ProtocolError(f"{what} must be a decimal number, not {_show(token)}")
+    # int() refuses strings over 4300 digits; anything over 19 is out of range anyway.
+    if len(token) > 19 and len(token.lstrip(b"0")) > 19:
+        raise ProtocolError(f"{what} is out of range")
+    value = int(token)
+    if value > MAX_ID:
+        raise ProtocolError(f"{what} is out of range")
+    return value
+
+
+def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError:
+    """Any command line but MSG (which the parser's loop handles itself)."""
+    name = verb.upper()
+    args = rest.split(b" ") if sep else []
+    try:
+        if name == b"READ":
+            if not 1 <= len(args) <= 2:
+                raise ProtocolError("READ takes <start> [<limit>]")
+            start = _number(args[0], "READ start")
+            if start < 1:
+                raise ProtocolError("READ start must be >= 1")
+            return Read(start, _number(args[1], "READ limit") if len(args) == 2 else 0)
+        if name == b"REPLICATE":
+            if not 1 <= len(args) <= 2:
+                raise ProtocolError("REPLICATE takes <start> [<prev_crc>]")
+            start = _number(args[0], "REPLICATE start")
+            if start < 1:
+                raise ProtocolError("REPLICATE start must be >= 1")
+            if len(args) == 1:
+                return Replicate(start, None)
+            crc = args[1]
+            if crc == b"0":
+                return Replicate(start, 0)
+            # Exactly 8 hex digits; int(x, 16) alone would also take "0x", "+" or "_".
+            if len(crc) != 8 or crc.strip(b"0123456789abcdefABCDEF"):
+                raise ProtocolError(f"REPLICATE prev_crc must be 8 hex digits, not {_show(crc)}")
+            return Replicate(start, int(crc, 16))
+        if name == b"ACK":
+            if len(args) != 1:
+                raise ProtocolError("ACK takes <id>")
+            return Ack(_number(args[0], "ACK id"))
+        command = _NO_ARGS.get(name)
+        if command is None:
+            return UnknownCommandError(f"unknown command {_show(verb)}")
+        if args:
+            raise ProtocolError(f"{name.decode()} takes no arguments")
+        return command
+    except ProtocolError as exc:
+        return exc
+
+
+class CommandParser:
+    """Turns the bytes a client sends into commands (server side).
+
+    Feed it every received chunk; it returns the complete commands in order,
+    with a non-fatal `ProtocolError` in the place of each bad command. A fatal
+    one (the stream can no longer be framed) comes last, and the parser is
+    dead from then on: reply with it, then close the connection.
+    """
+
+    __slots__ = (
+        "_max_line",
+        "_max_message",
+        "_max_batch",
+        "_max_batch_bytes",
+        "_buf",
+        "_need",
+        "_lens",
+        "_bodies",
+        "_held",
+        "_skip_lens",
+        "_skip_i",
+        "_skip_left",
+        "_skip_state",
+        "_dead",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = 65536,
+        max_message_bytes: int = 1 << 20,
+        max_batch: int = 10000,
+        max_batch_bytes: int = 64 << 20,
+    ) -> None:
+        self._max_line = max_line_bytes
+        self._max_message = max_message_bytes
+        self._max_batch = max_batch
+        # A MSG is held whole until its last body arrives, so its total size
+        # is capped too (max_batch * max_message_bytes would be 10 GB).
+        self._max_batch_bytes = max_batch_bytes
+        # Unconsumed input: a partial line, or the rest of a MSG in progress
+        # starting at its next body.
+        self._buf = bytearray()
+        # While a MSG is in progress: len(_buf) needed before it can advance.
+        self._need = 0
+        # The MSG in progress (line parsed, bodies arriving): all its lengths,
+        # the bodies complete so far and their size in bytes.
+        self._lens: list[int] | None = None
+        self._bodies: list[bytes] = []
+        self._held = 0
+        # A rejected (TOO_LARGE) MSG whose bodies are discarded as they pass:
+        # its lengths, which body, bytes of it still to drop, and where we
+        # are (0 in the body, 1 before its terminator, 2 after a CR).
+        self._skip_lens: list[int] | None = None
+        self._skip_i = 0
+        self._skip_left = 0
+        self._skip_state = 0
+        self._dead = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of input held until more arrives (for backpressure)."""
+        return len(self._buf) + self._held
+
+    def feed(self, data: bytes) -> list[Command | ProtocolError]:
+        """Parse a chunk of received bytes; return every command it completes, in order."""
+        out: list[Command | ProtocolError] = []
+        if self._dead or not data:
+            return out
+        if self._skip_lens is not None:
+            # Bodies of a rejected MSG go straight from the input to nowhere:
+            # never buffered, whatever size was declared.
+            p = self._skip(data, 0, out)
+            if p < 0:
+                return out
+            data = data[p:]
+        buf = self._buf
+        scan = 0  # data[:scan] is known to hold no LF
+        if buf:
+            if self._lens is None:
+                # A partial line: look for its end in the new bytes only.
+                if b"\n" not in data:
+                    buf += data
+                    if len(buf) >= self._max_line:
+                        self._fail(out, self._line_too_long())
+                    return out
+                scan = len(buf)
+                data = b"".join((buf, data))
+            else:
+                buf += data
+                if len(buf) < self._need:
+                    return out
+                data = bytes(buf)
+            buf.clear()
+        p = 0
+        if self._lens is not None:
+            p = self._collect(data, 0, self._lens, self._bodies, out)
+            if p < 0:
+                return out
+            scan = p
+
+        find = data.find
+        size = len(data)
+        max_line = self._max_line
+        max_message = self._max_message
+        append = out.append
+        nl = find(b"\n", scan)
+        while nl >= 0:
+            if nl - p >= max_line:
+                self._fail(out, self._line_too_long())
+                return out
+            line = data[p : nl - 1] if nl > p and data[nl - 1] == 13 else data[p:nl]
+            p = nl + 1
+            verb, sep, rest = line.partition(b" ")
+            if verb == b"MSG" or verb == b"msg" or verb.upper() == b"MSG":
+                if len(rest) < 19 and rest.isdigit():
+                    # The common case, inline: one message, body and CRLF all here.
+                    n = int(rest)
+                    end = p + n
+                    if n > max_message:
+                        p = self._reject([n], data, p, out)
+                    elif end + 1 < size and data[end] == 13 and data[end + 1] == 10:
+                        # Bypass the frozen dataclass __init__ (about twice as slow).
+                        msg = _new(Msg)
+                        _set_msg_bodies(msg, [data[p:end]])
+                        append(msg)
+                        p = end + 2
+                    else:
+                        p = self._collect(data, p, [n], [], out)
+                else:
+                    lens = self._lengths(rest)
+                    if isinstance(lens, list):
+                        if (
+                            len(lens) > self._max_batch
+                            or max(lens) > max_message
+                            or sum(lens) > self._max_batch_bytes
+                        ):
+                            p = self._reject(lens, data, p, out)
+                        else:
+                            p = self._collect(data, p, lens, [], out)
+                    else:
+                        append(lens)
+                        if lens.fatal:
+                            self._fail(out, None)
+                            return out
+                if p < 0:
+                    return out
+            elif line:
+                append(_parse_line(verb, sep, rest))
+            nl = find(b"\n", p)
+        if p < size:
+            if size - p >= max_line:
+                self._fail(out, self._line_too_long())
+                return out
+            buf += memoryview(data)[p:]
+        return out
+
+    def _line_too_long(self) -> TooLargeError:
+        return TooLargeError(f"command line over {self._max_line} bytes", fatal=True)
+
+    def _fail(self, out: list[Command | ProtocolError], exc: ProtocolError | None) -> None:
+        """Record a fatal error (if not already in ``out``); the parser is dead from now on."""
+        if exc is not None:
+            out.append(exc)
+        self._dead = True
+        self._buf = bytearray()
+        self._lens = self._skip_lens = None
+        self._bodies = []
+        self._held = 0
+
+    def _lengths(self, rest: bytes) -> list[int] | ProtocolError:
+        """The lengths of a MSG line (all but the single short one handled inline)."""
+        if not rest:
+            return ProtocolError("MSG needs at least one length")
+        tokens = rest.split(b" ")
+        # Digits only: int() alone would also take signs, "_" and whitespace.
+        if b"" in tokens or not rest.translate(None, b" ").isdigit():
+            return ProtocolError(f"bad MSG length in {_show(rest)}", fatal=True)
+        if max(map(len, tokens)) > 18:
+            # Not a length any server takes, nor a count of bytes one could skip.
+            return TooLargeError("MSG length out of range", fatal=True)
+        return list(map(int, tokens))
+
+    def _collect(
+        self,
+        data: bytes,
+        p: int,
+        lens: list[int],
+        bodies: list[bytes],
+        out: list[Command | ProtocolError],
+    ) -> int:
+        """Take the bodies of a MSG from ``data[p:]``.
+
+        Returns the position after the MSG, or -1 if the input ran out (the
+        state is saved and the rest buffered) or the framing broke (fatal).
+        """
+        size = len(data)
+        start = p
+        add = bodies.append
+        # len(bodies) says which body is next, so a resumed MSG picks up there.
+        for n in lens[len(bodies) :] if bodies else lens:
+            end = p + n
+            if end + 1 < size:
+                c = data[end]
+                if c == 13 and data[end + 1] == 10:
+                    add(data[p:end])
+                    p = end + 2
+                    continue
+                if c == 10:
+                    add(data[p:end])
+                    p = end + 1
+                    continue
+            elif end < size and data[end] == 10:
+                # A bare LF ending the chunk: an nc user waiting for the reply.
+                add(data[p:end])
+                p = end + 1
+                continue
+            elif end >= size or data[end] == 13:
+                # Body or terminator incomplete: wait, doing nothing, until
+                # they can be (the CR case needs one byte more).
+                self._lens = lens
+                self._bodies = bodies
+                self._held += p - start
+                self._need = end + 1 - p if end >= size else end + 2 - p
+                self._buf += memoryview(data)[p:]
+                return -1
+            self._fail(
+                out, ProtocolError(f"MSG body {len(bodies) + 1} not followed by CRLF", fatal=True)
+            )
+            return -1
+        self._lens = None
+        self._held = 0
+        out.append(Msg(bodies))
+        return p
+
+    def _reject(
+        self, lens: list[int], data: bytes, p: int, out: list[Command | ProtocolError]
+    ) -> int:
+        """Report a MSG over the limits, then discard its bodies (see `_skip`)."""
+        if len(lens) > self._max_batch:
+            what = f"batch of {len(lens)} messages is over max_batch {self._max_batch}"
+        elif max(lens) <= self._max_message:
+            what = f"batch of {sum(lens)} bytes is over max_batch_bytes {self._max_batch_bytes}"
+        else:
+            what = f"message of {max(lens)} bytes is over max_message_bytes {self._max_message}"
+        out.append(TooLargeError(what))
+        self._skip_lens = lens
+        self._skip_i = 0
+        self._skip_left = lens[0]
+        self._skip_state = 0
+        return self._skip(data, p, out)
+
+    def _skip(self, data: bytes, p: int, out: list[Command | ProtocolError]) -> int:
+        """Drop bodies of a rejected MSG from ``data[p:]``.
+
+        Returns the position after the last body, or -1 if the input ran out
+        (the state is saved) or a terminator was wrong (fatal).
+        """
+        lens = self._skip_lens
+        assert lens is not None
+        size = len(data)
+        i = self._skip_i
+        left = self._skip_left
+        state = self._skip_state
+        while True:
+            if state == 0:
+                if size - p < left:
+                    self._skip_left = left - (size - p)
+                    self._skip_i = i
+                    self._skip_state = 0
+                    return -1
+                p += left
+                state = 1
+            if p >= size:
+                self._skip_i = i
+                self._skip_state = state
+                return -1
+            c = data[p]
+            if state == 1 and c == 13:
+                p += 1
+                state = 2
+                continue
+            if c != 10:
+                self._fail(out, ProtocolError(f"MSG body {i + 1} not followed by CRLF", fatal=True))
+                return -1
+            p += 1
+            i += 1
+            if i == len(lens):
+                self._skip_lens = None
+                return p
+            left = lens[i]
+            state = 0
