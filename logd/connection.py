@@ -35,7 +35,7 @@ from .errors import (
     ServerError,
     UnavailableError,
 )
-from .replication import position_marker, segment_marker
+from .protocol.replica import position_marker, segment_marker
 
 log = structlog.get_logger("logd.server")
 

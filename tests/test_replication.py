@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from logd.errors import CorruptRecordError, ProtocolError
-from logd.replication import (
+from logd.protocol.replica import (
     Chunk,
     LeaderPosition,
-    ReplicaSet,
     ReplicaStreamParser,
     SegmentStart,
     StreamEnd,
@@ -17,6 +16,7 @@ from logd.replication import (
     position_marker,
     segment_marker,
 )
+from logd.replication import ReplicaSet
 from logd.storage.record import encode_record
 
 BODIES = [b"hello", b"", b"with\r\nCRLF", b"x" * 3000, b"+1 2 3\r\n"] + [b"m%d" % i for i in range(5, 15)]
