@@ -266,12 +266,7 @@ class Segment:
             if fd >= 0:
                 os.close(fd)
         self._log_fd = self._idx_fd = -1
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        self.close_index_map()
         self._reader = None
 
     # --- reading ---------------------------------------------------------------
@@ -341,6 +336,7 @@ class Segment:
                 pass
 
     def close_index_map(self) -> None:
+        """Unmap a closed segment's index (it is mapped again on next use)."""
         if self._view is not None:
             self._view.release()
             self._view = None
