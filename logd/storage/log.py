@@ -18,6 +18,8 @@ import fcntl
 import os
 import threading
 import time
+from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -249,8 +251,6 @@ class Log:
         never rolls: a replica starts segments only where its leader did
         (`start_segment`), so closed segments are byte-identical on both.
         """
-        from array import array
-
         if len(offsets) != count:
             raise ValueError(f"{len(offsets)} offsets for {count} records")
         if not count:
@@ -361,8 +361,6 @@ class Log:
     # --- reading --------------------------------------------------------------
 
     def _segment_for(self, id: int) -> Segment:
-        from bisect import bisect_right
-
         return self._segments[bisect_right(self._firsts, id) - 1]
 
     def _check_start(self, start: int) -> None:
