@@ -84,6 +84,7 @@ class Connection(asyncio.Protocol):
         self.replica_acked = 0
         self.stream_slots = 0  # STREAM slots queued but not started
         self.max_inflight = cfg.max_inflight_bytes
+        self.replication = server.replication
         # REPLICATE streams: the segment last announced (+SEG) and position (+HEAD) last sent.
         self.stream_seg = 0
         self.stream_pos = (-1, -1)
@@ -141,11 +142,12 @@ class Connection(asyncio.Protocol):
         slots = self.slots
         queue = self.server.queue
         hold = self.streaming or self.stream_slots > 0
-        replicas = self.server.replication
+        replicas = self.replication
+        server = self.server
         for item in items:
             kind = type(item)
             if kind is protocol.Msg:
-                if hold or self.server.read_only:
+                if hold or server.read_only:
                     slots.append([DEFER, item])
                     continue
                 if replicas.min_replicas:
@@ -197,7 +199,7 @@ class Connection(asyncio.Protocol):
     def batch_done(self, token: object, last_id: int) -> None:
         slot: list[Any] = token  # type: ignore[assignment]
         self.inflight_bytes -= slot[1]
-        replicas = self.server.replication
+        replicas = self.replication
         if replicas.min_replicas and last_id > replicas.hw:
             # Committed here; the reply waits until min_replicas replicas hold it.
             slot[1] = 0

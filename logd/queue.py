@@ -219,11 +219,8 @@ class AppendQueue:
     @staticmethod
     def _flush_all(round_: list[tuple[list[bytes], int, Submitter, object]]) -> None:
         # One transport.write per connection per round, however many batches it had.
-        seen: set[int] = set()
-        for _b, _n, who, _t in round_:
-            if id(who) not in seen:
-                seen.add(id(who))
-                who.flush()
+        for who in dict.fromkeys([item[2] for item in round_]):
+            who.flush()
 
     async def _sync(self) -> None:
         t0 = time.perf_counter()
