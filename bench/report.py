@@ -32,6 +32,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "rss_mb_base": ("RSS MB, idle server", False),
     "rss_mb_idle_conns": ("RSS MB, idle connections", False),
     "rss_mb_tails": ("RSS MB, tails", False),
+    "cpu_pct_idle_tails": ("CPU % of a core, idle tails", False),
     "rss_mb_after_load": ("RSS MB, data loaded", False),
     "max_writer_lag_msgs": ("writer behind schedule, max msgs", False),
 }
@@ -45,7 +46,7 @@ SHOWN: dict[tuple[int, str], tuple[str, ...]] = {
     (5, "bulk load"): ("msgs_per_s", "mb_per_s"),
     (5, "catch-up read"): ("msgs_per_s", "mb_per_s", "rss_mb_after_load"),
     (6, "tail"): ("p50_us", "p99_us", "p999_us", "max_writer_lag_msgs"),
-    (7, "footprint"): ("rss_mb_base", "rss_mb_idle_conns", "rss_mb_tails"),
+    (7, "footprint"): ("rss_mb_base", "rss_mb_idle_conns", "rss_mb_tails", "cpu_pct_idle_tails"),
 }
 
 
@@ -263,7 +264,8 @@ def method(meta: dict[str, Any]) -> list[str]:
         "'writer behind schedule' is the most messages the writer ever owed its schedule: a large "
         "value means the generator's loop itself was held up (>= 20 messages = 0.4 ms late) at least once.",
         f"- 7: RSS (psutil) of a fresh, empty server; with {p['idle_conns']:,} connections that each "
-        f"got one PING answered; with {p['tails']} tails waiting for new messages.",
+        f"got one PING answered; with {p['tails']} tails waiting for new messages; server CPU (% of a core) "
+        f"over 1 s with {p['idle_conns']:,} tails waiting.",
         "",
     ]
 

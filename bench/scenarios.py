@@ -20,6 +20,8 @@ from . import wire as wr
 from .plan import BATCH, MAX_RUN_BYTES, SMALL, Plan, curve, metrics, noisy, p99, wait_quiet
 from .servers import FSYNC_MODES, Server, ServerError, start_logd, start_redis
 
+IDLE_CPU_WINDOW_S = 1.0  # how long scenario 7 watches the server with idle tails
+
 
 class Bench:
     """Runs the plan and collects result records."""
@@ -325,6 +327,13 @@ class Bench:
                         s.close()
                     socks = rd.open_idle(srv.addr, srv.kind, p.idle_conns)
                     idle = srv.rss_bytes()
+                    for s in socks:
+                        s.close()
+                    # Idle tails must cost no CPU (issue 3): park many, watch the server.
+                    socks = rd.open_tails(srv.addr, srv.kind, p.idle_conns)
+                    cpu0, t0 = srv.cpu_seconds(), time.perf_counter()
+                    time.sleep(IDLE_CPU_WINDOW_S)  # a measuring window, not synchronisation
+                    idle_tails_cpu = (srv.cpu_seconds() - cpu0) / (time.perf_counter() - t0) * 100
                 except (OSError, wr.LoadError) as exc:
                     self.errors.append(f"7. footprint on {srv.kind}: {type(exc).__name__}: {exc}")
                     self.log(f"    {srv.kind:5} FAILED: {type(exc).__name__}: {exc}")
@@ -337,6 +346,7 @@ class Bench:
                     "rss_mb_idle_conns": round(idle / 1e6, 2),
                     "rss_mb_tails": round(tails / 1e6, 2),
                     "kb_per_idle_conn": round((idle - base) / p.idle_conns / 1e3, 2),
+                    "cpu_pct_idle_tails": round(idle_tails_cpu, 2),
                     "idle_conns": p.idle_conns,
                     "tails": p.tails,
                 }
@@ -354,7 +364,8 @@ class Bench:
                 self.log(
                     f"    {srv.kind:5} RSS {mm['rss_mb_base']} MB idle server, "
                     f"{mm['rss_mb_idle_conns']} MB with {p.idle_conns} connections, "
-                    f"{mm['rss_mb_tails']} MB with {p.tails} tails"
+                    f"{mm['rss_mb_tails']} MB with {p.tails} tails; "
+                    f"{mm['cpu_pct_idle_tails']}% CPU with {p.idle_conns} idle tails"
                 )
 
     def run(self, only: set[int]) -> None:
