@@ -153,7 +153,7 @@ def _send_admin(address: str, verb: bytes, timeout: float) -> None:
     """Send one admin command (ACCEPT, REFUSE) and exit non-zero unless it is answered OK."""
     import socket
 
-    from .replication import parse_address
+    from .config import parse_address
 
     try:
         host, port = parse_address(address)

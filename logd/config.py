@@ -9,6 +9,14 @@ from .storage.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
 DEFAULT_PORT = 1774
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); ValueError with a readable message."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything `logd serve` can be told. Sizes in bytes, times in seconds unless named _ms."""
@@ -52,6 +60,7 @@ class Config:
         if self.replica_timeout <= 0:
             raise ValueError("replica-timeout must be positive")
         if self.replica_of is not None:
-            host, sep, port = self.replica_of.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"replica-of must be HOST:PORT, not {self.replica_of!r}")
+            try:
+                parse_address(self.replica_of)
+            except ValueError as exc:
+                raise ValueError(f"replica-of: {exc}") from None

@@ -113,7 +113,7 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.server.alive.discard(self)
         self.server.waiting.discard(self)
-        self.server.replicas.pop(self, None)
+        self.replication.forget(self)
         self.slots.clear()
 
     def eof_received(self) -> bool | None:
@@ -140,27 +140,13 @@ class Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         items = self.parser.feed(data)
         slots = self.slots
-        queue = self.server.queue
         hold = self.streaming or self.stream_slots > 0
-        replicas = self.replication
-        server = self.server
         for item in items:
             kind = type(item)
             if kind is protocol.Msg:
-                if hold or server.read_only:
-                    slots.append([DEFER, item])
-                    continue
-                if replicas.min_replicas:
-                    refusal = replicas.refusal()
-                    if refusal is not None:
-                        slots.append([READY, protocol.error_reply(refusal)])
-                        continue
-                bodies: list[bytes] = item.bodies  # type: ignore[union-attr]
-                nbytes = sum(map(len, bodies))
-                slot = [WAIT, nbytes]
-                slots.append(slot)
-                self.inflight_bytes += nbytes
-                queue.submit(bodies, nbytes, self, slot)
+                # Behind a stream, a MSG waits its turn (DEFER); otherwise it goes
+                # to the queue now, so batches from one chunk share a round.
+                slots.append([DEFER, item] if hold else self._admit(item))  # type: ignore[arg-type]
             elif kind is protocol.Ping:
                 slots.append([READY, protocol.PONG])
             elif kind is protocol.Head:
@@ -244,9 +230,11 @@ class Connection(asyncio.Protocol):
             elif state == LAZY:
                 out.append(payload())
             elif state == DEFER:
-                self._submit_deferred(payload, out)
-                if slots and slots[0][0] == WAIT:
+                slot = self._admit(payload)
+                if slot[0] == WAIT:
+                    slots.appendleft(slot)
                     break
+                out.append(slot[1])
             elif state == STREAM:
                 self.stream_slots -= 1
                 if self._start_stream(payload, out):
@@ -279,19 +267,20 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         self._update_reading()
 
-    def _submit_deferred(self, msg: protocol.Msg, out: list[bytes]) -> None:
-        if self.server.read_only:
-            out.append(protocol.error_reply(self.server.readonly_error()))
-            return
-        refusal = self.server.replication.refusal()
+    def _admit(self, msg: protocol.Msg) -> list[Any]:
+        """Submit a MSG to the append queue: its WAIT slot, or a READY slot with the refusal."""
+        server = self.server
+        if server.read_only:
+            return [READY, protocol.error_reply(server.readonly_error())]
+        refusal = self.replication.refusal()
         if refusal is not None:
-            out.append(protocol.error_reply(refusal))
-            return
-        nbytes = sum(len(b) for b in msg.bodies)
+            return [READY, protocol.error_reply(refusal)]
+        bodies = msg.bodies
+        nbytes = sum(map(len, bodies))
         slot: list[Any] = [WAIT, nbytes]
-        self.slots.appendleft(slot)
         self.inflight_bytes += nbytes
-        self.server.queue.submit(msg.bodies, nbytes, self, slot)
+        server.queue.submit(bodies, nbytes, self, slot)
+        return slot
 
     def _close_after(self, out: list[bytes]) -> None:
         assert self.transport is not None
@@ -331,8 +320,7 @@ class Connection(asyncio.Protocol):
         """Validate a READ/REPLICATE; on success queue its OK and enter stream mode."""
         srv = self.server
         try:
-            if cmd.start < srv.log.first:
-                raise NotFoundError(f"id {cmd.start} is before the oldest retained id {srv.log.first}")
+            srv.log.check_retained(cmd.start)
             if isinstance(cmd, protocol.Replicate):
                 srv.check_replica_start(cmd.start, cmd.prev_crc)
         except DivergedError as exc:
@@ -433,15 +421,16 @@ class Connection(asyncio.Protocol):
     def _stream_over(self) -> None:
         self.streaming = False
         self.server.waiting.discard(self)
-        self.server.replicas.pop(self, None)
+        self.replication.forget(self)
 
     def close_for_stop(self) -> None:
         """Graceful stop: end the stream, answer what is queued, then close."""
         if self.closed:
             return
         self._end_stream()
-        # Batches not yet submitted were never acknowledged: drop them.
-        self.slots = deque(s for s in self.slots if s[0] != DEFER)
+        # Batches not yet submitted were never acknowledged, and reads not yet
+        # started would keep the connection open: drop both.
+        self.slots = deque(s for s in self.slots if s[0] != DEFER and s[0] != STREAM)
         self.stream_slots = 0
         self.slots.append([HANGUP, None])
         self.flush()

@@ -25,6 +25,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from . import protocol
+from .config import parse_address
 from .errors import CorruptRecordError, LogdError, ProtocolError, ServerError, UnavailableError
 from .protocol.replica import (
     Chunk,
@@ -44,9 +45,6 @@ log = structlog.get_logger("logd.replication")
 EXIT_REPLICATION_FAILED = 4  # a follower that must not go on (DIVERGED, NOT_FOUND, misaligned segments)
 LINK_HIGH_WATER = 16 * 1024 * 1024  # bytes received but not yet applied before we stop reading
 COMMIT_SAMPLES = 1 << 16  # (commit point, time) pairs kept for replica lag in seconds
-
-
-# --- stream markers (leader -> follower, inside a REPLICATE stream) ---------------
 
 
 class ReplicaSet:
@@ -85,6 +83,10 @@ class ReplicaSet:
         if id > self.acked.get(conn, -1):
             self.acked[conn] = id
         return self._advance()
+
+    def forget(self, conn: Any) -> None:
+        """A replica's stream ended: it no longer counts (the high watermark stays)."""
+        self.acked.pop(conn, None)
 
     def _advance(self) -> bool:
         n = self.min_replicas
@@ -256,14 +258,6 @@ class _Link(asyncio.Protocol):
             self.transport.abort()
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port); ValueError with a readable message."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, not {text!r}")
-    return host.strip("[]"), int(port)
-
-
 class Follower:
     """Follows a leader: REPLICATE, append what arrives, ACK; reconnect with jittered backoff."""
 
@@ -347,7 +341,7 @@ class Follower:
         try:
             start = lg.written + 1
             prev_crc = lg.crc_of(start - 1) if start > 1 else 0
-            link.write(b"REPLICATE %d %08x\r\n" % (start, prev_crc) if start > 1 else b"REPLICATE 1 0\r\n")
+            link.write(b"REPLICATE %d %08x\r\n" % (start, prev_crc))
             parser = ReplicaStreamParser(start)
             started = False
             self._uncommitted = [0, 0]

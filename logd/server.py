@@ -51,7 +51,6 @@ class LogServer:
         self.connections: set[Connection] = set()  # counted against max_connections
         self.alive: set[Connection] = set()  # until connection_lost (flushing closes)
         self.waiting: set[Connection] = set()
-        self.replicas: dict[Connection, int] = self.replication.acked
         self.read_only = False
         self.leader_address: str | None = None
         self.stopping = False
@@ -134,7 +133,7 @@ class LogServer:
 
     def _on_commit(self, head: int) -> None:
         if self.replication.on_commit(head):
-            self._release_held()
+            self.replication.release()
         self.wake_streams()
 
     def wake_streams(self) -> None:
@@ -164,15 +163,12 @@ class LogServer:
     def replica_ack(self, conn: Connection, id: int) -> None:
         """A replica holds everything up to ``id``."""
         if self.replication.ack(conn, id):
-            self._release_held()
+            self.replication.release()
             self.wake_streams()
             # Replicas cap their readers at our high watermark: tell the idle ones.
             for c in list(self.waiting):
                 if c.stream_kind == "replicate":
                     c.send_position()
-
-    def _release_held(self) -> None:
-        self.replication.release()
 
     def refuse_writes(self) -> None:
         """REFUSE: stop accepting MSG (failover: the old leader steps down); reads go on."""
@@ -225,7 +221,7 @@ class LogServer:
                 "connections": len(self.connections),
                 "tails": sum(1 for c in self.connections if c.streaming),
                 "waiting_tails": len(self.waiting),
-                "replicas": len(self.replicas),
+                "replicas": len(self.replication.acked),
                 "appended_messages": self.queue.appended_messages,
                 "appended_bytes": self.queue.appended_bytes,
                 "pending_bytes": self.queue.pending_bytes,

@@ -219,6 +219,3 @@ class ReplicaStreamParser:
     @staticmethod
     def _corrupt(id: int, why: str) -> CorruptRecordError:
         return CorruptRecordError(f"record {id} from the leader: {why}", where="wire", id=id)
-
-
-# --- the leader's side ----------------------------------------------------------------

@@ -363,7 +363,8 @@ class Log:
     def _segment_for(self, id: int) -> Segment:
         return self._segments[bisect_right(self._firsts, id) - 1]
 
-    def _check_start(self, start: int) -> None:
+    def check_retained(self, start: int) -> None:
+        """Raise `NotFoundError` if ``start`` is older than the oldest retained id."""
         if start < 1:
             raise ValueError("ids start at 1")
         if start < self.first:
@@ -377,7 +378,7 @@ class Log:
         commit point (the caller waits). Raises `NotFoundError` when
         ``start`` is older than the oldest retained id.
         """
-        self._check_start(start)
+        self.check_retained(start)
         head = self._committed
         if start > head:
             return None
@@ -406,7 +407,7 @@ class Log:
 
     def offset_of(self, id: int) -> tuple[str, int]:
         """Segment path and byte offset of record ``id`` (which must be retained)."""
-        self._check_start(id)
+        self.check_retained(id)
         if id > self._head:
             raise NotFoundError(f"id {id} is past the head {self._head}")
         seg = self._segment_for(id)
@@ -438,7 +439,7 @@ class Log:
 
     def crc_of(self, id: int) -> int:
         """CRC of stored record ``id`` (verified), for replication's divergence check."""
-        self._check_start(id)
+        self.check_retained(id)
         return self._segment_for(id).read_record(id).crc
 
     # --- retention --------------------------------------------------------------

@@ -181,3 +181,18 @@ def test_sigterm_ends_tails_with_eof(start_server) -> None:  # type: ignore[no-u
     assert tail.closed_by_peer()
 
 
+
+
+def test_sigterm_drops_reads_queued_behind_a_tail(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server()
+    tail = srv.connect()
+    tail.send(b"READ 1\r\nREAD 1\r\n")  # the second READ waits behind a tail that never ends
+    assert tail.line() == b"OK"
+    w = srv.connect()
+    w.send(b"MSG 2\r\nhi\r\n")
+    assert w.line() == b"OK 1"
+    assert tail.record() == (1, b"hi")
+    assert srv.terminate() == 0
+    assert tail.record() is None  # +EOF ends the tail...
+    assert tail.closed_by_peer()
+    assert bytes(tail.buf) == b""  # ...and the queued READ was never started
