@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from . import __version__
+from .client.commands import DEFAULT_URL
 from .config import DEFAULT_PORT, Config
-from .errors import LockedError, LogdError
+from .errors import LogdError
 from .storage.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
 
 EXIT_STARTUP_FAILED = 3  # distinct from 1 (runtime error) and 2 (usage)
@@ -110,13 +111,7 @@ def serve(**flags: Any) -> None:
 
     try:
         status = run(config, ready)
-    except LockedError as exc:
-        click.echo(f"logd: {exc}", err=True)
-        sys.exit(EXIT_STARTUP_FAILED)
-    except OSError as exc:
-        click.echo(f"logd: cannot start: {exc}", err=True)
-        sys.exit(EXIT_STARTUP_FAILED)
-    except LogdError as exc:
+    except (OSError, LogdError) as exc:  # port taken, data dir locked or unreadable, ...
         click.echo(f"logd: cannot start: {exc}", err=True)
         sys.exit(EXIT_STARTUP_FAILED)
     if status:
@@ -202,7 +197,6 @@ def demote(address: str, timeout: float) -> None:
 # error exits 2; a reader whose stdout is closed (`logd read | head`) stops
 # quietly.
 
-DEFAULT_URL = f"logd://127.0.0.1:{DEFAULT_PORT}"
 EXIT_FAILED = 1
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .protocol import DEFAULT_PORT
 from .storage.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
-
-DEFAULT_PORT = 1774
 
 
 def parse_address(text: str) -> tuple[str, int]:

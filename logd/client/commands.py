@@ -20,6 +20,7 @@ import tenacity
 
 from .. import errors
 from ..protocol import (
+    DEFAULT_PORT,
     Command,
     EndOfStream,
     ErrorReply,
@@ -36,7 +37,6 @@ from ..protocol import (
     StatsReply,
 )
 
-DEFAULT_PORT = 1774  # protocol.md section 3; the server's default too
 DEFAULT_URL = f"logd://127.0.0.1:{DEFAULT_PORT}"
 RECV_BYTES = 1 << 20
 # The server closes the connection after these replies.

@@ -19,6 +19,7 @@ from .client import (
     ClientProtocol,
 )
 from .commands import (
+    DEFAULT_PORT,
     Accept,
     Ack,
     Close,
@@ -53,6 +54,7 @@ from .replies import (
 )
 
 __all__ = [
+    "DEFAULT_PORT",
     "EOF",
     "PONG",
     "Accept",

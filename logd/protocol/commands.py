@@ -8,6 +8,7 @@ from dataclasses import dataclass
 # Ids are 1 <= id < 2^63 (protocol.md section 1); numbers in commands are
 # bounded the same way so nothing downstream meets an unbounded int.
 MAX_ID = (1 << 63) - 1
+DEFAULT_PORT = 1774  # protocol.md section 3: the server's default, the client's too
 
 
 # --- commands (client -> server) ---------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 import signal
+import subprocess
+import sys
 import time
 
 import crc32c
@@ -280,3 +282,13 @@ def test_unavailable_on_disk_full_and_log_stays_consistent(tmp_path) -> None:  #
         assert c.line() == b"OK %d" % (acked + 1)
     finally:
         srv.terminate()
+
+
+def test_second_server_on_a_held_data_dir_is_refused_naming_the_holder(server: ServerProcess) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "logd.cli", "serve", "--port", "0", "--data-dir", str(server.data_dir)],
+        capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 3  # start-up failed
+    assert f"pid {server.pid}".encode() in proc.stderr
+    assert b"Traceback" not in proc.stderr
