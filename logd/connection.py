@@ -272,9 +272,10 @@ class Connection(asyncio.Protocol):
         server = self.server
         if server.read_only:
             return [READY, protocol.error_reply(server.readonly_error())]
-        refusal = self.replication.refusal()
-        if refusal is not None:
-            return [READY, protocol.error_reply(refusal)]
+        if self.replication.min_replicas:  # the check walks the replicas: not for every MSG
+            refusal = self.replication.refusal()
+            if refusal is not None:
+                return [READY, protocol.error_reply(refusal)]
         bodies = msg.bodies
         nbytes = sum(map(len, bodies))
         slot: list[Any] = [WAIT, nbytes]
