@@ -12,8 +12,6 @@ LOCK flock is held while checking so a server cannot start meanwhile.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import sys
 from array import array
@@ -22,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from ..errors import LockedError, StorageError
-from .log import LOCK_NAME
+from .log import take_lock
 from .record import BadRecord
 from .segment import INDEX_ENTRY, NAME_DIGITS, scan_records, segment_name, write_all
 
@@ -127,23 +125,6 @@ def diverge_point(dir_a: str, dir_b: str) -> int | None:
     return None
 
 
-def _take_lock(path: str) -> int:
-    """The LOCK flock of protocol.md section 2, as `Log` takes it; raises `LockedError`."""
-    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
-        pid = int(holder) if holder.isdigit() else None
-        raise LockedError(f"data dir {path} is in use by another logd process (pid {holder or '?'})", pid=pid) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 def check_data_dir(path: str, *, repair: bool = False, out: TextIO = sys.stdout) -> int:
     """Verify every record and index entry of the data dir ``path``; with ``repair``, fix it.
 
@@ -163,7 +144,7 @@ def check_data_dir(path: str, *, repair: bool = False, out: TextIO = sys.stdout)
         say(f"logd check: {path} is not a logd data dir (no segment files)")
         return EXIT_CANNOT_CHECK
     try:
-        lock_fd = _take_lock(path)
+        lock_fd = take_lock(path)
     except (LockedError, OSError) as exc:
         say(f"logd check: cannot check: {exc}")
         return EXIT_CANNOT_CHECK
