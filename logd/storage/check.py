@@ -22,7 +22,7 @@ from typing import TextIO
 from ..errors import LockedError, StorageError
 from .log import take_lock
 from .record import BadRecord
-from .segment import INDEX_ENTRY, NAME_DIGITS, scan_records, segment_name, write_all
+from .segment import INDEX_ENTRY, scan_records, segment_firsts, segment_name, write_all
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -45,15 +45,6 @@ class _Scan:
     @property
     def next_id(self) -> int:
         return self.first_id + len(self.offsets)
-
-
-def segment_firsts(path: str) -> list[int]:
-    """First ids of the segments in data dir ``path``, oldest first."""
-    return sorted(
-        int(name[:NAME_DIGITS])
-        for name in os.listdir(path)
-        if name.endswith(".log") and len(name) == NAME_DIGITS + 4 and name[:NAME_DIGITS].isdigit()
-    )
 
 
 def _scan(path: str, first_id: int, limit: int | None) -> _Scan:

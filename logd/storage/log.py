@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from ..errors import LockedError, NotFoundError, StorageError, UnavailableError
 from .record import MAX_HEADER_BYTES, Decoded, encode_batch
-from .segment import NAME_DIGITS, ReadHandle, Segment
+from .segment import ReadHandle, Segment, segment_firsts
 
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
 LOCK_NAME = "LOCK"
@@ -137,13 +137,9 @@ class Log:
         os.makedirs(self.directory, exist_ok=True)
         self._take_lock()
         try:
-            firsts = sorted(
-                int(name[:NAME_DIGITS])
-                for name in os.listdir(self.directory)
-                if name.endswith(".log") and len(name) == NAME_DIGITS + 4 and name[:NAME_DIGITS].isdigit()
-            )
+            firsts = segment_firsts(self.directory)
             self._remove_stray_tmp()
-            if len(firsts) > 1 and os.stat(self._path_of(firsts[-1])).st_size == 0:
+            if len(firsts) > 1 and os.stat(Segment(self.directory, firsts[-1]).log_path).st_size == 0:
                 # A crash right after a roll: drop the empty newest segment and
                 # recover the previous one, which may not have been synced.
                 Segment(self.directory, firsts.pop()).delete()
@@ -164,9 +160,6 @@ class Log:
         except BaseException:
             self._release_lock()
             raise
-
-    def _path_of(self, first_id: int) -> str:
-        return os.path.join(self.directory, f"{first_id:0{NAME_DIGITS}d}.log")
 
     def _remove_stray_tmp(self) -> None:
         for name in os.listdir(self.directory):

@@ -32,6 +32,15 @@ def segment_name(first_id: int) -> str:
     return f"{first_id:0{NAME_DIGITS}d}"
 
 
+def segment_firsts(path: str) -> list[int]:
+    """First ids of the segments in data dir ``path``, oldest first."""
+    return sorted(
+        int(name[:NAME_DIGITS])
+        for name in os.listdir(path)
+        if name.endswith(".log") and len(name) == NAME_DIGITS + 4 and name[:NAME_DIGITS].isdigit()
+    )
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """``os.write`` until every byte is written (a file write may be short)."""
     view = memoryview(data)
