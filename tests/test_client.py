@@ -26,7 +26,7 @@ from logd.client import NO_RETRY, Retry, parse_url
 from logd.client.producer import _IdFuture
 from logd.protocol import Replicate
 
-from .e2e.conftest import ServerProcess
+from .e2e.conftest import ServerProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PATIENT = Retry(attempts=40, initial=0.02, maximum=0.5)  # rides out a server restart
@@ -34,18 +34,6 @@ PATIENT = Retry(attempts=40, initial=0.02, maximum=0.5)  # rides out a server re
 
 def url_of(srv: ServerProcess) -> str:
     return f"logd://{srv.host}:{srv.port}"
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``cond`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +96,24 @@ def _readline_with_deadline(proc: subprocess.Popen[bytes], timeout: float) -> by
             break
         buf += chunk
     return buf
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it is truthy and return its value; fail the test after ``timeout`` s.
+
+    The waits between polls are a polling interval (a condition with a
+    deadline), never synchronisation by themselves.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 class RawConn:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import socket
 import threading
-import time
+from collections.abc import Callable
 
 import psutil
 
-from .conftest import ServerProcess
+from .conftest import ServerProcess, wait_for
 
 
 def body_for(writer: int, seq: int, k: int) -> bytes:
@@ -52,14 +51,6 @@ def run_writers(srv: ServerProcess, writers: int, rounds: int, stop: threading.E
         t.join(timeout=120)
     assert not errors, errors
     return acked
-
-
-def wait_for_acks(acked: dict[int, bytes], n: int, timeout: float = 30.0) -> None:
-    """Block until the writers have been acknowledged more than n messages."""
-    deadline = time.monotonic() + timeout
-    while len(acked) <= n and time.monotonic() < deadline:
-        time.sleep(0.005)  # polling a condition with a deadline, not a fixed wait
-    assert len(acked) > n, "writes never got going"
 
 
 def read_all(srv: ServerProcess, start: int, count: int) -> dict[int, bytes]:
@@ -118,53 +109,45 @@ def test_stalled_reader_does_not_grow_memory_or_block_others(start_server) -> No
     stalled.close()
 
 
-def test_sigterm_while_writers_busy_loses_no_acknowledged_message(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server()
+def acked_while_stopped(srv: ServerProcess, stop_server: Callable[[], None]) -> dict[int, bytes]:
+    """Run 8 busy writers, stop the server under them, return what was acknowledged."""
     stop = threading.Event()
-    result: dict[int, bytes] = {}
-
-    def load() -> None:
-        run_writers(srv, writers=8, rounds=100_000, stop=stop, acked=result)
-
-    t = threading.Thread(target=load)
+    acked: dict[int, bytes] = {}
+    t = threading.Thread(target=run_writers, args=(srv, 8, 100_000, stop, acked))
     t.start()
-    wait_for_acks(result, 500)
-    assert srv.terminate(timeout=30) == 0
+    wait_for(lambda: len(acked) > 500, what="writes to get going")
+    stop_server()
     stop.set()
     t.join(timeout=60)
-    result = dict(result)
-    again = start_server(data_dir=srv.data_dir)
-    stored = read_all(again, 1, max(result))
-    for i, b in result.items():
+    return dict(acked)
+
+
+def assert_all_stored(srv: ServerProcess, acked: dict[int, bytes]) -> None:
+    """Every acknowledged message is stored intact, and ids are continuous up to the head."""
+    c = srv.connect()
+    c.send(b"HEAD\r\n")
+    head = int(c.line().split()[1])
+    assert head >= max(acked)
+    stored = read_all(srv, 1, head)
+    for i, b in acked.items():
         assert stored[i] == b
-    assert sorted(stored) == list(range(1, len(stored) + 1))
+    assert sorted(stored) == list(range(1, head + 1))
+
+
+def test_sigterm_while_writers_busy_loses_no_acknowledged_message(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server()
+    acked = acked_while_stopped(srv, lambda: assert_exit_ok(srv.terminate(timeout=30)))
+    assert_all_stored(start_server(data_dir=srv.data_dir), acked)
 
 
 def test_sigkill_with_fsync_always_loses_no_acknowledged_message(start_server) -> None:  # type: ignore[no-untyped-def]
     srv = start_server("--fsync", "always")
-    stop = threading.Event()
-    result: dict[int, bytes] = {}
+    acked = acked_while_stopped(srv, srv.kill)
+    assert_all_stored(start_server(data_dir=srv.data_dir), acked)
 
-    def load() -> None:
-        run_writers(srv, writers=8, rounds=100_000, stop=stop, acked=result)
 
-    t = threading.Thread(target=load)
-    t.start()
-    wait_for_acks(result, 500)
-    srv.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-    srv.proc.wait(timeout=20)  # type: ignore[union-attr]
-    stop.set()
-    t.join(timeout=60)
-    result = dict(result)
-    again = start_server(data_dir=srv.data_dir)
-    head_conn = again.connect()
-    head_conn.send(b"HEAD\r\n")
-    head = int(head_conn.line().split()[1])
-    assert head >= max(result)
-    stored = read_all(again, 1, head)
-    for i, b in result.items():
-        assert stored[i] == b
-    assert sorted(stored) == list(range(1, head + 1))
+def assert_exit_ok(status: int) -> None:
+    assert status == 0, f"server exited with {status}"
 
 
 def test_sigterm_ends_tails_with_eof(start_server) -> None:  # type: ignore[no-untyped-def]

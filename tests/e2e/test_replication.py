@@ -13,27 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from .conftest import RawConn, ServerProcess
+from .conftest import RawConn, ServerProcess, wait_for
 
 SEGMENT = "64KiB"
-DEADLINE = 60.0
-
-
-def wait_for(cond: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> object:
-    """Poll ``cond`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(delay)  # polling interval, not synchronisation
-        delay = min(delay * 2, 0.1)
 
 
 def stats(srv: ServerProcess) -> dict[str, str]:
