@@ -8,6 +8,13 @@ Then each submitter's callback gets its id range, and commit listeners
 (tails, replicas) are told the new commit point.
 
 fsync runs on a dedicated thread so the event loop never blocks on it.
+
+With ``fsync=interval`` or ``never`` there is no fsync to wait for, so there
+is no writer task either: a connection applies what is pending as soon as it
+has parsed a received chunk (`kick`), and its replies go out in the same
+``transport.write`` as the rest of that chunk's. A batch submitted anywhere
+else is applied by a `kick` scheduled with ``call_soon``, so none is left
+waiting.
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ class AppendQueue:
         self._listeners: list[Callable[[int], None]] = []
         self._closing = False
         self._last_round = 0  # batches in the previous round, the target for _gather
+        # interval/never: batches are applied by kick(), not by a writer task.
+        self._inline = log_.policy.mode != "always"
+        self._kick_scheduled = False
         # Figures for STATS.
         self.appended_messages = 0
         self.appended_bytes = 0
@@ -69,8 +79,9 @@ class AppendQueue:
     # --- life cycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Start the writer task (and the interval syncer when the policy asks)."""
-        self._task = asyncio.get_running_loop().create_task(self._writer(), name="logd-writer")
+        """Start the writer task (fsync=always) or the interval syncer (interval)."""
+        if not self._inline:
+            self._task = asyncio.get_running_loop().create_task(self._writer(), name="logd-writer")
         if self.log.policy.mode == "interval":
             self._sync_task = asyncio.get_running_loop().create_task(
                 self._interval_syncer(), name="logd-syncer"
@@ -109,8 +120,23 @@ class AppendQueue:
         """Queue a batch; ``who.batch_done(token, last_id)`` is called once it is committed."""
         self._pending.append((bodies, nbytes, who, token))
         self._pending_bytes += nbytes
-        if not self._wake.is_set():
+        if self._inline:
+            # The submitter normally kicks at once; this is the safety net.
+            if not self._kick_scheduled:
+                self._kick_scheduled = True
+                asyncio.get_running_loop().call_soon(self.kick)
+        elif not self._wake.is_set():
             self._wake.set()
+
+    def kick(self) -> None:
+        """Apply every pending batch now, when no fsync is waited for (interval/never)."""
+        self._kick_scheduled = False
+        if not self._inline:
+            return
+        while self._pending:
+            round_ = self._take_round()
+            if self._append(round_):
+                self._acknowledge(round_)
 
     @property
     def pending_bytes(self) -> int:
@@ -119,18 +145,17 @@ class AppendQueue:
     # --- the writer -------------------------------------------------------------
 
     async def _writer(self) -> None:
-        always = self.log.policy.mode == "always"
+        """Group commit for fsync=always: one write and one fsync per round."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 self._idle.clear()
-                if always:
-                    await self._gather()
+                await self._gather()
                 round_ = self._take_round()
                 self._last_round = len(round_)
                 try:
-                    await self._apply(round_, always)
+                    await self._apply(round_)
                 finally:
                     self._idle.set()
 
@@ -163,33 +188,47 @@ class AppendQueue:
         self._pending_bytes -= size
         return round_
 
-    async def _apply(self, round_: list[tuple[list[bytes], int, Submitter, object]], always: bool) -> None:
+    async def _apply(self, round_: list[tuple[list[bytes], int, Submitter, object]]) -> None:
+        """Write a round, fsync it, acknowledge it (fsync=always)."""
+        if not self._append(round_):
+            return
+        try:
+            await self._sync()
+        except LogdError as exc:
+            self._fail(round_, exc)
+            return
+        self._acknowledge(round_)
+
+    def _append(self, round_: list[tuple[list[bytes], int, Submitter, object]]) -> bool:
+        """Write a round to the log; on failure tell its submitters and return False."""
         bodies: list[bytes] = []
         for item in round_:
             bodies += item[0]
         try:
-            last = self.log.append(bodies)
-            if always:
-                await self._sync()
-            elif self.log.needs_sync and self.log.policy.mode == "never":
+            self.log.append(bodies)
+            if self.log.needs_sync and self.log.policy.mode == "never":
                 # A roll left a closed segment to finish; do it off the loop.
                 asyncio.get_running_loop().run_in_executor(self._executor, self._sync_quietly)
         except LogdError as exc:
-            log.error("append_failed", error=str(exc), batches=len(round_))
-            for _b, _n, who, token in round_:
-                who.batch_failed(token, exc)
-            self._flush_all(round_)
-            return
+            self._fail(round_, exc)
+            return False
         except OSError as exc:  # unexpected: report as storage failure
-            err = UnavailableError(f"storage error: {exc}")
-            for _b, _n, who, token in round_:
-                who.batch_failed(token, err)
-            self._flush_all(round_)
-            return
-        self.appended_messages += len(bodies)
+            self._fail(round_, UnavailableError(f"storage error: {exc}"))
+            return False
+        return True
+
+    def _fail(self, round_: list[tuple[list[bytes], int, Submitter, object]], exc: LogdError) -> None:
+        log.error("append_failed", error=str(exc), batches=len(round_))
+        for _b, _n, who, token in round_:
+            who.batch_failed(token, exc)
+        self._flush_all(round_)
+
+    def _acknowledge(self, round_: list[tuple[list[bytes], int, Submitter, object]]) -> None:
+        """Hand out the id ranges of a committed round, in submission order, and tell the listeners."""
+        messages = sum(len(item[0]) for item in round_)
+        self.appended_messages += messages
         self.appended_bytes += sum(item[1] for item in round_)
-        # Hand out id ranges in submission order.
-        first = last - len(bodies) + 1
+        first = self.log.head + 1 - messages
         for batch, _n, who, token in round_:
             first += len(batch)
             who.batch_done(token, first - 1)

@@ -37,7 +37,7 @@ from ..protocol import (
     StatsReply,
 )
 
-DEFAULT_URL = f"logd://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_URL: str = f"logd://127.0.0.1:{DEFAULT_PORT}"
 RECV_BYTES = 1 << 20
 # The server closes the connection after these replies.
 CLOSING_CODES = frozenset({"BUSY", "TIMEOUT", "DIVERGED"})

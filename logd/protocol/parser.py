@@ -7,6 +7,7 @@ from logd.errors import (
     TooLargeError,
     UnknownCommandError,
 )
+from logd.hot import ext
 
 from .commands import _NO_ARGS, MAX_ID, Ack, Command, Msg, Read, Replicate, _new, _set_msg_bodies
 
@@ -242,6 +243,15 @@ class CommandParser:
 
     def _lengths(self, rest: bytes) -> list[int] | ProtocolError:
         """The lengths of a MSG line (all but the single short one handled inline)."""
+        if ext is not None:
+            lens = ext.msg_lengths(rest)
+            if lens is not None:
+                return lens
+        return self._lengths_py(rest)
+
+    @staticmethod
+    def _lengths_py(rest: bytes) -> list[int] | ProtocolError:
+        """`_lengths` in pure Python, and the errors for any line C does not take."""
         if not rest:
             return ProtocolError("MSG needs at least one length")
         tokens = rest.split(b" ")
@@ -268,6 +278,9 @@ class CommandParser:
         """
         size = len(data)
         start = p
+        if ext is not None and type(data) is bytes:
+            # C takes the well-formed bodies; the loop below sees why it stopped.
+            p = ext.take_bodies(data, p, lens, bodies)
         add = bodies.append
         # len(bodies) says which body is next, so a resumed MSG picks up there.
         for n in lens[len(bodies) :] if bodies else lens:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from crc32c import crc32c
 
 from logd.errors import CorruptRecordError, ProtocolError
+from logd.hot import ext
 from logd.storage.record import MAX_HEADER_BYTES
 
 MAX_RECORD_BYTES = 1 << 30  # a header claiming more is taken as corrupt rather than waited for
@@ -169,10 +170,20 @@ class ReplicaStreamParser:
         Stops at a line that is not a record or at an incomplete record (then
         ``_need`` says how many bytes from there it takes).
         """
-        find = data.find
-        size = len(data)
         base = p
         offsets = array("Q")
+        if ext is not None:
+            # C passes the good records; the loop below then finds out why
+            # it stopped (the end of the data, a marker, or an error to raise).
+            p, count, found = ext.verify_records(data, p, self.next_id)
+            offsets.frombytes(found)
+            self.next_id += count
+        return self._records_py(data, base, p, offsets)
+
+    def _records_py(self, data: bytes, base: int, p: int, offsets: array) -> tuple[int, array]:
+        """`_records` in pure Python, from ``p``, adding to ``offsets`` (counted from ``base``)."""
+        find = data.find
+        size = len(data)
         add = offsets.append
         nxt = self.next_id
         # The len field starts after "+", the id's digits and a space.

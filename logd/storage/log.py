@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import LockedError, NotFoundError, StorageError, UnavailableError
+from ..hot import ext
 from .record import MAX_HEADER_BYTES, Decoded, encode_batch
 from .segment import ReadHandle, Segment, segment_firsts
 
@@ -258,7 +259,7 @@ class Log:
         self._check_failed()
         active = self._segments[-1]
         base = active.size
-        self._write(active, data, array("Q", [base + o for o in offsets]))
+        self._write(active, data, _rebase(offsets, base))
         return self._head
 
     def start_segment(self, first_id: int) -> None:
@@ -482,3 +483,13 @@ class Log:
 
 
 __all__ = ["FsyncPolicy", "Log", "Record", "Span", "StorageError"]
+
+
+def _rebase(offsets: Sequence[int], base: int) -> array:
+    """Offsets within a buffer, as an ``array('Q')`` of positions in a segment where it starts at ``base``."""
+    out = array("Q")
+    if ext is not None and isinstance(offsets, array) and offsets.typecode == "Q":
+        out.frombytes(ext.rebase(offsets, base))
+    else:
+        out.extend([base + o for o in offsets])
+    return out

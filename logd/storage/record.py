@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 from crc32c import crc32c
 
+from logd.hot import ext
+
 # A header is at most "+" + 19 digits + " " + 19 digits + " " + 8 hex + "\r\n".
 MAX_HEADER_BYTES = 1 + 19 + 1 + 19 + 1 + 8 + 2
 TRAILER = b"\r\n"
@@ -31,9 +33,21 @@ def encode_batch(first_id: int, bodies: Sequence[bytes], base_offset: int) -> tu
     """Records for ``bodies`` with ids from ``first_id``, joined into one buffer.
 
     Returns the buffer and an ``array('Q')`` of each record's byte offset,
-    counted from ``base_offset`` (where the buffer will be written). One
-    loop, one join: this is the append hot path.
+    counted from ``base_offset`` (where the buffer will be written). This is
+    the append hot path: the C accelerator does it when built, and takes
+    only a list of bytes (anything else comes here).
     """
+    if ext is not None and type(bodies) is list:
+        done = ext.encode_batch(first_id, bodies, base_offset)
+        if done is not None:
+            offsets = array("Q")
+            offsets.frombytes(done[1])
+            return done[0], offsets
+    return encode_batch_py(first_id, bodies, base_offset)
+
+
+def encode_batch_py(first_id: int, bodies: Sequence[bytes], base_offset: int) -> tuple[bytes, array]:
+    """`encode_batch` in pure Python: one loop, one join (the reference for ``_hot.c``)."""
     parts: list[bytes] = []
     add = parts.append
     offsets = array("Q")

@@ -1,0 +1,551 @@
+/*
+ * logd._hot: the per-record loops of the append and replication paths, in C.
+ *
+ * Each function here has a pure-Python twin next to its caller, and the twin
+ * is the reference: tests/test_hot.py checks that both give the same result
+ * on random and corrupted input, and LOGD_NO_EXTENSIONS=1 runs logd on the
+ * twins alone. This module only makes the common case fast. Where input is
+ * not what the common case expects (a record that is cut off, malformed or
+ * fails its CRC, a body that is not bytes) it stops and hands the position
+ * back, and the Python code takes it from there with its exact error
+ * messages. So nothing here raises a protocol or storage error of its own.
+ *
+ * Record format (protocol.md section 1): "+<id> <len> <crc>\r\n<body>\r\n",
+ * id and len in canonical decimal, crc the CRC-32C of the body as 8
+ * lowercase hex digits.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <nmmintrin.h>
+#define HAVE_SSE42_CRC 1
+#endif
+
+/* "+" + 19 digits + " " + 19 digits + " " + 8 hex + "\r\n", as record.py. */
+#define MAX_HEADER 50
+/* Bodies at least this long go to the crc32c package, whose interleaved
+ * hardware loop is about three times faster than the single stream below;
+ * under it, the cost of calling into Python would dominate. */
+#define BIG_BODY 4096
+
+/* --- CRC-32C ---------------------------------------------------------------- */
+
+static uint32_t crc_table[8][256];
+static int have_hw_crc;
+static PyObject *py_crc32c; /* crc32c.crc32c, for big bodies */
+
+static void
+crc_init(void)
+{
+    /* Slicing-by-8 tables for the reflected Castagnoli polynomial. */
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (int t = 1; t < 8; t++)
+        for (uint32_t i = 0; i < 256; i++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
+#ifdef HAVE_SSE42_CRC
+    __builtin_cpu_init();
+    have_hw_crc = __builtin_cpu_supports("sse4.2") != 0;
+#endif
+}
+
+static uint32_t
+crc_soft(uint32_t crc, const unsigned char *p, size_t n)
+{
+    while (n >= 8) {
+        uint32_t lo = crc ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+        crc = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^ crc_table[5][(lo >> 16) & 0xff] ^
+              crc_table[4][lo >> 24] ^ crc_table[3][p[4]] ^ crc_table[2][p[5]] ^ crc_table[1][p[6]] ^
+              crc_table[0][p[7]];
+        p += 8;
+        n -= 8;
+    }
+    while (n--)
+        crc = (crc >> 8) ^ crc_table[0][(crc ^ *p++) & 0xff];
+    return crc;
+}
+
+#ifdef HAVE_SSE42_CRC
+__attribute__((target("sse4.2"))) static uint32_t
+crc_hard(uint32_t crc, const unsigned char *p, size_t n)
+{
+    uint64_t c = crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = _mm_crc32_u64(c, v);
+        p += 8;
+        n -= 8;
+    }
+    crc = (uint32_t)c;
+    while (n--)
+        crc = _mm_crc32_u8(crc, *p++);
+    return crc;
+}
+#endif
+
+/* CRC-32C of a body; -1 with an exception set if the crc32c package failed. */
+static int64_t
+crc_of(const unsigned char *p, Py_ssize_t n)
+{
+    if (n >= BIG_BODY && py_crc32c != NULL) {
+        PyObject *view = PyMemoryView_FromMemory((char *)p, n, PyBUF_READ);
+        if (view == NULL)
+            return -1;
+        PyObject *r = PyObject_CallOneArg(py_crc32c, view);
+        Py_DECREF(view);
+        if (r == NULL)
+            return -1;
+        unsigned long v = PyLong_AsUnsignedLong(r);
+        Py_DECREF(r);
+        if (v == (unsigned long)-1 && PyErr_Occurred())
+            return -1;
+        return (int64_t)(v & 0xffffffffu);
+    }
+#ifdef HAVE_SSE42_CRC
+    if (have_hw_crc)
+        return ~crc_hard(0xffffffffu, p, (size_t)n) & 0xffffffffu;
+#endif
+    return ~crc_soft(0xffffffffu, p, (size_t)n) & 0xffffffffu;
+}
+
+/* --- header formatting --------------------------------------------------------- */
+
+static const char HEX[] = "0123456789abcdef";
+
+static inline int
+decimal_width(uint64_t v)
+{
+    int w = 1;
+    while (v >= 10) {
+        v /= 10;
+        w++;
+    }
+    return w;
+}
+
+/* Write v in decimal at out (exactly `width` digits); return the end. */
+static inline char *
+put_decimal(char *out, uint64_t v, int width)
+{
+    char *end = out + width;
+    char *q = end;
+    do {
+        *--q = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return end;
+}
+
+/* Add one to the `width` decimal digits at buf; return the new width. */
+static inline int
+increment_decimal(char *buf, int width)
+{
+    int i = width - 1;
+    while (i >= 0 && buf[i] == '9')
+        buf[i--] = '0';
+    if (i >= 0) {
+        buf[i]++;
+        return width;
+    }
+    memmove(buf + 1, buf, (size_t)width);
+    buf[0] = '1';
+    return width + 1;
+}
+
+/* Write "+<id> <len> <crc>\r\n" at out; return the end. */
+static inline char *
+put_header(char *out, const char *id, int id_width, uint64_t len, uint32_t crc)
+{
+    *out++ = '+';
+    memcpy(out, id, (size_t)id_width);
+    out += id_width;
+    *out++ = ' ';
+    out = put_decimal(out, len, decimal_width(len));
+    *out++ = ' ';
+    for (int shift = 28; shift >= 0; shift -= 4)
+        *out++ = HEX[(crc >> shift) & 0xf];
+    *out++ = '\r';
+    *out++ = '\n';
+    return out;
+}
+
+/* --- encode_batch ---------------------------------------------------------------- */
+
+PyDoc_STRVAR(encode_batch_doc,
+             "encode_batch(first_id, bodies, base_offset) -> (records, offsets) or None\n\n"
+             "The records of ``bodies`` (a list of bytes) with ids from ``first_id``, joined,\n"
+             "and each record's offset from ``base_offset`` as native unsigned 64-bit\n"
+             "integers (``array('Q').frombytes`` takes them). None when a body is not\n"
+             "bytes: the caller's Python loop handles that.");
+
+static PyObject *
+encode_batch(PyObject *self, PyObject *args)
+{
+    unsigned long long first_id, base;
+    PyObject *bodies;
+    if (!PyArg_ParseTuple(args, "KO!K", &first_id, &PyList_Type, &bodies, &base))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(bodies);
+    /* First pass: sizes, so the output is allocated once. The id width only
+     * changes at powers of ten. */
+    Py_ssize_t total = 0;
+    uint64_t id = first_id;
+    int id_width = decimal_width(id);
+    uint64_t bump = 1;
+    for (int i = 0; i < id_width; i++)
+        bump *= 10;
+    for (Py_ssize_t i = 0; i < n; i++, id++) {
+        PyObject *body = PyList_GET_ITEM(bodies, i);
+        if (!PyBytes_CheckExact(body))
+            Py_RETURN_NONE;
+        if (id == bump) {
+            id_width++;
+            bump *= 10;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(body);
+        total += 1 + id_width + 1 + decimal_width((uint64_t)len) + 1 + 8 + 2 + len + 2;
+    }
+    PyObject *records = PyBytes_FromStringAndSize(NULL, total);
+    if (records == NULL)
+        return NULL;
+    PyObject *offsets = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(uint64_t));
+    if (offsets == NULL) {
+        Py_DECREF(records);
+        return NULL;
+    }
+    char *start = PyBytes_AS_STRING(records);
+    char *out = start;
+    uint64_t *offs = (uint64_t *)PyBytes_AS_STRING(offsets);
+    char idbuf[24];
+    id_width = decimal_width(first_id);
+    put_decimal(idbuf, first_id, id_width);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *body = PyList_GET_ITEM(bodies, i);
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(body);
+        Py_ssize_t len = PyBytes_GET_SIZE(body);
+        if (i)
+            id_width = increment_decimal(idbuf, id_width);
+        int64_t crc = crc_of(p, len);
+        if (crc < 0) {
+            Py_DECREF(records);
+            Py_DECREF(offsets);
+            return NULL;
+        }
+        offs[i] = base + (uint64_t)(out - start);
+        out = put_header(out, idbuf, id_width, (uint64_t)len, (uint32_t)crc);
+        memcpy(out, p, (size_t)len);
+        out += len;
+        *out++ = '\r';
+        *out++ = '\n';
+    }
+    return Py_BuildValue("(NN)", records, offsets);
+}
+
+/* --- verify_records ------------------------------------------------------------- */
+
+/* Parse canonical decimal digits at p (no leading zero but "0"), up to 19,
+ * ended by `stop`; set *value and return the position of `stop`, or NULL. */
+static const unsigned char *
+take_decimal(const unsigned char *p, const unsigned char *end, unsigned char stop, uint64_t *value)
+{
+    const unsigned char *q = p;
+    uint64_t v = 0;
+    while (q < end && *q >= '0' && *q <= '9' && q - p < 19) {
+        v = v * 10 + (uint64_t)(*q - '0');
+        q++;
+    }
+    if (q == p || q >= end || *q != stop || (*p == '0' && q - p > 1))
+        return NULL;
+    *value = v;
+    return q;
+}
+
+PyDoc_STRVAR(verify_records_doc,
+             "verify_records(data, pos, next_id) -> (end, count, offsets)\n\n"
+             "Check consecutive records in ``data`` from ``pos``, the first with id\n"
+             "``next_id``: canonical header, id in sequence, CRLF after the body, CRC.\n"
+             "Stops at the first record that is incomplete or fails a check (or at\n"
+             "anything that is not a record) and returns where it stopped, how many\n"
+             "records it passed, and their offsets from ``pos`` as native unsigned\n"
+             "64-bit integers. Whether the stop is an error is for the caller to say.");
+
+static PyObject *
+verify_records(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    Py_ssize_t pos;
+    unsigned long long next_id;
+    if (!PyArg_ParseTuple(args, "y*nK", &buf, &pos, &next_id))
+        return NULL;
+    const unsigned char *data = buf.buf;
+    const unsigned char *end = data + buf.len;
+    if (pos < 0 || pos > buf.len) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        return NULL;
+    }
+    /* Offsets go into a growing C array, copied into bytes at the end. */
+    Py_ssize_t cap = 1024, count = 0;
+    uint64_t *offs = PyMem_Malloc((size_t)cap * sizeof(uint64_t));
+    if (offs == NULL) {
+        PyBuffer_Release(&buf);
+        return PyErr_NoMemory();
+    }
+    char idbuf[24];
+    int id_width = decimal_width(next_id);
+    put_decimal(idbuf, next_id, id_width);
+    const unsigned char *p = data + pos;
+    while (end - p >= 2 && p[0] == '+' && p[1] >= '0' && p[1] <= '9') {
+        Py_ssize_t room = end - p < MAX_HEADER ? end - p : MAX_HEADER;
+        const unsigned char *nl = memchr(p, '\n', (size_t)room);
+        if (nl == NULL)
+            break;
+        /* "+<id> " */
+        if (nl - p < id_width + 2 || memcmp(p + 1, idbuf, (size_t)id_width) != 0 || p[1 + id_width] != ' ')
+            break;
+        uint64_t len;
+        const unsigned char *q = take_decimal(p + 2 + id_width, nl, ' ', &len);
+        /* " <8 hex>\r\n": the space is at q, the LF must be 10 bytes later. */
+        if (q == NULL || nl - q != 10 || nl[-1] != '\r')
+            break;
+        uint32_t crc = 0;
+        int ok = 1;
+        for (const unsigned char *h = q + 1; h < q + 9; h++) {
+            unsigned c = *h;
+            if (c >= '0' && c <= '9')
+                crc = crc << 4 | (c - '0');
+            else if (c >= 'a' && c <= 'f')
+                crc = crc << 4 | (c - 'a' + 10);
+            else {
+                ok = 0;
+                break;
+            }
+        }
+        const unsigned char *body = nl + 1;
+        if (!ok || len > (uint64_t)(end - body) || end - body - (Py_ssize_t)len < 2)
+            break;
+        const unsigned char *after = body + len;
+        if (after[0] != '\r' || after[1] != '\n')
+            break;
+        int64_t actual = crc_of(body, (Py_ssize_t)len);
+        if (actual < 0) {
+            PyMem_Free(offs);
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+        if ((uint32_t)actual != crc)
+            break;
+        if (count == cap) {
+            uint64_t *grown = PyMem_Realloc(offs, (size_t)cap * 2 * sizeof(uint64_t));
+            if (grown == NULL) {
+                PyMem_Free(offs);
+                PyBuffer_Release(&buf);
+                return PyErr_NoMemory();
+            }
+            offs = grown;
+            cap *= 2;
+        }
+        offs[count++] = (uint64_t)(p - (data + pos));
+        p = after + 2;
+        id_width = increment_decimal(idbuf, id_width);
+    }
+    Py_ssize_t stop = p - data;
+    PyBuffer_Release(&buf);
+    PyObject *offsets = PyBytes_FromStringAndSize((const char *)offs, count * (Py_ssize_t)sizeof(uint64_t));
+    PyMem_Free(offs);
+    if (offsets == NULL)
+        return NULL;
+    return Py_BuildValue("(nnN)", stop, count, offsets);
+}
+
+/* --- rebase ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(rebase_doc,
+             "rebase(offsets, delta) -> bytes\n\n"
+             "Native unsigned 64-bit offsets (bytes or an array('Q')) with ``delta`` added\n"
+             "to each, as bytes.");
+
+static PyObject *
+rebase(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long delta;
+    if (!PyArg_ParseTuple(args, "y*K", &buf, &delta))
+        return NULL;
+    if (buf.len % (Py_ssize_t)sizeof(uint64_t)) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "offsets are not whole 64-bit integers");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, buf.len);
+    if (out != NULL) {
+        Py_ssize_t n = buf.len / (Py_ssize_t)sizeof(uint64_t);
+        const char *src = buf.buf;
+        uint64_t *dst = (uint64_t *)PyBytes_AS_STRING(out);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t v;
+            memcpy(&v, src + i * (Py_ssize_t)sizeof(uint64_t), sizeof v);
+            dst[i] = v + delta;
+        }
+    }
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+/* --- MSG parsing ------------------------------------------------------------------- */
+
+PyDoc_STRVAR(msg_lengths_doc,
+             "msg_lengths(rest) -> list[int] or None\n\n"
+             "The lengths of a MSG line (what follows \"MSG \"): decimal numbers of at most\n"
+             "18 digits separated by single spaces. None for anything else; the caller's\n"
+             "Python code says what is wrong with it.");
+
+static PyObject *
+msg_lengths(PyObject *self, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "msg_lengths takes bytes");
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(arg);
+    const unsigned char *end = p + PyBytes_GET_SIZE(arg);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    while (p < end) {
+        const unsigned char *q = p;
+        long long v = 0;
+        while (q < end && *q >= '0' && *q <= '9') {
+            v = v * 10 + (*q - '0');
+            q++;
+            if (q - p > 18)
+                goto not_mine;
+        }
+        /* A token must have digits and end the line or be followed by one space
+         * and another token. */
+        if (q == p || (q < end && (*q != ' ' || q + 1 == end)))
+            goto not_mine;
+        PyObject *n = PyLong_FromLongLong(v);
+        if (n == NULL || PyList_Append(out, n) < 0) {
+            Py_XDECREF(n);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(n);
+        p = q < end ? q + 1 : q;
+    }
+    if (PyList_GET_SIZE(out) == 0)
+        goto not_mine;
+    return out;
+not_mine:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(take_bodies_doc,
+             "take_bodies(data, pos, lengths, bodies) -> pos\n\n"
+             "Append to the list ``bodies`` the MSG bodies found in ``data`` from ``pos``,\n"
+             "for ``lengths[len(bodies):]``: each complete and followed by CRLF, or by a\n"
+             "bare LF. Stops at the first that is not (incomplete, or a bad terminator,\n"
+             "which the caller's Python loop then handles) and returns where.");
+
+static PyObject *
+take_bodies(PyObject *self, PyObject *args)
+{
+    PyObject *data, *lengths, *bodies;
+    Py_ssize_t pos;
+    if (!PyArg_ParseTuple(args, "O!nO!O!", &PyBytes_Type, &data, &pos, &PyList_Type, &lengths, &PyList_Type,
+                          &bodies))
+        return NULL;
+    const char *d = PyBytes_AS_STRING(data);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (pos < 0 || pos > size) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        return NULL;
+    }
+    for (Py_ssize_t i = PyList_GET_SIZE(bodies); i < PyList_GET_SIZE(lengths); i++) {
+        Py_ssize_t n = PyLong_AsSsize_t(PyList_GET_ITEM(lengths, i));
+        if (n < 0) {
+            if (PyErr_Occurred())
+                return NULL;
+            break;
+        }
+        if (n > size - pos)
+            break;
+        Py_ssize_t end = pos + n, next;
+        if (end + 1 < size && d[end] == '\r' && d[end + 1] == '\n')
+            next = end + 2;
+        else if (end < size && d[end] == '\n')
+            next = end + 1;
+        else
+            break;
+        PyObject *body = PyBytes_FromStringAndSize(d + pos, n);
+        if (body == NULL || PyList_Append(bodies, body) < 0) {
+            Py_XDECREF(body);
+            return NULL;
+        }
+        Py_DECREF(body);
+        pos = next;
+    }
+    return PyLong_FromSsize_t(pos);
+}
+
+/* --- crc32c (for tests) ---------------------------------------------------------- */
+
+PyDoc_STRVAR(crc32c_doc, "crc32c(data) -> int\n\nCRC-32C of ``data`` as this module computes it.");
+
+static PyObject *
+crc32c(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "y*", &buf))
+        return NULL;
+    int64_t crc = crc_of(buf.buf, buf.len);
+    PyBuffer_Release(&buf);
+    if (crc < 0)
+        return NULL;
+    return PyLong_FromUnsignedLong((unsigned long)crc);
+}
+
+static PyMethodDef methods[] = {
+    {"encode_batch", encode_batch, METH_VARARGS, encode_batch_doc},
+    {"verify_records", verify_records, METH_VARARGS, verify_records_doc},
+    {"rebase", rebase, METH_VARARGS, rebase_doc},
+    {"msg_lengths", msg_lengths, METH_O, msg_lengths_doc},
+    {"take_bodies", take_bodies, METH_VARARGS, take_bodies_doc},
+    {"crc32c", crc32c, METH_VARARGS, crc32c_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "logd._hot", "The per-record loops of logd's hot paths, in C.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__hot(void)
+{
+    crc_init();
+    PyObject *crc_module = PyImport_ImportModule("crc32c");
+    if (crc_module == NULL)
+        return NULL;
+    py_crc32c = PyObject_GetAttrString(crc_module, "crc32c");
+    Py_DECREF(crc_module);
+    if (py_crc32c == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "hardware_crc", have_hw_crc) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
