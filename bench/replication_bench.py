@@ -1,11 +1,21 @@
 """Replication benchmark: catch-up speed and replication lag under steady load.
 
-    python -m bench.replication_bench [--messages 1000000] [--rate 100000] [--seconds 10]
+    python -m bench.replication_bench [--catch-up-mb 300] [--rate 100000] [--seconds 10]
                                       [--size 100] [--out bench/replication_results.json]
 
-1. Catch-up: a leader and a follower; the follower is paused (SIGSTOP) while
-   ``--messages`` messages are written, then resumed (SIGCONT); we time how
-   long it takes to hold them all (MB/s of segment bytes, msgs/s).
+1. Catch-up, for 100-byte and 1 KiB messages, about ``--catch-up-mb`` of
+   segments each (MB/s of segment bytes, msgs/s):
+   - paused: a follower is paused (SIGSTOP) while the leader takes the
+     messages, then resumed (SIGCONT); timed from SIGCONT until its HEAD
+     holds them all;
+   - new: a follower with an empty data dir is started once the leader holds
+     them; timed from the spawn of its process (Python start-up included).
+   Beside them, the disk's ceiling: ``os.write`` of 1 MiB blocks to a file
+   in the same temp dir, then ``fdatasync`` (a follower at ``--fsync
+   always`` makes every round durable before it ACKs, so it cannot go
+   faster than that). Then the same runs again with every data dir on
+   tmpfs (``/dev/shm``, when there is one), where there is no disk to wait
+   for: what logd's own replication path can do.
 2. Lag: a producer writes ``--rate`` msgs/s for ``--seconds`` in batches
    every 10 ms; a tail on the follower notes when each batch's last id becomes
    visible there. Lag = that time minus the time the leader acknowledged the
@@ -117,37 +127,65 @@ def write_bulk(port: int, total: int, size: int, batch: int = 1000) -> None:
             buf = buf[buf.rfind(b"\n") + 1 :]
 
 
-def bench_catch_up(tmp: Path, messages: int, size: int) -> dict[str, float]:
-    leader = Proc(tmp / "catchup-leader")
-    follower = Proc(tmp / "catchup-follower", "--replica-of", leader.addr)
+def bench_catch_up(tmp: Path, mb: int, size: int) -> dict[str, float]:
+    """Both catch-up cases for one message size (see the module docstring)."""
+    messages = (mb << 20) // (size + 30) // 1000 * 1000
+    leader = Proc(tmp / f"catchup-leader-{size}")
+    paused_follower = Proc(tmp / f"catchup-paused-{size}", "--replica-of", leader.addr)
+    new_follower: Proc | None = None
     try:
-        wait_head(follower.port, 0, 10)
+        wait_head(paused_follower.port, 0, 10)
         paused = True
-        os.kill(follower.proc.pid, signal.SIGSTOP)
+        os.kill(paused_follower.proc.pid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
             write_bulk(leader.port, messages, size)
             write_s = time.monotonic() - t0
             nbytes = log_bytes(leader.port)
             t1 = time.monotonic()
-            os.kill(follower.proc.pid, signal.SIGCONT)
+            os.kill(paused_follower.proc.pid, signal.SIGCONT)
             paused = False
         finally:
             if paused:
-                os.kill(follower.proc.pid, signal.SIGCONT)
-        done = wait_head(follower.port, messages, 300)
-        secs = done - t1
+                os.kill(paused_follower.proc.pid, signal.SIGCONT)
+        paused_s = wait_head(paused_follower.port, messages, 300) - t1
+        paused_follower.stop()
+        t2 = time.monotonic()
+        new_follower = Proc(tmp / f"catchup-new-{size}", "--replica-of", leader.addr)
+        new_s = wait_head(new_follower.port, messages, 300) - t2
         return {
+            "body_bytes": size,
             "messages": messages,
             "bytes": nbytes,
             "leader_write_msgs_per_s": messages / write_s,
-            "catch_up_s": secs,
-            "catch_up_msgs_per_s": messages / secs,
-            "catch_up_mb_per_s": nbytes / secs / 1e6,
+            "paused_s": paused_s,
+            "paused_msgs_per_s": messages / paused_s,
+            "paused_mb_per_s": nbytes / paused_s / 1e6,
+            "new_s": new_s,
+            "new_msgs_per_s": messages / new_s,
+            "new_mb_per_s": nbytes / new_s / 1e6,
         }
     finally:
-        follower.stop()
-        leader.stop()
+        for p in (new_follower, paused_follower, leader):
+            if p is not None:
+                p.stop()
+
+
+def write_ceiling(tmp: Path, mb: int) -> float:
+    """MB/s of ``os.write`` of 1 MiB blocks, then one ``fdatasync``, on ``tmp``'s file system."""
+    block = os.urandom(1 << 20)
+    path = tmp / "ceiling.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(mb):
+            os.write(fd, block)
+        os.fdatasync(fd)
+        secs = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        path.unlink()
+    return (mb << 20) / secs / 1e6
 
 
 class Tail(threading.Thread):
@@ -244,25 +282,38 @@ def bench_lag(tmp: Path, rate: int, seconds: float, size: int) -> dict[str, floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=1_000_000)
+    ap.add_argument("--catch-up-mb", type=int, default=300, help="segment MB per catch-up run")
     ap.add_argument("--rate", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--size", type=int, default=100, help="message body bytes")
+    ap.add_argument("--size", type=int, default=100, help="message body bytes for the lag run")
     ap.add_argument("--out", default="bench/replication_results.json")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="logd-repl-bench-"))
+    roots = {"disk": Path(tempfile.mkdtemp(prefix="logd-repl-bench-"))}
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > (args.catch_up_mb << 22):
+        roots["tmpfs"] = Path(tempfile.mkdtemp(prefix="logd-repl-bench-", dir="/dev/shm"))
+    catch: dict[str, list[dict[str, float]]] = {}
     try:
-        catch = bench_catch_up(tmp, args.messages, args.size)
-        lag = bench_lag(tmp, args.rate, args.seconds, args.size)
+        for where, tmp in roots.items():
+            catch[where] = [bench_catch_up(tmp, args.catch_up_mb, size) for size in (100, 1024)]
+            shutil.rmtree(tmp, ignore_errors=True)  # give the memory back before the next runs
+            tmp.mkdir()
+        ceiling = write_ceiling(roots["disk"], args.catch_up_mb)
+        lag = bench_lag(roots["disk"], args.rate, args.seconds, args.size)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{'catch-up':<12} {catch['messages']:>10,} msgs {catch['bytes'] / 1e6:>8.1f} MB "
-          f"{catch['catch_up_s']:>7.2f} s {catch['catch_up_msgs_per_s']:>12,.0f} msgs/s "
-          f"{catch['catch_up_mb_per_s']:>7.1f} MB/s")
+        for tmp in roots.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for where, runs in catch.items():
+        for c in runs:
+            for case in ("paused", "new"):
+                print(f"catch-up {where:<5} {case:<6} {c['body_bytes']:>5} B {c['messages']:>10,} msgs "
+                      f"{c['bytes'] / 1e6:>6.1f} MB {c[case + '_s']:>6.2f} s {c[case + '_msgs_per_s']:>11,.0f} msgs/s "
+                      f"{c[case + '_mb_per_s']:>7.1f} MB/s")
+    print(f"disk ceiling (os.write of 1 MiB blocks + fdatasync): {ceiling:,.0f} MB/s")
     print(f"{'lag':<12} {lag['achieved_msgs_per_s']:>10,.0f} msgs/s (target {lag['target_msgs_per_s']:,})  "
           f"p50 {lag['lag_p50_ms']:.2f} ms  p99 {lag['lag_p99_ms']:.2f} ms  max {lag['lag_max_ms']:.2f} ms  "
           f"({lag['samples']} samples, {lag['late_batches']} late sends)")
-    result = {"catch_up": catch, "lag": lag, "cpus": os.cpu_count(), "body_bytes": args.size}
+    result = {"catch_up": catch, "write_ceiling_mb_per_s": ceiling, "lag": lag, "cpus": os.cpu_count(),
+              "lag_body_bytes": args.size}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

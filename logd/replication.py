@@ -29,6 +29,7 @@ from .config import parse_address
 from .errors import CorruptRecordError, LogdError, ProtocolError, ServerError, UnavailableError
 from .protocol.replica import (
     Chunk,
+    Event,
     LeaderPosition,
     ReplicaStreamParser,
     SegmentStart,
@@ -205,6 +206,16 @@ class ReplicationFailed(LogdError):
     """Following must stop: going on would mix two histories or skip records."""
 
 
+def _feed_all(parser: ReplicaStreamParser, chunks: list[bytes]) -> list[Event]:
+    """The events of received chunks, up to the end of the stream (nothing after that counts)."""
+    events: list[Event] = []
+    for data in chunks:
+        events += parser.feed(data)
+        if events and type(events[-1]) in (StreamEnd, StreamError):
+            break
+    return events
+
+
 class _Link(asyncio.Protocol):
     """The follower's connection to its leader: buffers received bytes for the loop to take."""
 
@@ -234,14 +245,18 @@ class _Link(asyncio.Protocol):
         self.lost = True
         self.event.set()
 
-    async def take(self) -> bytes:
-        """Everything received so far (waits for something); b"" once the connection is gone."""
+    async def take(self) -> list[bytes]:
+        """The chunks received so far (waits for some); [] once the connection is gone.
+
+        Not joined: the stream parser takes them one by one, so each byte is
+        copied once on its way from the socket to the segment file.
+        """
         while not self.chunks:
             if self.lost:
-                return b""
+                return []
             self.event.clear()
             await self.event.wait()
-        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        data = self.chunks
         self.chunks = []
         self.size = 0
         if self.paused and self.transport is not None and not self.lost:
@@ -346,16 +361,16 @@ class Follower:
             started = False
             self._uncommitted = [0, 0]
             while True:
-                data = await link.take()
+                chunks = await link.take()
                 self._check_commit()
-                if not data:
+                if not chunks:
                     await self._drain_commits()
                     if started:
                         log.warning("leader_lost", leader=self.leader, head=lg.head)
                         return
                     raise LinkLost(f"{self.leader} closed the connection")
                 try:
-                    events = parser.feed(data)
+                    events = _feed_all(parser, chunks)
                 except (CorruptRecordError, ProtocolError) as exc:
                     # Possibly damage in transit: start again from what we hold.
                     log.error("replication_stream_bad", leader=self.leader, error=str(exc))

@@ -46,7 +46,7 @@ def collect(parser: ReplicaStreamParser, pieces: list[bytes]) -> tuple[list[obje
                 assert len(ev.offsets) == ev.count
                 # Offsets point at each record within the chunk.
                 for k, off in enumerate(ev.offsets):
-                    assert ev.data[off:].startswith(b"+%d " % (ev.first_id + k))
+                    assert bytes(ev.data[off:]).startswith(b"+%d " % (ev.first_id + k))
                 data += ev.data
                 firsts.append(ev.first_id)
             else:

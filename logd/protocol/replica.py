@@ -38,7 +38,7 @@ def position_marker(head: int, visible: int) -> bytes:
 class Chunk:
     """Consecutive verified records, as received: ``data`` holds ``count`` records from ``first_id``."""
 
-    data: bytes
+    data: memoryview
     offsets: array
     first_id: int
     count: int
@@ -117,7 +117,8 @@ class ReplicaStreamParser:
             if self._started and data[p] == 43 and p + 1 < size and 48 <= data[p + 1] <= 57:
                 q, offsets = self._records(data, p)
                 if q > p:
-                    out.append(Chunk(data[p:q], offsets, self.next_id - len(offsets), len(offsets)))
+                    # A view, not a copy: it goes to the segment file as it is.
+                    out.append(Chunk(memoryview(data)[p:q], offsets, self.next_id - len(offsets), len(offsets)))
                     p = q
                     continue
                 break  # an incomplete record: wait for more

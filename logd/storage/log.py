@@ -244,7 +244,7 @@ class Log:
         self._write(active, data, offsets)
         return self._head
 
-    def append_encoded(self, data: bytes, offsets: Sequence[int], count: int) -> int:
+    def append_encoded(self, data: bytes | memoryview, offsets: Sequence[int], count: int) -> int:
         """Append records already encoded and verified by the caller (a replica).
 
         ``data`` holds ``count`` whole records with ids from ``written + 1``;
@@ -281,7 +281,7 @@ class Log:
         except OSError as exc:
             raise UnavailableError(f"cannot start segment {first_id}: {os.strerror(exc.errno or 0)}") from exc
 
-    def _write(self, active: Segment, data: bytes, offsets: object) -> None:
+    def _write(self, active: Segment, data: bytes | memoryview, offsets: object) -> None:
         try:
             active.append(data, offsets)  # type: ignore[arg-type]
         except OSError as exc:

@@ -234,7 +234,7 @@ class Segment:
 
     # --- writing (active segment only) ----------------------------------------
 
-    def append(self, data: bytes, offsets: array) -> None:
+    def append(self, data: bytes | memoryview, offsets: array) -> None:
         """Write records and their index entries; on failure, undo to the previous end."""
         assert self._offsets is not None
         old_size, old_count = self.size, self.count
