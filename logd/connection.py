@@ -178,9 +178,6 @@ class Connection(asyncio.Protocol):
                 slots.append([FATAL if item.fatal else READY, protocol.error_reply(item)])
             else:  # pragma: no cover - the parser only yields the above
                 slots.append([READY, protocol.error_reply(ProtocolError("unsupported command"))])
-        # Apply this chunk's MSGs now if nothing waits for an fsync, so their
-        # acks leave in the write below rather than after another loop turn.
-        self.server.queue.kick()
         self.flush()
 
     # --- the append queue's callbacks (Submitter) ---------------------------------

@@ -10,11 +10,10 @@ Then each submitter's callback gets its id range, and commit listeners
 fsync runs on a dedicated thread so the event loop never blocks on it.
 
 With ``fsync=interval`` or ``never`` there is no fsync to wait for, so there
-is no writer task either: a connection applies what is pending as soon as it
-has parsed a received chunk (`kick`), and its replies go out in the same
-``transport.write`` as the rest of that chunk's. A batch submitted anywhere
-else is applied by a `kick` scheduled with ``call_soon``, so none is left
-waiting.
+is no writer task either: the first batch submitted schedules `kick` with
+``call_soon``. It runs once the loop has handled every socket that was ready,
+so one write still covers the batches of all of them, and their acks go out
+without a task switch in between.
 """
 
 from __future__ import annotations
@@ -121,7 +120,6 @@ class AppendQueue:
         self._pending.append((bodies, nbytes, who, token))
         self._pending_bytes += nbytes
         if self._inline:
-            # The submitter normally kicks at once; this is the safety net.
             if not self._kick_scheduled:
                 self._kick_scheduled = True
                 asyncio.get_running_loop().call_soon(self.kick)
