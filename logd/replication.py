@@ -57,13 +57,14 @@ class ReplicaSet:
     simply the commit point.
     """
 
-    def __init__(self, min_replicas: int, timeout: float, head: int) -> None:
+    def __init__(self, min_replicas: int, timeout: float, head: int, saved_hw: int = 0) -> None:
         self.min_replicas = min_replicas
         self.timeout = timeout
         self.acked: dict[Any, int] = {}
-        # A restarted leader cannot know which of its records reached enough
-        # replicas; it shows nothing past what reconnecting replicas confirm.
-        self.hw = head if min_replicas == 0 else 0
+        # A restarted leader cannot know which of its records past the
+        # watermark it saved reached enough replicas: it shows nothing past
+        # that until reconnecting replicas confirm more.
+        self.hw = head if min_replicas == 0 else saved_hw
         self.head = head
         self._ids: list[int] = []  # commit points, increasing, with when they were reached
         self._times: list[float] = []

@@ -25,11 +25,11 @@ from .errors import (
 )
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
-from .storage import Log
+from .storage import Log, watermark
 
 log = structlog.get_logger("logd.server")
 
-log = structlog.get_logger("logd.server")
+WATERMARK_SAVE_S = 1.0  # how often a changed high watermark is saved (--min-replicas)
 
 
 class LogServer:
@@ -45,7 +45,10 @@ class LogServer:
             retention_ms=config.retention_ms,
         )
         self.queue = AppendQueue(self.log)
-        self.replication = ReplicaSet(config.min_replicas, config.replica_timeout, self.log.head)
+        # A restarted leader shows what it last saved as visible, no more
+        # than it holds (a torn tail may have gone), until replicas confirm more.
+        saved_hw = min(watermark.load(config.data_dir), self.log.head)
+        self.replication = ReplicaSet(config.min_replicas, config.replica_timeout, self.log.head, saved_hw)
         self.follower: Follower | None = None
         self.exit_code = 0
         self.connections: set[Connection] = set()  # counted against max_connections
@@ -75,6 +78,8 @@ class LogServer:
             self._tasks.append(loop.create_task(self._idle_sweeper()))
         if self.config.retention_bytes is not None or self.config.retention_ms is not None:
             self._tasks.append(loop.create_task(self._retention_loop()))
+        if self.config.min_replicas:
+            self._tasks.append(loop.create_task(self._watermark_saver()))
         if self.config.replica_of:
             self.read_only = True
             self.leader_address = self.config.replica_of
@@ -126,6 +131,8 @@ class LogServer:
             if conn.transport is not None:
                 conn.transport.abort()
         await self.queue.stop()
+        if self.config.min_replicas:
+            self.save_watermark()
         self.log.close()
         log.info("stopped", head=self.log.head)
 
@@ -252,6 +259,22 @@ class LogServer:
                 if conn.slots:  # still answering; not idle
                     continue
                 conn._close_after([protocol.error_reply(IdleTimeoutError(f"no command for {timeout:g} s"))])
+
+    async def _watermark_saver(self) -> None:
+        saved = -1
+        while True:
+            hw = self.replication.hw
+            if hw != saved:
+                self.save_watermark()
+                saved = hw
+            await asyncio.sleep(WATERMARK_SAVE_S)
+
+    def save_watermark(self) -> None:
+        """Keep the high watermark for a restart (--min-replicas); a failure only costs visibility."""
+        try:
+            watermark.save(self.config.data_dir, self.replication.hw)
+        except OSError as exc:
+            log.warning("watermark_not_saved", error=str(exc))
 
     async def _retention_loop(self) -> None:
         while True:
