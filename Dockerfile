@@ -1,11 +1,21 @@
 # logd server image: slim Python, non-root, data in a volume.
-FROM python:3.11-slim
 
-RUN useradd --system --uid 1774 --home-dir /var/lib/logd --create-home logd
-WORKDIR /opt/logd
+# Build stage: the wheel, with logd/_hot.c compiled (the slim image has no compiler).
+FROM python:3.11-slim AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
 COPY pyproject.toml README.md protocol.md ./
 COPY logd ./logd
-RUN pip install --no-cache-dir . && rm -rf /root/.cache
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 1774 --home-dir /var/lib/logd --create-home logd
+COPY --from=build /wheels /wheels
+# The import check fails the build if the C module did not make it into the wheel.
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels /root/.cache \
+    && python -c "import logd._hot"
 
 USER logd
 WORKDIR /var/lib/logd

@@ -27,9 +27,10 @@ Failures and retries:
 """
 
 from .aio import AsyncClient, AsyncTail
+from .aio_producer import AsyncProducer
 from .commands import DEFAULT_URL, NO_RETRY, Record, Retry, parse_url
 from .consumer import CallbackCheckpoint, Checkpoint, Consumer, FileCheckpoint
-from .producer import AsyncProducer, Producer
+from .producer import Producer
 from .sync import Client, Tail, connect
 
 __all__ = [

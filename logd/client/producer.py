@@ -20,102 +20,38 @@ replaced before anything is written to it.
 `send` waits (backpressure) while ``max_in_flight`` sealed batches are
 already waiting to be written, so memory stays bounded.
 
-`Producer` is the blocking one (a background thread owns the socket,
-futures are `concurrent.futures.Future`); `AsyncProducer` runs in the event
-loop (futures are `asyncio.Future`).
+`Producer` (here) is the blocking one (a background thread owns the socket,
+futures are `concurrent.futures.Future`); `aio_producer.AsyncProducer` runs
+in the event loop (futures are `asyncio.Future`). What both share (the
+batch, its limits, settling futures from a reply) is in `batching`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures._base import FINISHED as _FINISHED
 from concurrent.futures._base import PENDING as _PENDING
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from .. import errors
-from ..protocol import ErrorReply, Msg, Reply
-from .aio import AsyncConnection
+from ..protocol import Msg, Reply
+from .batching import Batch, BatchLimits, lost_in_flight, settle
 from .commands import (
     DEFAULT_URL,
     RECV_BYTES,
     Body,
     Retry,
-    as_bytes,
-    id_of,
     parse_url,
     retriable,
     with_retry,
-    with_retry_async,
 )
 from .sync import Connection
 
-__all__ = ["AsyncProducer", "Producer"]
-
-F = TypeVar("F", concurrent.futures.Future[int], asyncio.Future[int])
-
-
-@dataclass
-class _Batch(Generic[F]):
-    """Messages sent as one MSG, and the futures of their ids."""
-
-    bodies: list[bytes] = field(default_factory=list)
-    futures: list[F] = field(default_factory=list)
-    nbytes: int = 0
-
-
-@dataclass(frozen=True)
-class _Limits:
-    linger: float  # seconds
-    max_messages: int
-    max_bytes: int
-    max_in_flight: int
-
-    @classmethod
-    def check(cls, linger_ms: float, max_messages: int, max_bytes: int, max_in_flight: int) -> _Limits:
-        if linger_ms < 0 or max_messages < 1 or max_bytes < 1 or max_in_flight < 1:
-            raise ValueError("linger_ms >= 0 and positive batch limits and max_in_flight please")
-        return cls(linger_ms / 1000, max_messages, max_bytes, max_in_flight)
-
-
-def _settle(batch: _Batch[Any], reply: Reply | errors.LogdError) -> None:
-    """Resolve a batch's futures from its reply (``OK <last id>``, ``ERR``) or a failure."""
-    futures = batch.futures
-    if isinstance(reply, ErrorReply):
-        reply = errors.error_from_reply(reply.code, reply.message)
-    if not isinstance(reply, errors.LogdError):
-        try:
-            first = id_of([reply]) - len(futures) + 1
-        except errors.LogdError as exc:
-            reply = exc
-    if isinstance(reply, errors.LogdError):
-        for fut in futures:
-            _resolve(fut.set_exception, reply)
-    else:
-        for id, fut in enumerate(futures, first):
-            _resolve(fut.set_result, id)
-
-
-def _resolve(setter: Callable[[Any], None], value: object) -> None:
-    try:
-        setter(value)
-    except _CANCELLED:
-        pass  # the caller cancelled this future: it no longer wants the outcome
-
-
-_CANCELLED = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
-
-
-def _lost(n: int, why: errors.LogdError) -> errors.ConnectionError:
-    return errors.ConnectionError(
-        f"{why}; {n} message(s) were in flight and may or may not have been appended"
-    )
+__all__ = ["Producer"]
 
 
 class _IdFuture(concurrent.futures.Future[int]):
@@ -197,7 +133,7 @@ class Producer:
         retry: Retry = Retry(),  # noqa: B008 - frozen
     ) -> None:
         self.address = parse_url(url)
-        self._limits = _Limits.check(linger_ms, max_batch_messages, max_batch_bytes, max_in_flight)
+        self._limits = BatchLimits.check(linger_ms, max_batch_messages, max_batch_bytes, max_in_flight)
         self._connect_timeout = connect_timeout
         self._retry = retry
         # One plain lock guards the batches; the condition on it wakes the
@@ -209,9 +145,9 @@ class Producer:
         self._futures: list[concurrent.futures.Future[int]] = []
         self._nbytes = 0
         self._opened_at = 0.0
-        self._ready: deque[_Batch[concurrent.futures.Future[int]]] = deque()
+        self._ready: deque[Batch[concurrent.futures.Future[int]]] = deque()
         self._writing = 0  # batches the writer has taken but not yet put in flight
-        self._inflight: deque[_Batch[concurrent.futures.Future[int]]] = deque()
+        self._inflight: deque[Batch[concurrent.futures.Future[int]]] = deque()
         self._conn: Connection | None = None
         self._closing = False
         self._closed = False
@@ -284,13 +220,13 @@ class Producer:
 
     def _seal(self) -> None:
         """Move the open batch to the ready queue (lock held)."""
-        self._ready.append(_Batch(self._bodies, self._futures, self._nbytes))
+        self._ready.append(Batch(self._bodies, self._futures, self._nbytes))
         self._bodies = []
         self._futures = []
         self._nbytes = 0
         self._cond.notify_all()
 
-    def _next_batches(self) -> list[_Batch[concurrent.futures.Future[int]]] | None:
+    def _next_batches(self) -> list[Batch[concurrent.futures.Future[int]]] | None:
         """Wait for batches to write (lock held); None once closing and all is done."""
         limits = self._limits
         while True:
@@ -343,12 +279,12 @@ class Producer:
         threading.Thread(target=self._read_loop, args=(conn,), name="logd-producer-acks", daemon=True).start()
         return conn
 
-    def _write(self, batches: list[_Batch[concurrent.futures.Future[int]]]) -> None:
+    def _write(self, batches: list[Batch[concurrent.futures.Future[int]]]) -> None:
         try:
             conn = self._connected()
         except errors.LogdError as exc:
             for batch in batches:  # never written: fail them, later batches try again
-                _settle(batch, exc)
+                settle(batch, exc)
             with self._lock:
                 self._writing = 0
                 self._cond.notify_all()
@@ -376,7 +312,7 @@ class Producer:
             except OSError as exc:
                 chunk = b""
                 failure = errors.ConnectionError(f"connection lost: {exc}")
-            done: list[tuple[_Batch[Any], Reply]] = []
+            done: list[tuple[Batch[Any], Reply]] = []
             with self._lock:
                 try:
                     replies = conn.proto.receive_data(chunk)
@@ -391,7 +327,7 @@ class Producer:
                 for reply in replies:
                     if current and self._inflight:
                         done.append((self._inflight.popleft(), reply))
-                lost: list[_Batch[Any]] = []
+                lost: list[Batch[Any]] = []
                 if failure is not None:
                     if current:
                         lost = list(self._inflight)
@@ -400,172 +336,7 @@ class Producer:
                     conn.close()
                 self._cond.notify_all()
             for batch, reply in done:
-                _settle(batch, reply)
+                settle(batch, reply)
             if failure is not None:
                 for batch in lost:
-                    _settle(batch, _lost(len(batch.bodies), failure))
-
-
-class AsyncProducer:
-    """The asyncio producer: ``fut = await producer.send(b"...")``; ``await fut`` is the id.
-
-    ``send`` is a coroutine only so that it can wait when the producer is
-    full; it returns as soon as the message is queued.
-    """
-
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        linger_ms: float = 5.0,
-        max_batch_messages: int = 1000,
-        max_batch_bytes: int = 1 << 20,
-        max_in_flight: int = 8,
-        connect_timeout: float = 5.0,
-        retry: Retry = Retry(),  # noqa: B008 - frozen
-    ) -> None:
-        self.address = parse_url(url)
-        self._limits = _Limits.check(linger_ms, max_batch_messages, max_batch_bytes, max_in_flight)
-        self._connect_timeout = connect_timeout
-        self._retry = retry
-        self._open: _Batch[asyncio.Future[int]] = _Batch()
-        self._timer: asyncio.TimerHandle | None = None
-        self._ready: deque[_Batch[asyncio.Future[int]]] = deque()
-        self._inflight: deque[_Batch[asyncio.Future[int]]] = deque()
-        self._conn: AsyncConnection | None = None
-        self._changed: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-
-    async def __aenter__(self) -> AsyncProducer:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def send(self, body: Body) -> asyncio.Future[int]:
-        """Queue one message; the future gives its id once the server has acknowledged it."""
-        if self._closing:
-            raise errors.LogdError("producer is closed")
-        limits = self._limits
-        while len(self._ready) >= limits.max_in_flight:
-            await self._wait_change()
-        loop = asyncio.get_running_loop()
-        if self._task is None:
-            self._task = loop.create_task(self._write_loop(), name="logd-producer")
-        fut: asyncio.Future[int] = loop.create_future()
-        data = as_bytes(body)
-        batch = self._open
-        batch.bodies.append(data)
-        batch.futures.append(fut)
-        batch.nbytes += len(data)
-        if len(batch.bodies) >= limits.max_messages or batch.nbytes >= limits.max_bytes:
-            self._seal()
-            # Let the writer put it on the wire and acknowledgements come in
-            # now, rather than when a caller sending in a loop blocks.
-            await asyncio.sleep(0)
-        elif len(batch.bodies) == 1:
-            self._timer = loop.call_later(limits.linger, self._seal)
-        return fut
-
-    async def flush(self) -> None:
-        """Send the open batch now and wait until every batch sent so far is acknowledged."""
-        if self._open.bodies:
-            self._seal()
-        while self._ready or self._inflight:
-            await self._wait_change()
-
-    async def close(self) -> None:
-        """Flush, then stop the writer and close the connection."""
-        try:
-            await self.flush()
-        finally:
-            self._closing = True
-            self._changed_now()
-            if self._task is not None:
-                await self._task
-                self._task = None
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    # --- internals --------------------------------------------------------------------
-
-    async def _wait_change(self) -> None:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        self._changed.clear()
-        await self._changed.wait()
-
-    def _changed_now(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-
-    def _seal(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._open.bodies:
-            self._ready.append(self._open)
-            self._open = _Batch()
-            self._changed_now()
-
-    async def _write_loop(self) -> None:
-        limits = self._limits
-        while True:
-            room = limits.max_in_flight - len(self._inflight)
-            if not self._ready or room <= 0:
-                if self._closing and not self._ready and not self._inflight:
-                    return
-                await self._wait_change()
-                continue
-            try:
-                conn = await self._connected()
-            except errors.LogdError as exc:
-                while self._ready:  # never written: fail them, later batches try again
-                    _settle(self._ready.popleft(), exc)
-                self._changed_now()
-                continue
-            batches = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
-            for batch in batches:
-                conn.send(Msg(batch.bodies))
-                self._inflight.append(batch)
-            self._changed_now()
-            try:
-                await conn.drain()
-            except errors.LogdError:
-                pass  # on_lost has failed what was in flight
-
-    async def _connected(self) -> AsyncConnection:
-        conn = self._conn
-        if conn is not None:
-            if conn.error is None and (self._inflight or not conn.stale):
-                return conn
-            self._conn = None  # closed by the server while idle: replace it (see Producer)
-            conn.close()
-        policy = self._retry.policy(lambda e: retriable(e, True), None)
-        conn = await with_retry_async(policy, AsyncConnection.open, self.address, self._connect_timeout)
-        conn.on_replies = lambda replies, c=conn: self._on_replies(c, replies)
-        conn.on_lost = lambda why, c=conn: self._on_lost(c, why)
-        self._conn = conn
-        return conn
-
-    def _on_replies(self, conn: AsyncConnection, replies: list[Reply]) -> None:
-        if conn is not self._conn:
-            return  # a replaced connection had nothing in flight
-        inflight = self._inflight
-        for reply in replies:
-            if inflight:
-                _settle(inflight.popleft(), reply)
-        self._changed_now()
-
-    def _on_lost(self, conn: AsyncConnection, why: errors.LogdError) -> None:
-        if conn is not self._conn:
-            return
-        self._conn = None
-        lost = list(self._inflight)
-        self._inflight.clear()
-        for batch in lost:
-            _settle(batch, _lost(len(batch.bodies), why))
-        self._changed_now()
-
+                    settle(batch, lost_in_flight(len(batch.bodies), failure))
