@@ -25,7 +25,7 @@
 #endif
 
 /* "+" + 19 digits + " " + 19 digits + " " + 8 hex + "\r\n", as record.py. */
-#define MAX_HEADER 50
+#define MAX_HEADER 51
 /* Bodies at least this long go to the crc32c package, whose interleaved
  * hardware loop is about three times faster than the single stream below;
  * under it, the cost of calling into Python would dominate. */
@@ -190,10 +190,16 @@ static PyObject *
 encode_batch(PyObject *self, PyObject *args)
 {
     unsigned long long first_id, base;
-    PyObject *bodies;
-    if (!PyArg_ParseTuple(args, "KO!K", &first_id, &PyList_Type, &bodies, &base))
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "KO!K", &first_id, &PyList_Type, &list, &base))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(bodies);
+    /* A tuple of the bodies, so the sizes summed in the first pass are the
+     * ones copied in the second, whatever happens to the list meanwhile
+     * (the crc32c call for big bodies may let other threads run). */
+    PyObject *bodies = PyList_AsTuple(list);
+    if (bodies == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(bodies);
     /* First pass: sizes, so the output is allocated once. The id width only
      * changes at powers of ten. */
     Py_ssize_t total = 0;
@@ -203,9 +209,11 @@ encode_batch(PyObject *self, PyObject *args)
     for (int i = 0; i < id_width; i++)
         bump *= 10;
     for (Py_ssize_t i = 0; i < n; i++, id++) {
-        PyObject *body = PyList_GET_ITEM(bodies, i);
-        if (!PyBytes_CheckExact(body))
+        PyObject *body = PyTuple_GET_ITEM(bodies, i);
+        if (!PyBytes_CheckExact(body)) {
+            Py_DECREF(bodies);
             Py_RETURN_NONE;
+        }
         if (id == bump) {
             id_width++;
             bump *= 10;
@@ -214,13 +222,9 @@ encode_batch(PyObject *self, PyObject *args)
         total += 1 + id_width + 1 + decimal_width((uint64_t)len) + 1 + 8 + 2 + len + 2;
     }
     PyObject *records = PyBytes_FromStringAndSize(NULL, total);
-    if (records == NULL)
-        return NULL;
     PyObject *offsets = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(uint64_t));
-    if (offsets == NULL) {
-        Py_DECREF(records);
-        return NULL;
-    }
+    if (records == NULL || offsets == NULL)
+        goto fail;
     char *start = PyBytes_AS_STRING(records);
     char *out = start;
     uint64_t *offs = (uint64_t *)PyBytes_AS_STRING(offsets);
@@ -228,17 +232,14 @@ encode_batch(PyObject *self, PyObject *args)
     id_width = decimal_width(first_id);
     put_decimal(idbuf, first_id, id_width);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *body = PyList_GET_ITEM(bodies, i);
+        PyObject *body = PyTuple_GET_ITEM(bodies, i);
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(body);
         Py_ssize_t len = PyBytes_GET_SIZE(body);
         if (i)
             id_width = increment_decimal(idbuf, id_width);
         int64_t crc = crc_of(p, len);
-        if (crc < 0) {
-            Py_DECREF(records);
-            Py_DECREF(offsets);
-            return NULL;
-        }
+        if (crc < 0)
+            goto fail;
         offs[i] = base + (uint64_t)(out - start);
         out = put_header(out, idbuf, id_width, (uint64_t)len, (uint32_t)crc);
         memcpy(out, p, (size_t)len);
@@ -246,7 +247,13 @@ encode_batch(PyObject *self, PyObject *args)
         *out++ = '\r';
         *out++ = '\n';
     }
+    Py_DECREF(bodies);
     return Py_BuildValue("(NN)", records, offsets);
+fail:
+    Py_DECREF(bodies);
+    Py_XDECREF(records);
+    Py_XDECREF(offsets);
+    return NULL;
 }
 
 /* --- verify_records ------------------------------------------------------------- */
@@ -526,7 +533,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "logd._hot", "The per-record loops of logd's hot paths, in C.", -1, methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "logd._hot",
+    .m_doc = "The per-record loops of logd's hot paths, in C.",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC

@@ -13,90 +13,22 @@ few fields they share.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import threading
 import time
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
 
-from ..errors import LockedError, NotFoundError, StorageError, UnavailableError
+from ..errors import NotFoundError, StorageError, UnavailableError
 from ..hot import ext
+from .lock import take_lock
+from .policy import FsyncPolicy
+from .reads import Record, Span
 from .record import MAX_HEADER_BYTES, Decoded, encode_batch
-from .segment import ReadHandle, Segment, segment_firsts
+from .segment import Segment, segment_firsts
 
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
-LOCK_NAME = "LOCK"
-
-
-def take_lock(directory: str) -> int:
-    """Take the data dir's LOCK flock (protocol.md section 2) and write our pid; return its fd.
-
-    Raises `LockedError` naming the holder's pid when another process has it.
-    Closing the fd releases the lock.
-    """
-    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            os.close(fd)
-            raise
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        os.close(fd)
-        pid = int(holder) if holder.isdigit() else None
-        raise LockedError(
-            f"data dir {directory} is in use by another logd process (pid {holder or '?'})", pid=pid
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-@dataclass(frozen=True)
-class FsyncPolicy:
-    """When appended data is made durable: ``always``, ``interval:<ms>`` or ``never``."""
-
-    mode: str = "always"
-    interval_ms: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> FsyncPolicy:
-        """Parse the ``--fsync`` flag; raise ValueError with a readable message."""
-        text = text.strip().lower()
-        if text in ("always", "never"):
-            return cls(text)
-        if text.startswith("interval:"):
-            ms = text.split(":", 1)[1]
-            if ms.isdigit() and int(ms) > 0:
-                return cls("interval", int(ms))
-        raise ValueError(f"fsync policy must be always, never or interval:<ms>, not {text!r}")
-
-    def __str__(self) -> str:
-        return f"interval:{self.interval_ms}" if self.mode == "interval" else self.mode
-
-
-class Span(NamedTuple):
-    """A byte range of one segment holding whole records ``first_id..last_id``."""
-
-    handle: ReadHandle
-    start: int  # byte offset of first_id's record
-    end: int  # byte offset just after last_id's record
-    first_id: int
-    last_id: int
-    path: str
-
-
-class Record(NamedTuple):
-    """A stored message, as returned by `Log.read`."""
-
-    id: int
-    body: bytes
-    crc: int
 
 
 class Log:

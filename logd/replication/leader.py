@@ -1,0 +1,162 @@
+"""The leader's replica bookkeeping: acknowledged ids, the high watermark, held MSG replies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from bisect import bisect_left
+from collections import deque
+from typing import Any
+
+from .. import protocol
+from ..errors import ServerError, UnavailableError
+
+COMMIT_SAMPLES = 1 << 16  # (commit point, time) pairs kept for replica lag in seconds
+
+
+class ReplicaSet:
+    """The leader's view of its replicas: acknowledged ids, high watermark, waiting MSGs.
+
+    ``acked`` maps a replica's connection to the highest id it has committed.
+    The high watermark ``hw`` is the highest id that ``min_replicas`` replicas
+    (and this server) hold; it never goes back. With ``min_replicas`` 0 it is
+    simply the commit point.
+    """
+
+    def __init__(self, min_replicas: int, timeout: float, head: int, saved_hw: int = 0) -> None:
+        self.min_replicas = min_replicas
+        self.timeout = timeout
+        self.acked: dict[Any, int] = {}
+        # A restarted leader cannot know which of its records past the
+        # watermark it saved reached enough replicas: it shows nothing past
+        # that until reconnecting replicas confirm more.
+        self.hw = head if min_replicas == 0 else saved_hw
+        self.head = head
+        self._ids: list[int] = []  # commit points, increasing, with when they were reached
+        self._times: list[float] = []
+        self._waiters: deque[tuple[int, float, Any, list[Any]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def on_commit(self, head: int) -> bool:
+        """The commit point moved; return True if the high watermark moved with it."""
+        self.head = head
+        self._ids.append(head)
+        self._times.append(time.monotonic())
+        if len(self._ids) > 2 * COMMIT_SAMPLES:
+            del self._ids[:COMMIT_SAMPLES], self._times[:COMMIT_SAMPLES]
+        return self._advance()
+
+    def ack(self, conn: Any, id: int) -> bool:
+        """A replica committed up to ``id``; return True if the high watermark moved."""
+        if id > self.acked.get(conn, -1):
+            self.acked[conn] = id
+        return self._advance()
+
+    def forget(self, conn: Any) -> None:
+        """A replica's stream ended: it no longer counts (the high watermark stays)."""
+        self.acked.pop(conn, None)
+
+    def _advance(self) -> bool:
+        n = self.min_replicas
+        if n == 0:
+            new = self.head
+        elif len(self.acked) < n:
+            return False
+        else:
+            new = min(self.head, sorted(self.acked.values(), reverse=True)[n - 1])
+        if new <= self.hw:
+            return False
+        self.hw = new
+        return True
+
+    def lag_seconds(self, acked: int) -> float:
+        """How long ago the first id past ``acked`` was committed (0 when caught up)."""
+        if acked >= self.head or not self._ids:
+            return 0.0
+        i = bisect_left(self._ids, acked + 1)
+        if i == len(self._ids):
+            return 0.0
+        return time.monotonic() - self._times[i]
+
+    def in_sync(self) -> int:
+        """Replicas connected and no more than ``timeout`` seconds behind."""
+        return sum(1 for a in self.acked.values() if self.lag_seconds(a) <= self.timeout)
+
+    def refusal(self) -> ServerError | None:
+        """Why a MSG must be refused before it is appended (too few replicas), or None."""
+        if self.min_replicas == 0:
+            return None
+        k = self.in_sync()
+        if k >= self.min_replicas:
+            return None
+        return UnavailableError(
+            f"{k} replicas in sync ({len(self.acked)} connected), {self.min_replicas} required; nothing was written"
+        )
+
+    # --- MSG replies held until min_replicas hold them ---------------------------------
+
+    def hold(self, conn: Any, slot: list[Any], last_id: int) -> None:
+        """Keep a committed batch's reply until the high watermark reaches ``last_id``."""
+        self._waiters.append((last_id, time.monotonic() + self.timeout, conn, slot))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+
+    def release(self) -> None:
+        """Answer every held batch the high watermark has reached."""
+        conns: set[Any] = set()
+        waiters = self._waiters
+        hw = self.hw
+        while waiters and waiters[0][0] <= hw:
+            last_id, _deadline, conn, slot = waiters.popleft()
+            conn.answer_held(slot, b"OK %d\r\n" % last_id)
+            conns.add(conn)
+        for conn in conns:
+            conn.flush()
+
+    def abandon(self, why: str) -> None:
+        """Answer every held batch with ERR UNAVAILABLE (the server is stopping)."""
+        self._fail(len(self._waiters), why)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        waiters = self._waiters
+        n = 0
+        while n < len(waiters) and waiters[n][1] <= now:
+            n += 1
+        self._fail(n, f"within {self.timeout:g} s")
+        if waiters:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, waiters[0][1] - now), self._expire)
+
+    def _fail(self, n: int, why: str) -> None:
+        conns: set[Any] = set()
+        waiters = self._waiters
+        for _ in range(n):
+            last_id, _deadline, conn, slot = waiters.popleft()
+            err = UnavailableError(
+                f"id {last_id} is committed here but fewer than {self.min_replicas} replicas acknowledged it "
+                f"{why}; it may still become visible"
+            )
+            conn.answer_held(slot, protocol.error_reply(err))
+            conns.add(conn)
+        for conn in conns:
+            conn.flush()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def stats(self) -> dict[str, object]:
+        """Figures for a leader's STATS: one group of lines per replica."""
+        figures: dict[str, object] = {
+            "min_replicas": self.min_replicas,
+            "high_watermark": self.hw,
+            "replicas_in_sync": self.in_sync(),
+        }
+        for conn, acked in self.acked.items():
+            name = f"replica_{conn.peer}"
+            figures[f"{name}_acked"] = acked
+            figures[f"{name}_lag_messages"] = max(0, self.head - acked)
+            figures[f"{name}_lag_s"] = round(self.lag_seconds(acked), 3)
+        return figures
