@@ -410,20 +410,21 @@ rebase(PyObject *self, PyObject *args)
 /* --- MSG parsing ------------------------------------------------------------------- */
 
 PyDoc_STRVAR(msg_lengths_doc,
-             "msg_lengths(rest) -> list[int] or None\n\n"
+             "msg_lengths(rest, max_message, max_batch, max_batch_bytes) -> list[int] or None\n\n"
              "The lengths of a MSG line (what follows \"MSG \"): decimal numbers of at most\n"
-             "18 digits separated by single spaces. None for anything else; the caller's\n"
-             "Python code says what is wrong with it.");
+             "18 digits separated by single spaces, within the three limits. None for\n"
+             "anything else; the caller's Python code says what is wrong with it.");
 
 static PyObject *
-msg_lengths(PyObject *self, PyObject *arg)
+msg_lengths(PyObject *self, PyObject *args)
 {
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "msg_lengths takes bytes");
+    PyObject *rest;
+    long long max_message, max_batch, max_batch_bytes;
+    if (!PyArg_ParseTuple(args, "O!LLL", &PyBytes_Type, &rest, &max_message, &max_batch, &max_batch_bytes))
         return NULL;
-    }
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(arg);
-    const unsigned char *end = p + PyBytes_GET_SIZE(arg);
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(rest);
+    const unsigned char *end = p + PyBytes_GET_SIZE(rest);
+    long long total = 0;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -439,6 +440,9 @@ msg_lengths(PyObject *self, PyObject *arg)
         /* A token must have digits and end the line or be followed by one space
          * and another token. */
         if (q == p || (q < end && (*q != ' ' || q + 1 == end)))
+            goto not_mine;
+        total += v;
+        if (v > max_message || total > max_batch_bytes || PyList_GET_SIZE(out) >= max_batch)
             goto not_mine;
         PyObject *n = PyLong_FromLongLong(v);
         if (n == NULL || PyList_Append(out, n) < 0) {
@@ -526,7 +530,7 @@ static PyMethodDef methods[] = {
     {"encode_batch", encode_batch, METH_VARARGS, encode_batch_doc},
     {"verify_records", verify_records, METH_VARARGS, verify_records_doc},
     {"rebase", rebase, METH_VARARGS, rebase_doc},
-    {"msg_lengths", msg_lengths, METH_O, msg_lengths_doc},
+    {"msg_lengths", msg_lengths, METH_VARARGS, msg_lengths_doc},
     {"take_bodies", take_bodies, METH_VARARGS, take_bodies_doc},
     {"crc32c", crc32c, METH_VARARGS, crc32c_doc},
     {NULL, NULL, 0, NULL},

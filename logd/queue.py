@@ -203,7 +203,7 @@ class AppendQueue:
         for item in round_:
             bodies += item[0]
         try:
-            self.log.append(bodies)
+            self.log.append(bodies, sum(item[1] for item in round_))
             if self.log.needs_sync and self.log.policy.mode == "never":
                 # A roll left a closed segment to finish; do it off the loop.
                 asyncio.get_running_loop().run_in_executor(self._executor, self._sync_quietly)

@@ -183,12 +183,19 @@ def test_command_parser_matches_python(raw: bytes, data: st.DataObject) -> None:
 
 
 @needs_ext
-@given(st.binary(max_size=60) | st.lists(st.sampled_from([b"0", b"7", b"12", b" ", b"x", b"-1"])).map(b"".join))
-def test_msg_lengths_accepts_only_what_python_accepts(rest: bytes) -> None:
+@given(
+    st.binary(max_size=60) | st.lists(st.sampled_from([b"0", b"7", b"12", b" ", b"x", b"-1"])).map(b"".join),
+    st.integers(0, 20),
+    st.integers(0, 6),
+    st.integers(0, 40),
+)
+def test_msg_lengths_accepts_only_what_python_accepts(rest: bytes, max_message: int, max_batch: int,
+                                                      max_bytes: int) -> None:
     assert ext is not None
-    lens = ext.msg_lengths(rest)
+    lens = ext.msg_lengths(rest, max_message, max_batch, max_bytes)
     if lens is not None:
-        assert lens == CommandParser()._lengths_py(rest)
+        assert lens == CommandParser._lengths(rest)
+        assert len(lens) <= max_batch and max(lens) <= max_message and sum(lens) <= max_bytes
 
 
 @needs_ext

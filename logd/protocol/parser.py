@@ -201,8 +201,13 @@ class CommandParser:
                     else:
                         p = self._collect(data, p, [n], [], out)
                 else:
-                    lens = self._lengths(rest)
-                    if isinstance(lens, list):
+                    # C takes a well-formed line within the limits; anything
+                    # else (an error to report, a MSG to reject) is Python's.
+                    fast = None if ext is None else ext.msg_lengths(rest, max_message, self._max_batch,
+                                                                     self._max_batch_bytes)
+                    if fast is not None:
+                        p = self._collect(data, p, fast, [], out)
+                    elif isinstance(lens := self._lengths(rest), list):
                         if (
                             len(lens) > self._max_batch
                             or max(lens) > max_message
@@ -241,17 +246,9 @@ class CommandParser:
         self._bodies = []
         self._held = 0
 
-    def _lengths(self, rest: bytes) -> list[int] | ProtocolError:
-        """The lengths of a MSG line (all but the single short one handled inline)."""
-        if ext is not None:
-            lens = ext.msg_lengths(rest)
-            if lens is not None:
-                return lens
-        return self._lengths_py(rest)
-
     @staticmethod
-    def _lengths_py(rest: bytes) -> list[int] | ProtocolError:
-        """`_lengths` in pure Python, and the errors for any line C does not take."""
+    def _lengths(rest: bytes) -> list[int] | ProtocolError:
+        """The lengths of a MSG line, or why it is bad (the reference for ``_hot.msg_lengths``)."""
         if not rest:
             return ProtocolError("MSG needs at least one length")
         tokens = rest.split(b" ")
@@ -315,7 +312,9 @@ class CommandParser:
             return -1
         self._lens = None
         self._held = 0
-        out.append(Msg(bodies))
+        msg = _new(Msg)  # as in feed: the frozen dataclass __init__ is twice as slow
+        _set_msg_bodies(msg, bodies)
+        out.append(msg)
         return p
 
     def _reject(

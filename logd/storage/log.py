@@ -157,10 +157,11 @@ class Log:
 
     # --- writing --------------------------------------------------------------
 
-    def append(self, bodies: Sequence[bytes]) -> int:
+    def append(self, bodies: Sequence[bytes], nbytes: int | None = None) -> int:
         """Write a batch; return the id of its last message.
 
-        The batch goes into one segment. On an I/O error nothing of it is
+        The batch goes into one segment. ``nbytes`` is the bodies' total size
+        when the caller knows it already. On an I/O error nothing of it is
         kept and `UnavailableError` is raised; the log stays usable unless
         undoing the partial write failed too.
         """
@@ -168,7 +169,9 @@ class Log:
             raise ValueError("empty batch")
         self._check_failed()
         active = self._segments[-1]
-        bound = sum(map(len, bodies)) + len(bodies) * (MAX_HEADER_BYTES + 2)
+        if nbytes is None:
+            nbytes = sum(map(len, bodies))
+        bound = nbytes + len(bodies) * (MAX_HEADER_BYTES + 2)
         if active.size and active.size + bound > self.segment_bytes:
             active = self._roll()
         first_id = self._head + 1
