@@ -249,7 +249,7 @@ def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # ty
 
 
 def test_paused_follower_catches_up(start_server) -> None:  # type: ignore[no-untyped-def]
-    total = 200_000
+    total = 1_000_000  # as the issue asks: a follower paused while a million messages are written
     leader = start_server("--segment-bytes", "1MiB")
     follower = start_server("--replica-of", f"{leader.host}:{leader.port}")
     wait_for(lambda: stats(leader)["replicas"] == "1", what="follower connected")
