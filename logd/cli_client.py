@@ -98,8 +98,8 @@ def append(messages: tuple[str, ...], delimiter: str, null: bool, quiet: bool, m
     from .client.streams import read_chunks, split_messages
 
     sep = _delimiter(delimiter, null)
-    out = click.get_binary_stream("stdout")
-    stdin = click.get_binary_stream("stdin")
+    out = sys.stdout.buffer
+    stdin = sys.stdin.buffer
     bar = _progress(stdin)
     if messages:
         batches: Any = (list(messages[i : i + max_batch]) for i in range(0, len(messages), max_batch))
@@ -177,7 +177,7 @@ def read(start: tuple[str, int], count: int | None, follow: bool, fmt: str | Non
     """Print messages, one per line (or per delimiter); with -f, keep following the log."""
     from .client.streams import format_records
 
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     if fmt is None:
         fmt = "{id}\t{body}" if sys.stdout.isatty() else "raw"
     try:
