@@ -276,13 +276,14 @@ take_decimal(const unsigned char *p, const unsigned char *end, unsigned char sto
 }
 
 PyDoc_STRVAR(verify_records_doc,
-             "verify_records(data, pos, next_id) -> (end, count, offsets)\n\n"
+             "verify_records(data, pos, next_id, bodies=None) -> (end, count, offsets)\n\n"
              "Check consecutive records in ``data`` from ``pos``, the first with id\n"
              "``next_id``: canonical header, id in sequence, CRLF after the body, CRC.\n"
              "Stops at the first record that is incomplete or fails a check (or at\n"
              "anything that is not a record) and returns where it stopped, how many\n"
              "records it passed, and their offsets from ``pos`` as native unsigned\n"
-             "64-bit integers. Whether the stop is an error is for the caller to say.");
+             "64-bit integers. Whether the stop is an error is for the caller to say.\n"
+             "With a list as ``bodies``, each passed record's body is appended to it.");
 
 static PyObject *
 verify_records(PyObject *self, PyObject *args)
@@ -290,8 +291,14 @@ verify_records(PyObject *self, PyObject *args)
     Py_buffer buf;
     Py_ssize_t pos;
     unsigned long long next_id;
-    if (!PyArg_ParseTuple(args, "y*nK", &buf, &pos, &next_id))
+    PyObject *bodies = Py_None;
+    if (!PyArg_ParseTuple(args, "y*nK|O", &buf, &pos, &next_id, &bodies))
         return NULL;
+    if (bodies != Py_None && !PyList_Check(bodies)) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_TypeError, "bodies must be a list or None");
+        return NULL;
+    }
     const unsigned char *data = buf.buf;
     const unsigned char *end = data + buf.len;
     if (pos < 0 || pos > buf.len) {
@@ -359,6 +366,16 @@ verify_records(PyObject *self, PyObject *args)
             }
             offs = grown;
             cap *= 2;
+        }
+        if (bodies != Py_None) {
+            PyObject *b = PyBytes_FromStringAndSize((const char *)body, (Py_ssize_t)len);
+            if (b == NULL || PyList_Append(bodies, b) < 0) {
+                Py_XDECREF(b);
+                PyMem_Free(offs);
+                PyBuffer_Release(&buf);
+                return NULL;
+            }
+            Py_DECREF(b);
         }
         offs[count++] = (uint64_t)(p - (data + pos));
         p = after + 2;

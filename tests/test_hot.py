@@ -19,8 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import logd.hot
+from logd.protocol import client as client_module
 from logd.protocol import parser as parser_module
 from logd.protocol import replica as replica_module
+from logd.protocol.client import ClientProtocol
+from logd.protocol.commands import Read
 from logd.protocol.parser import CommandParser
 from logd.protocol.replica import ReplicaStreamParser, segment_marker
 from logd.storage import record as record_module
@@ -138,6 +141,32 @@ def test_replica_parser_matches_python(stream: tuple[int, bytes], data: st.DataO
     first, raw = stream
     cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=4))
     fast, slow = both(replica_module, lambda: replay(first, raw, cuts))
+    assert fast == slow
+
+
+# --- the client's READ replies ---------------------------------------------------------
+
+def client_replay(first: int, data: bytes, cuts: list[int]) -> list[Any]:
+    """A READ reply fed to the client's protocol in pieces: what came out, in order."""
+    proto = ClientProtocol()
+    proto.send(Read(first, 0))
+    out: list[Any] = []
+    prev = 0
+    for cut in [*sorted(cuts), len(data)]:
+        out += proto.receive_data(data[prev:cut])
+        prev = cut
+    return out
+
+
+@needs_ext
+@settings(max_examples=400)
+@given(replica_streams(), st.data())
+def test_client_protocol_matches_python(stream: tuple[int, bytes], data: st.DataObject) -> None:
+    # A REPLICATE reply's records are a READ reply's; its marker lines are
+    # errors to a READ, which tests that C hands those over too.
+    first, raw = stream
+    cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=4))
+    fast, slow = both(client_module, lambda: client_replay(first, raw, cuts))
     assert fast == slow
 
 

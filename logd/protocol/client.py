@@ -12,6 +12,7 @@ from logd.errors import (
     LogdError,
     ProtocolError,
 )
+from logd.hot import ext
 
 from .commands import Ack, Command, Ping, Read, Replicate, Stats, _new, encode_command
 from .parser import _show
@@ -172,9 +173,22 @@ class ClientProtocol:
         Stops at a line that is not a record, at a partial header, or at an
         incomplete body (then ``_need`` says how many bytes it takes).
         """
+        add = out.append
+        if ext is not None:
+            # C checks the good records and cuts their bodies out; the loop
+            # below then sees why it stopped (+EOF, an error, more to come).
+            bodies: list[bytes] = []
+            p, count, _offsets = ext.verify_records(data, p, self._next_id, bodies)
+            nxt = self._next_id
+            for body in bodies:
+                record = _new(Record)
+                _set_record_id(record, nxt)
+                _set_record_body(record, body)
+                add(record)
+                nxt += 1
+            self._next_id = nxt
         find = data.find
         size = len(data)
-        add = out.append
         nxt = self._next_id
         # The len field starts after "+", the id's digits and a space; k
         # follows the id's digit count, which grows by one at each power of 10.
