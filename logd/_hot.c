@@ -449,18 +449,19 @@ msg_lengths(PyObject *self, PyObject *args)
         const unsigned char *q = p;
         long long v = 0;
         while (q < end && *q >= '0' && *q <= '9') {
+            if (q - p == 18) /* a 19th digit: not a length any server takes */
+                goto not_mine;
             v = v * 10 + (*q - '0');
             q++;
-            if (q - p > 18)
-                goto not_mine;
         }
         /* A token must have digits and end the line or be followed by one space
          * and another token. */
         if (q == p || (q < end && (*q != ' ' || q + 1 == end)))
             goto not_mine;
-        total += v;
-        if (v > max_message || total > max_batch_bytes || PyList_GET_SIZE(out) >= max_batch)
+        /* total stays <= max_batch_bytes, so the subtraction cannot overflow. */
+        if (v > max_message || v > max_batch_bytes - total || PyList_GET_SIZE(out) >= max_batch)
             goto not_mine;
+        total += v;
         PyObject *n = PyLong_FromLongLong(v);
         if (n == NULL || PyList_Append(out, n) < 0) {
             Py_XDECREF(n);

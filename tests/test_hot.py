@@ -228,6 +228,16 @@ def test_msg_lengths_accepts_only_what_python_accepts(rest: bytes, max_message: 
 
 
 @needs_ext
+@pytest.mark.parametrize("digits", [17, 18, 19, 25])
+def test_msg_lengths_takes_18_digits_at_most(digits: int) -> None:
+    assert ext is not None
+    line = b"1 " + b"9" * digits
+    lens = ext.msg_lengths(line, 2**62, 10, 2**62)
+    assert lens == ([1, int(b"9" * digits)] if digits <= 18 else None)
+    assert CommandParser._lengths(line) == lens if lens else isinstance(CommandParser._lengths(line), Exception)
+
+
+@needs_ext
 def test_rebase_adds_to_each_offset() -> None:
     assert ext is not None
     got = array("Q")
