@@ -426,6 +426,49 @@ rebase(PyObject *self, PyObject *args)
 
 /* --- MSG parsing ------------------------------------------------------------------- */
 
+/* The lengths of a MSG line, [p, end): decimal numbers of at most 18 digits
+ * separated by single spaces, within the three limits. Stores them in *lens
+ * (grown as needed) and returns how many; 0 for a line C leaves to Python;
+ * -1 with MemoryError set. */
+static Py_ssize_t
+parse_lengths(const unsigned char *p, const unsigned char *end, long long max_message, long long max_batch,
+              long long max_batch_bytes, long long **lens, Py_ssize_t *cap)
+{
+    long long total = 0;
+    Py_ssize_t count = 0;
+    while (p < end) {
+        const unsigned char *q = p;
+        long long v = 0;
+        while (q < end && *q >= '0' && *q <= '9') {
+            if (q - p == 18) /* a 19th digit: not a length any server takes */
+                return 0;
+            v = v * 10 + (*q - '0');
+            q++;
+        }
+        /* A token must have digits and end the line or be followed by one space
+         * and another token. */
+        if (q == p || (q < end && (*q != ' ' || q + 1 == end)))
+            return 0;
+        /* total stays <= max_batch_bytes, so the subtraction cannot overflow. */
+        if (v > max_message || v > max_batch_bytes - total || count >= max_batch)
+            return 0;
+        total += v;
+        if (count == *cap) {
+            Py_ssize_t grown_cap = *cap ? *cap * 2 : 16;
+            long long *grown = PyMem_Realloc(*lens, (size_t)grown_cap * sizeof(long long));
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            *lens = grown;
+            *cap = grown_cap;
+        }
+        (*lens)[count++] = v;
+        p = q < end ? q + 1 : q;
+    }
+    return count;
+}
+
 PyDoc_STRVAR(msg_lengths_doc,
              "msg_lengths(rest, max_message, max_batch, max_batch_bytes) -> list[int] or None\n\n"
              "The lengths of a MSG line (what follows \"MSG \"): decimal numbers of at most\n"
@@ -440,43 +483,114 @@ msg_lengths(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!LLL", &PyBytes_Type, &rest, &max_message, &max_batch, &max_batch_bytes))
         return NULL;
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(rest);
-    const unsigned char *end = p + PyBytes_GET_SIZE(rest);
-    long long total = 0;
+    long long *lens = NULL;
+    Py_ssize_t cap = 0;
+    Py_ssize_t n = parse_lengths(p, p + PyBytes_GET_SIZE(rest), max_message, max_batch, max_batch_bytes, &lens, &cap);
+    PyObject *out = NULL;
+    if (n == 0) {
+        out = Py_NewRef(Py_None);
+    } else if (n > 0 && (out = PyList_New(n)) != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *v = PyLong_FromLongLong(lens[i]);
+            if (v == NULL) {
+                Py_CLEAR(out);
+                break;
+            }
+            PyList_SET_ITEM(out, i, v);
+        }
+    }
+    PyMem_Free(lens);
+    return out;
+}
+
+/* Where the body of length n at pos ends with its terminator (CRLF, or a bare
+ * LF), or -1 if it is incomplete or badly ended (Python's to handle). */
+static inline Py_ssize_t
+body_end(const char *d, Py_ssize_t size, Py_ssize_t pos, long long n)
+{
+    if (n > size - pos)
+        return -1;
+    Py_ssize_t end = pos + (Py_ssize_t)n;
+    if (end + 1 < size && d[end] == '\r' && d[end + 1] == '\n')
+        return end + 2;
+    if (end < size && d[end] == '\n')
+        return end + 1;
+    return -1;
+}
+
+PyDoc_STRVAR(msg_commands_doc,
+             "msg_commands(data, pos, max_line, max_message, max_batch, max_batch_bytes)\n"
+             "    -> (pos, [bodies, ...])\n\n"
+             "The complete MSG commands at ``data[pos:]``, one after another: for each,\n"
+             "the list of its bodies. Stops before the first command that is not a MSG\n"
+             "spelled \"MSG \", not complete in ``data``, or not one ``msg_lengths`` and\n"
+             "``take_bodies`` would take; the caller's Python loop goes on from there.");
+
+static PyObject *
+msg_commands(PyObject *self, PyObject *args)
+{
+    PyObject *data;
+    Py_ssize_t pos, max_line;
+    long long max_message, max_batch, max_batch_bytes;
+    if (!PyArg_ParseTuple(args, "O!nnLLL", &PyBytes_Type, &data, &pos, &max_line, &max_message, &max_batch,
+                          &max_batch_bytes))
+        return NULL;
+    const char *d = PyBytes_AS_STRING(data);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (pos < 0 || pos > size || max_line < 1) {
+        PyErr_SetString(PyExc_ValueError, "pos or max_line out of range");
+        return NULL;
+    }
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    while (p < end) {
-        const unsigned char *q = p;
-        long long v = 0;
-        while (q < end && *q >= '0' && *q <= '9') {
-            if (q - p == 18) /* a 19th digit: not a length any server takes */
-                goto not_mine;
-            v = v * 10 + (*q - '0');
-            q++;
+    long long *lens = NULL;
+    Py_ssize_t cap = 0;
+    while (size - pos >= 4 && memcmp(d + pos, "MSG ", 4) == 0) {
+        /* The line, LF included, must be shorter than max_line (as in Python). */
+        Py_ssize_t room = size - pos < max_line ? size - pos : max_line;
+        const char *nl = memchr(d + pos, '\n', (size_t)room);
+        if (nl == NULL)
+            break;
+        const char *line_end = (nl > d + pos && nl[-1] == '\r') ? nl - 1 : nl;
+        Py_ssize_t n = parse_lengths((const unsigned char *)d + pos + 4, (const unsigned char *)line_end,
+                                     max_message, max_batch, max_batch_bytes, &lens, &cap);
+        if (n < 0)
+            goto error;
+        if (n == 0)
+            break;
+        /* Check every body first, so an incomplete MSG costs no allocation. */
+        Py_ssize_t q = nl - d + 1;
+        for (Py_ssize_t i = 0; i < n && q >= 0; i++)
+            q = body_end(d, size, q, lens[i]);
+        if (q < 0)
+            break;
+        PyObject *bodies = PyList_New(n);
+        if (bodies == NULL)
+            goto error;
+        q = nl - d + 1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *body = PyBytes_FromStringAndSize(d + q, (Py_ssize_t)lens[i]);
+            if (body == NULL) {
+                Py_DECREF(bodies);
+                goto error;
+            }
+            PyList_SET_ITEM(bodies, i, body);
+            q = body_end(d, size, q, lens[i]);
         }
-        /* A token must have digits and end the line or be followed by one space
-         * and another token. */
-        if (q == p || (q < end && (*q != ' ' || q + 1 == end)))
-            goto not_mine;
-        /* total stays <= max_batch_bytes, so the subtraction cannot overflow. */
-        if (v > max_message || v > max_batch_bytes - total || PyList_GET_SIZE(out) >= max_batch)
-            goto not_mine;
-        total += v;
-        PyObject *n = PyLong_FromLongLong(v);
-        if (n == NULL || PyList_Append(out, n) < 0) {
-            Py_XDECREF(n);
-            Py_DECREF(out);
-            return NULL;
+        if (PyList_Append(out, bodies) < 0) {
+            Py_DECREF(bodies);
+            goto error;
         }
-        Py_DECREF(n);
-        p = q < end ? q + 1 : q;
+        Py_DECREF(bodies);
+        pos = q;
     }
-    if (PyList_GET_SIZE(out) == 0)
-        goto not_mine;
-    return out;
-not_mine:
+    PyMem_Free(lens);
+    return Py_BuildValue("(nN)", pos, out);
+error:
+    PyMem_Free(lens);
     Py_DECREF(out);
-    Py_RETURN_NONE;
+    return NULL;
 }
 
 PyDoc_STRVAR(take_bodies_doc,
@@ -550,6 +664,7 @@ static PyMethodDef methods[] = {
     {"rebase", rebase, METH_VARARGS, rebase_doc},
     {"msg_lengths", msg_lengths, METH_VARARGS, msg_lengths_doc},
     {"take_bodies", take_bodies, METH_VARARGS, take_bodies_doc},
+    {"msg_commands", msg_commands, METH_VARARGS, msg_commands_doc},
     {"crc32c", crc32c, METH_VARARGS, crc32c_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -178,7 +178,13 @@ class Connection(asyncio.Protocol):
                 slots.append([FATAL if item.fatal else READY, protocol.error_reply(item)])
             else:  # pragma: no cover - the parser only yields the above
                 slots.append([READY, protocol.error_reply(ProtocolError("unsupported command"))])
-        self.flush()
+        if slots and slots[0][0] == WAIT and not self.streaming:
+            # The common case after MSGs: nothing to answer yet (flush would
+            # only say so); just see whether this client must be paused.
+            if self.read_paused or self.inflight_bytes > self.max_inflight or len(slots) > MAX_SLOTS:
+                self._update_reading()
+        else:
+            self.flush()
 
     # --- the append queue's callbacks (Submitter) ---------------------------------
 
@@ -277,7 +283,7 @@ class Connection(asyncio.Protocol):
             if refusal is not None:
                 return [READY, protocol.error_reply(refusal)]
         bodies = msg.bodies
-        nbytes = sum(map(len, bodies))
+        nbytes = len(bodies[0]) if len(bodies) == 1 else sum(map(len, bodies))
         slot: list[Any] = [WAIT, nbytes]
         self.inflight_bytes += nbytes
         server.queue.submit(bodies, nbytes, self, slot)

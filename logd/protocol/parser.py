@@ -177,8 +177,21 @@ class CommandParser:
         max_line = self._max_line
         max_message = self._max_message
         append = out.append
+        run_of_msgs = ext.msg_commands if ext is not None and type(data) is bytes else None
         nl = find(b"\n", scan)
         while nl >= 0:
+            if run_of_msgs is not None and data.startswith(b"MSG ", p):
+                # C takes a run of complete, well-formed MSGs; whatever it
+                # leaves (another command, a partial MSG, an error) is ours.
+                q, batches = run_of_msgs(data, p, max_line, max_message, self._max_batch, self._max_batch_bytes)
+                if batches:
+                    for bodies in batches:
+                        msg = _new(Msg)
+                        _set_msg_bodies(msg, bodies)
+                        append(msg)
+                    p = q
+                    nl = find(b"\n", p)
+                    continue
             if nl - p >= max_line:
                 self._fail(out, self._line_too_long())
                 return out
@@ -203,10 +216,10 @@ class CommandParser:
                 else:
                     # C takes a well-formed line within the limits; anything
                     # else (an error to report, a MSG to reject) is Python's.
-                    fast = None if ext is None else ext.msg_lengths(rest, max_message, self._max_batch,
-                                                                     self._max_batch_bytes)
-                    if fast is not None:
-                        p = self._collect(data, p, fast, [], out)
+                    checked = None if ext is None else ext.msg_lengths(rest, max_message, self._max_batch,
+                                                                        self._max_batch_bytes)
+                    if checked is not None:
+                        p = self._collect(data, p, checked, [], out)
                     elif isinstance(lens := self._lengths(rest), list):
                         if (
                             len(lens) > self._max_batch
