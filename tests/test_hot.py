@@ -135,16 +135,6 @@ def replay(first: int, data: bytes, cuts: list[int]) -> list[Any]:
     return [flat, parser.next_id]
 
 
-@needs_ext
-@settings(max_examples=400)
-@given(replica_streams(), st.data())
-def test_replica_parser_matches_python(stream: tuple[int, bytes], data: st.DataObject) -> None:
-    first, raw = stream
-    cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=4))
-    fast, slow = both(replica_module, lambda: replay(first, raw, cuts))
-    assert fast == slow
-
-
 # --- the client's READ replies ---------------------------------------------------------
 
 def client_replay(first: int, data: bytes, cuts: list[int]) -> list[Any]:
@@ -160,14 +150,20 @@ def client_replay(first: int, data: bytes, cuts: list[int]) -> list[Any]:
 
 
 @needs_ext
+@pytest.mark.parametrize(
+    ("module", "replayer"), [(replica_module, replay), (client_module, client_replay)], ids=["follower", "client"]
+)
 @settings(max_examples=400)
 @given(replica_streams(), st.data())
-def test_client_protocol_matches_python(stream: tuple[int, bytes], data: st.DataObject) -> None:
-    # A REPLICATE reply's records are a READ reply's; its marker lines are
-    # errors to a READ, which tests that C hands those over too.
+def test_record_checks_match_python(
+    module: Any, replayer: Callable[[int, bytes, list[int]], list[Any]], stream: tuple[int, bytes], data: st.DataObject
+) -> None:
+    # The same REPLICATE replies go to the follower's parser and the client's
+    # READ parser: records are the same; to a READ the marker lines are
+    # errors, which tests that C hands those over too.
     first, raw = stream
     cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=4))
-    fast, slow = both(client_module, lambda: client_replay(first, raw, cuts))
+    fast, slow = both(module, lambda: replayer(first, raw, cuts))
     assert fast == slow
 
 
