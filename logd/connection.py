@@ -179,10 +179,9 @@ class Connection(asyncio.Protocol):
             else:  # pragma: no cover - the parser only yields the above
                 slots.append([READY, protocol.error_reply(ProtocolError("unsupported command"))])
         if slots and slots[0][0] == WAIT and not self.streaming:
-            # The common case after MSGs: nothing to answer yet (flush would
-            # only say so); just see whether this client must be paused.
-            if self.read_paused or self.inflight_bytes > self.max_inflight or len(slots) > MAX_SLOTS:
-                self._update_reading()
+            # The common case after MSGs: nothing to answer yet, so skip
+            # flush's checks and only see whether this client must be paused.
+            self._pause_if_behind()
         else:
             self.flush()
 
@@ -222,8 +221,7 @@ class Connection(asyncio.Protocol):
         if self.streaming or (slots and slots[0][0] == WAIT):
             # Nothing can be sent yet (the common case right after a MSG is
             # submitted): only check whether this client must be paused.
-            if self.read_paused or self.inflight_bytes > self.max_inflight or len(slots) > MAX_SLOTS:
-                self._update_reading()
+            self._pause_if_behind()
             return
         out: list[bytes] = []
         while slots:
@@ -283,7 +281,7 @@ class Connection(asyncio.Protocol):
             if refusal is not None:
                 return [READY, protocol.error_reply(refusal)]
         bodies = msg.bodies
-        nbytes = len(bodies[0]) if len(bodies) == 1 else sum(map(len, bodies))
+        nbytes = sum(map(len, bodies))
         slot: list[Any] = [WAIT, nbytes]
         self.inflight_bytes += nbytes
         server.queue.submit(bodies, nbytes, self, slot)
@@ -303,6 +301,11 @@ class Connection(asyncio.Protocol):
 
     def _stats_reply(self) -> bytes:
         return protocol.stats_reply(self.server.stats())
+
+    def _pause_if_behind(self) -> None:
+        """`_update_reading`, but only when a pause or resume may be due (cheap to call per chunk)."""
+        if self.read_paused or self.inflight_bytes > self.max_inflight or len(self.slots) > MAX_SLOTS:
+            self._update_reading()
 
     def _update_reading(self) -> None:
         """Stop reading from a client that outruns us; resume when it has caught up."""

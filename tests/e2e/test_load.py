@@ -164,8 +164,6 @@ def test_sigterm_ends_tails_with_eof(start_server) -> None:  # type: ignore[no-u
     assert tail.closed_by_peer()
 
 
-
-
 def test_sigterm_drops_reads_queued_behind_a_tail(start_server) -> None:  # type: ignore[no-untyped-def]
     srv = start_server()
     tail = srv.connect()
