@@ -27,6 +27,7 @@ class Config:
     segment_bytes: int = DEFAULT_SEGMENT_BYTES
     retention_bytes: int | None = None
     retention_ms: int | None = None
+    preallocate: bool | None = None  # zeros written ahead of the data; None: on with fsync=always
     max_message_bytes: int = 1 << 20
     max_line_bytes: int = 64 * 1024
     max_batch: int = 10_000

@@ -43,6 +43,7 @@ class LogServer:
             segment_bytes=config.segment_bytes,
             retention_bytes=config.retention_bytes,
             retention_ms=config.retention_ms,
+            preallocate=config.preallocate,
         )
         self.queue = AppendQueue(self.log)
         # A restarted leader shows what it last saved as visible, no more

@@ -4,7 +4,8 @@ Modelled on leveldb's log reader: every problem is reported with where it is
 (segment file, byte offset, id), why, and how many bytes it costs. A record
 cut off at the very end of the active segment is a crash during a write, not
 corruption: it is reported as a note (logd itself cuts it at open), like an
-active index of the wrong size (it is written after the data and not synced).
+active index of the wrong size (it is written after the data and not synced)
+and zeros written ahead of the data (preallocation under ``fsync=always``).
 
 The files are read directly, never through a `Log` opened for writing, but the
 LOCK flock is held while checking so a server cannot start meanwhile.
@@ -21,8 +22,8 @@ from typing import TextIO
 
 from ..errors import LockedError, StorageError
 from .log import take_lock
-from .record import BadRecord
-from .segment import INDEX_ENTRY, scan_records, segment_firsts, segment_name, write_all
+from .record import BadRecord, decode_record
+from .segment import INDEX_ENTRY, nonzero_end, scan_records, segment_firsts, segment_name, write_all
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -41,6 +42,7 @@ class _Scan:
     end: int = 0  # byte just after the last valid record
     bad: str | None = None  # why the bytes at `end` are not the next record
     truncated: bool = False  # ... and whether they are a record cut off by the end of file
+    zeros: int = 0  # zero bytes ending the active segment's file (written ahead of the data)
 
     @property
     def next_id(self) -> int:
@@ -62,9 +64,24 @@ def _scan(path: str, first_id: int, limit: int | None) -> _Scan:
                     break
         except BadRecord as bad:
             s.bad, s.truncated = bad.reason, bad.truncated
+            if limit is None:
+                _look_past_zeros(fd, s)
     finally:
         os.close(fd)
     return s
+
+
+def _look_past_zeros(fd: int, s: _Scan) -> None:
+    """Tell zeros written ahead (and a record cut off by them) from a bad record, in the active segment."""
+    used = nonzero_end(fd, s.end, s.size)
+    s.zeros = s.size - used
+    if used == s.end:
+        s.bad = None  # nothing but zeros after the last record
+        return
+    try:
+        decode_record(os.pread(fd, used - s.end, s.end), 0, s.next_id)
+    except BadRecord as bad:
+        s.bad, s.truncated = bad.reason, bad.truncated
 
 
 def _iter_crcs(path: str) -> Iterator[tuple[int, int]]:
@@ -156,9 +173,14 @@ def _check(path: str, repair: bool, say: Callable[[str], None]) -> int:
         active = i == len(scans) - 1
         where = f"{s.log_path}: offset {s.end}: id {s.next_id}:"
         ok = False
+        if s.zeros and (s.bad is None or s.truncated):
+            say(
+                f"{s.log_path}: offset {s.size - s.zeros}: note: {s.zeros} bytes of zeros written ahead "
+                "(preallocated under fsync=always; logd cuts them at open)"
+            )
         if s.bad is not None and active and s.truncated:
             say(
-                f"{where} note: torn tail, a cut-off record of {s.size - s.end} bytes "
+                f"{where} note: torn tail, a cut-off record of {s.size - s.zeros - s.end} bytes "
                 "(a crash during a write; logd cuts it at open)"
             )
             ok = True
@@ -171,7 +193,7 @@ def _check(path: str, repair: bool, say: Callable[[str], None]) -> int:
             )
         else:
             ok = True
-            if s.end < s.size:  # only a closed segment stops before its end
+            if s.end + s.zeros < s.size:  # only a closed segment stops before its end
                 say(f"{where} {s.size - s.end} bytes after the segment's last id {s.next_id - 1}")
                 problems += 1
         if not ok:

@@ -29,6 +29,10 @@ from .record import MAX_HEADER_BYTES, Decoded, encode_batch
 from .segment import Segment, segment_firsts
 
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
+# Zeros kept written ahead of the data when preallocating (see segment.py).
+# A batch bigger than a quarter of it grows the file itself: its sync is
+# dominated by its own bytes, and zeros written for it would only be overwritten.
+PREALLOCATE_BYTES = 1 << 20
 
 
 class Log:
@@ -42,9 +46,12 @@ class Log:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         retention_bytes: int | None = None,
         retention_ms: int | None = None,
+        preallocate: bool | None = None,
     ) -> None:
         self.directory = os.path.abspath(directory)
         self.policy = fsync if isinstance(fsync, FsyncPolicy) else FsyncPolicy.parse(fsync)
+        # Worth it only when every commit syncs (the default: on with fsync=always).
+        self.preallocate = self.policy.mode == "always" if preallocate is None else preallocate
         if segment_bytes < 1:
             raise ValueError("segment_bytes must be positive")
         self.segment_bytes = segment_bytes
@@ -72,15 +79,20 @@ class Log:
         try:
             firsts = segment_firsts(self.directory)
             self._remove_stray_tmp()
-            if len(firsts) > 1 and os.stat(Segment(self.directory, firsts[-1]).log_path).st_size == 0:
-                # A crash right after a roll: drop the empty newest segment and
-                # recover the previous one, which may not have been synced.
-                Segment(self.directory, firsts.pop()).delete()
+            active = None
+            while firsts:
+                active, cut = Segment.recover_active(self.directory, firsts[-1])
+                self.recovered_bytes_cut += cut
+                if active.count or len(firsts) == 1:
+                    break
+                # A crash right after a roll: drop the newest segment, which holds
+                # no record, and recover the previous one, which may not have been synced.
+                active.close()
+                active.delete()
+                firsts.pop()
             for first, nxt in zip(firsts, firsts[1:], strict=False):
                 self._segments.append(Segment.open_closed(self.directory, first, nxt - first))
-            if firsts:
-                active, cut = Segment.recover_active(self.directory, firsts[-1])
-                self.recovered_bytes_cut = cut
+            if active is not None:
                 # What survived the crash becomes visible now: make it durable
                 # first, or a second crash could take back what readers saw.
                 active.sync_data()
@@ -219,6 +231,8 @@ class Log:
     def _write(self, active: Segment, data: bytes | memoryview, offsets: object) -> None:
         try:
             active.append(data, offsets)  # type: ignore[arg-type]
+            if self.preallocate and len(data) < PREALLOCATE_BYTES // 4:
+                active.keep_zeroed_ahead(PREALLOCATE_BYTES)
         except OSError as exc:
             raise UnavailableError(f"write failed: {os.strerror(exc.errno or 0)}") from exc
         except BaseException as exc:  # undo failed: refuse further writes

@@ -4,6 +4,12 @@ A segment is ``<first id, 20 digits>.log`` holding records back to back, and
 ``<same>.idx`` holding one little-endian u64 byte offset per record. The
 active segment keeps its index in memory as well (an ``array('Q')``) because
 it grows; a closed segment maps its index file read-only.
+
+Under ``fsync=always`` the active segment's file may run past its data with
+zero bytes (`Segment.keep_zeroed_ahead`): an fdatasync that must also record a
+new file size or new blocks costs a journal commit (about 210 µs here), one
+into blocks already written costs about 115 µs. PostgreSQL zero-fills its WAL
+segments for the same reason. A closed segment is always exactly its records.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .record import BadRecord, Decoded, decode_record
 
 INDEX_ENTRY = 8
 SCAN_CHUNK = 1 << 20  # bytes read at a time when scanning a segment
+_ZEROS = memoryview(bytes(SCAN_CHUNK))
 NAME_DIGITS = 20
 
 if sys.byteorder != "little":  # pragma: no cover - the index format is little-endian
@@ -111,6 +118,7 @@ class Segment:
         self.idx_path = stem + ".idx"
         self.count = 0  # records written (may be ahead of the commit point)
         self.size = 0  # bytes written
+        self.allocated = 0  # bytes in the .log file: `size`, then zeros written ahead
         self.active = False
         # Active segment: write descriptors and the in-memory index.
         self._log_fd = -1
@@ -189,8 +197,9 @@ class Segment:
                 end = off + rec.size
         except BadRecord:
             pass  # a torn tail: everything from `end` on goes
-        cut = data_size - end
-        if cut:
+        # Zeros written ahead are free space, not lost data: count only the rest.
+        cut = nonzero_end(seg._log_fd, end, data_size) - end
+        if data_size > end:
             os.ftruncate(seg._log_fd, end)
         os.ftruncate(seg._idx_fd, 0)
         write_all(seg._idx_fd, offsets.tobytes())
@@ -198,7 +207,7 @@ class Segment:
         os.lseek(seg._idx_fd, len(offsets) * INDEX_ENTRY, os.SEEK_SET)
         seg._offsets = offsets
         seg.count = len(offsets)
-        seg.size = end
+        seg.size = seg.allocated = end
         return seg, cut
 
     def rebuild_index(self) -> None:
@@ -244,6 +253,7 @@ class Segment:
         except OSError as exc:
             # Put both files back as they were so nothing partial is ever read.
             try:
+                self.allocated = old_size
                 os.ftruncate(self._log_fd, old_size)
                 os.ftruncate(self._idx_fd, old_count * INDEX_ENTRY)
                 os.lseek(self._log_fd, old_size, os.SEEK_SET)
@@ -255,13 +265,35 @@ class Segment:
         self._offsets.extend(offsets)
         self.size += len(data)
         self.count += len(offsets)
+        if self.size > self.allocated:
+            self.allocated = self.size
+
+    def keep_zeroed_ahead(self, ahead: int) -> None:
+        """Keep about ``ahead`` bytes of zeros written after the data, so syncs keep the file's size.
+
+        Tops up when less than a quarter is left, so the extra journal
+        commit comes once per ``3 * ahead / 4`` bytes appended. Only an
+        optimisation: if the disk is full the zeros written so far stay
+        (recovery and readers ignore them) and the data is unaffected.
+        """
+        pos = self.allocated
+        if pos - self.size >= ahead // 4:
+            return
+        target = self.size + ahead
+        try:
+            while pos < target:
+                pos += os.pwrite(self._log_fd, _ZEROS[: target - pos], pos)
+        except OSError:
+            pass
+        self.allocated = pos
 
     def sync_data(self) -> None:
         """fdatasync the records (not the index: it can be rebuilt)."""
         os.fdatasync(self._log_fd)
 
     def finish(self) -> None:
-        """Make a rolled segment durable and read-only: sync both files, close writers."""
+        """Make a rolled segment durable and read-only: cut the zeros, sync both files, close writers."""
+        self._cut_zeros()
         os.fdatasync(self._log_fd)
         os.fdatasync(self._idx_fd)
         os.close(self._log_fd)
@@ -269,8 +301,18 @@ class Segment:
         self._log_fd = self._idx_fd = -1
         self._offsets = None
 
+    def _cut_zeros(self) -> None:
+        if self.allocated > self.size:
+            os.ftruncate(self._log_fd, self.size)
+            self.allocated = self.size
+
     def close(self) -> None:
-        """Close every descriptor (the log is being closed)."""
+        """Close every descriptor (the log is being closed); a clean stop leaves no zeros behind."""
+        if self._log_fd >= 0:
+            try:
+                self._cut_zeros()
+            except OSError:
+                pass  # harmless: the next open cuts them
         for fd in (self._log_fd, self._idx_fd):
             if fd >= 0:
                 os.close(fd)
@@ -352,6 +394,18 @@ class Segment:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+def nonzero_end(fd: int, start: int, end: int) -> int:
+    """The offset just after the last non-zero byte of ``[start, end)`` (``start`` if all zero)."""
+    while end > start:
+        chunk_start = max(start, end - SCAN_CHUNK)
+        data = os.pread(fd, end - chunk_start, chunk_start)
+        kept = len(data.rstrip(b"\0"))
+        if kept:
+            return chunk_start + kept
+        end = chunk_start
+    return start
 
 
 def _read_whole(fd: int) -> bytes:

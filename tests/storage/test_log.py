@@ -319,16 +319,25 @@ DISK_FULL_CHILD = r"""
 import json, os, resource, signal, sys
 from logd.errors import UnavailableError
 from logd.storage import Log
+from logd.storage.segment import nonzero_end
 
-directory, limit = sys.argv[1], int(sys.argv[2])
+directory, limit, preallocate = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big write fails with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-log = Log(directory, fsync="always", segment_bytes=1 << 30)
+log = Log(directory, fsync="always", segment_bytes=1 << 30, preallocate=preallocate)
 seg = os.path.join(directory, "00000000000000000001.log")
 batch = [bytes([65 + k]) * 1000 for k in range(5)]
 acked = []
+
+def data_size():  # the file may end with zeros written ahead (preallocate)
+    fd = os.open(seg, os.O_RDONLY)
+    try:
+        return nonzero_end(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
 while True:
-    before, size = log.head, os.path.getsize(seg)
+    before, size = log.head, data_size()
     try:
         log.append(batch)
     except UnavailableError as exc:
@@ -336,7 +345,7 @@ while True:
         break
     acked.append(log.sync())
 assert (log.head, log.written) == (before, before), "the failed batch moved the head"
-assert os.path.getsize(seg) == size, "the partial write was not undone"
+assert data_size() == size, "the partial write was not undone"
 assert os.path.getsize(seg[:-4] + ".idx") == 8 * before
 assert log.failed is None
 log.append([b"s" * 100])  # a small batch still fits under the limit
@@ -355,9 +364,12 @@ print(json.dumps({"acked": acked, "error": error}))
 """
 
 
-def test_disk_full_on_append(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preallocate", [False, True])
+def test_disk_full_on_append(tmp_path: Path, preallocate: bool) -> None:
+    # With preallocation the zeros written ahead hit the limit first: that must
+    # cost nothing, and the data still fills the space up to the limit.
     limit = 64 * 1024
-    child = python_child(DISK_FULL_CHILD, str(tmp_path), str(limit), stderr=subprocess.PIPE)
+    child = python_child(DISK_FULL_CHILD, str(tmp_path), str(limit), str(int(preallocate)), stderr=subprocess.PIPE)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err.decode()
     report = json.loads(out)
