@@ -26,7 +26,7 @@ from .lock import take_lock
 from .policy import FsyncPolicy
 from .reads import Record, Span
 from .record import MAX_HEADER_BYTES, Decoded, encode_batch
-from .segment import Segment, segment_firsts
+from .segment import Segment, cut_zero_tail, segment_firsts
 
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
 # Zeros kept written ahead of the data when preallocating (see segment.py).
@@ -90,8 +90,14 @@ class Log:
                 active.close()
                 active.delete()
                 firsts.pop()
-            for first, nxt in zip(firsts, firsts[1:], strict=False):
-                self._segments.append(Segment.open_closed(self.directory, first, nxt - first))
+            # A crash between a roll and its sync may leave zeros after the newest
+            # closed segments; those before the newest clean one were synced.
+            closed: list[Segment] = []
+            check_tail = True
+            for first, nxt in reversed(list(zip(firsts, firsts[1:], strict=False))):
+                check_tail = check_tail and cut_zero_tail(Segment(self.directory, first).log_path)
+                closed.append(Segment.open_closed(self.directory, first, nxt - first))
+            self._segments.extend(reversed(closed))
             if active is not None:
                 # What survived the crash becomes visible now: make it durable
                 # first, or a second crash could take back what readers saw.
@@ -245,6 +251,7 @@ class Log:
 
     def _roll(self) -> Segment:
         try:
+            self._segments[-1].seal()
             new = Segment.create(self.directory, self._head + 1)
         except OSError as exc:  # e.g. no inodes or descriptors left: as for a failed write
             raise UnavailableError(f"cannot start a segment: {os.strerror(exc.errno or 0)}") from exc

@@ -26,6 +26,10 @@ from ..errors import CorruptRecordError, UnavailableError
 from .record import BadRecord, Decoded, decode_record
 
 INDEX_ENTRY = 8
+# The active index is written to its file in runs of this many entries (and
+# at roll and close), not once per batch: it is not synced and recovery
+# rebuilds a short one by scanning, so a write(2) per batch bought nothing.
+INDEX_WRITE_ENTRIES = 8192
 SCAN_CHUNK = 1 << 20  # bytes read at a time when scanning a segment
 _ZEROS = memoryview(bytes(SCAN_CHUNK))
 NAME_DIGITS = 20
@@ -124,6 +128,7 @@ class Segment:
         self._log_fd = -1
         self._idx_fd = -1
         self._offsets: array | None = None
+        self._idx_written = 0  # entries of _offsets in the .idx file
         # Closed segment: the mapped index, created on first use.
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
@@ -151,7 +156,7 @@ class Segment:
         """A closed segment that holds ``count`` records; rebuild its index if it is wrong."""
         seg = cls(directory, first_id)
         seg.count = count
-        seg.size = os.stat(seg.log_path).st_size
+        seg.size = seg.allocated = os.stat(seg.log_path).st_size
         try:
             idx_size = os.stat(seg.idx_path).st_size
         except FileNotFoundError:
@@ -206,6 +211,7 @@ class Segment:
         os.lseek(seg._log_fd, end, os.SEEK_SET)
         os.lseek(seg._idx_fd, len(offsets) * INDEX_ENTRY, os.SEEK_SET)
         seg._offsets = offsets
+        seg._idx_written = len(offsets)
         seg.count = len(offsets)
         seg.size = seg.allocated = end
         return seg, cut
@@ -244,25 +250,28 @@ class Segment:
     # --- writing (active segment only) ----------------------------------------
 
     def append(self, data: bytes | memoryview, offsets: array) -> None:
-        """Write records and their index entries; on failure, undo to the previous end."""
+        """Write records (their index entries follow in runs); on failure, undo to the previous end."""
         assert self._offsets is not None
-        old_size, old_count = self.size, self.count
+        old_size, old_count, old_written = self.size, self.count, self._idx_written
+        self._offsets.extend(offsets)
         try:
             write_all(self._log_fd, data)
-            write_all(self._idx_fd, offsets.tobytes())
+            if len(self._offsets) - old_written >= INDEX_WRITE_ENTRIES:
+                self._write_index()
         except OSError as exc:
             # Put both files back as they were so nothing partial is ever read.
+            del self._offsets[old_count:]
+            self._idx_written = old_written
             try:
                 self.allocated = old_size
                 os.ftruncate(self._log_fd, old_size)
-                os.ftruncate(self._idx_fd, old_count * INDEX_ENTRY)
+                os.ftruncate(self._idx_fd, old_written * INDEX_ENTRY)
                 os.lseek(self._log_fd, old_size, os.SEEK_SET)
-                os.lseek(self._idx_fd, old_count * INDEX_ENTRY, os.SEEK_SET)
+                os.lseek(self._idx_fd, old_written * INDEX_ENTRY, os.SEEK_SET)
             except OSError as undo_exc:
                 # Not an OSError, so the log fails for good instead of writing after the debris.
                 raise UnavailableError(f"write to {self.log_path} failed and could not be undone: {undo_exc}") from exc
             raise
-        self._offsets.extend(offsets)
         self.size += len(data)
         self.count += len(offsets)
         if self.size > self.allocated:
@@ -291,9 +300,18 @@ class Segment:
         """fdatasync the records (not the index: it can be rebuilt)."""
         os.fdatasync(self._log_fd)
 
-    def finish(self) -> None:
-        """Make a rolled segment durable and read-only: cut the zeros, sync both files, close writers."""
+    def _write_index(self) -> None:
+        assert self._offsets is not None
+        write_all(self._idx_fd, self._offsets[self._idx_written :].tobytes())
+        self._idx_written = len(self._offsets)
+
+    def seal(self) -> None:
+        """At a roll, on the appending thread: cut the zeros and complete the index (`finish` syncs)."""
         self._cut_zeros()
+        self._write_index()
+
+    def finish(self) -> None:
+        """Make a rolled (sealed) segment durable and read-only: sync both files, close writers."""
         os.fdatasync(self._log_fd)
         os.fdatasync(self._idx_fd)
         os.close(self._log_fd)
@@ -311,8 +329,9 @@ class Segment:
         if self._log_fd >= 0:
             try:
                 self._cut_zeros()
+                self._write_index()
             except OSError:
-                pass  # harmless: the next open cuts them
+                pass  # harmless: the next open cuts the zeros and rebuilds the index
         for fd in (self._log_fd, self._idx_fd):
             if fd >= 0:
                 os.close(fd)
@@ -406,6 +425,20 @@ def nonzero_end(fd: int, start: int, end: int) -> int:
             return chunk_start + kept
         end = chunk_start
     return start
+
+
+def cut_zero_tail(path: str) -> bool:
+    """Truncate the zeros ending a closed segment file, if any (records end with LF); say if there were."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if not size or os.pread(fd, 1, size - 1) != b"\0":
+            return False
+        os.ftruncate(fd, nonzero_end(fd, 0, size))
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _read_whole(fd: int) -> bytes:
