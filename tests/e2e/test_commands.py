@@ -292,3 +292,20 @@ def test_second_server_on_a_held_data_dir_is_refused_naming_the_holder(server: S
     assert proc.returncode == 3  # start-up failed
     assert f"pid {server.pid}".encode() in proc.stderr
     assert b"Traceback" not in proc.stderr
+
+
+def test_preallocate_flag_and_default(start_server) -> None:  # type: ignore[no-untyped-def]
+    # Default with fsync=always: zeros written ahead while running, cut at a
+    # graceful stop; --no-preallocate: the file is always exactly the records.
+    for args, ahead in (((), True), (("--no-preallocate",), False), (("--fsync", "never", "--preallocate"), True)):
+        srv = start_server(*args)
+        c = srv.connect()
+        c.send(b"MSG 5\r\nhello\r\n")
+        assert c.line() == b"OK 1"
+        segment = srv.data_dir / "00000000000000000001.log"
+        size = segment.stat().st_size
+        assert (size > len(rec(1, b"hello"))) is ahead
+        assert segment.read_bytes()[len(rec(1, b"hello")) :] == bytes(size - len(rec(1, b"hello")))
+        c.close()
+        assert srv.terminate() == 0
+        assert segment.read_bytes() == rec(1, b"hello")
