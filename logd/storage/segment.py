@@ -209,7 +209,6 @@ class Segment:
         os.ftruncate(seg._idx_fd, 0)
         write_all(seg._idx_fd, offsets.tobytes())
         os.lseek(seg._log_fd, end, os.SEEK_SET)
-        os.lseek(seg._idx_fd, len(offsets) * INDEX_ENTRY, os.SEEK_SET)
         seg._offsets = offsets
         seg._idx_written = len(offsets)
         seg.count = len(offsets)
@@ -267,7 +266,6 @@ class Segment:
                 os.ftruncate(self._log_fd, old_size)
                 os.ftruncate(self._idx_fd, old_written * INDEX_ENTRY)
                 os.lseek(self._log_fd, old_size, os.SEEK_SET)
-                os.lseek(self._idx_fd, old_written * INDEX_ENTRY, os.SEEK_SET)
             except OSError as undo_exc:
                 # Not an OSError, so the log fails for good instead of writing after the debris.
                 raise UnavailableError(f"write to {self.log_path} failed and could not be undone: {undo_exc}") from exc
@@ -301,8 +299,14 @@ class Segment:
         os.fdatasync(self._log_fd)
 
     def _write_index(self) -> None:
+        # At an explicit offset: a write cut short by an error must not shift the next one.
         assert self._offsets is not None
-        write_all(self._idx_fd, self._offsets[self._idx_written :].tobytes())
+        view = memoryview(self._offsets[self._idx_written :].tobytes())
+        pos = self._idx_written * INDEX_ENTRY
+        while view:
+            n = os.pwrite(self._idx_fd, view, pos)
+            pos += n
+            view = view[n:]
         self._idx_written = len(self._offsets)
 
     def seal(self) -> None:
