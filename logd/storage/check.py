@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from ..errors import LockedError, StorageError
+from .files import nonzero_end, scan_records, segment_firsts, segment_name, write_all
 from .log import take_lock
 from .record import BadRecord, decode_record
-from .segment import INDEX_ENTRY, nonzero_end, scan_records, segment_firsts, segment_name, write_all
+from .segment import INDEX_ENTRY
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1

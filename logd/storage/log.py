@@ -26,7 +26,8 @@ from .lock import take_lock
 from .policy import FsyncPolicy
 from .reads import Record, Span
 from .record import MAX_HEADER_BYTES, Decoded, encode_batch
-from .segment import Segment, cut_zero_tail, segment_firsts
+from .recovery import open_segments
+from .segment import Segment
 
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
 # Zeros kept written ahead of the data when preallocating (see segment.py).
@@ -77,27 +78,9 @@ class Log:
         os.makedirs(self.directory, exist_ok=True)
         self._take_lock()
         try:
-            firsts = segment_firsts(self.directory)
             self._remove_stray_tmp()
-            active = None
-            while firsts:
-                active, cut = Segment.recover_active(self.directory, firsts[-1])
-                self.recovered_bytes_cut += cut
-                if active.count or len(firsts) == 1:
-                    break
-                # A crash right after a roll: drop the newest segment, which holds
-                # no record, and recover the previous one, which may not have been synced.
-                active.close()
-                active.delete()
-                firsts.pop()
-            # A crash between a roll and its sync may leave zeros after the newest
-            # closed segments; those before the newest clean one were synced.
-            closed: list[Segment] = []
-            check_tail = True
-            for first, nxt in reversed(list(zip(firsts, firsts[1:], strict=False))):
-                check_tail = check_tail and cut_zero_tail(Segment(self.directory, first).log_path)
-                closed.append(Segment.open_closed(self.directory, first, nxt - first))
-            self._segments.extend(reversed(closed))
+            self._segments, self.recovered_bytes_cut = open_segments(self.directory)
+            active = self._segments[-1] if self._segments else None
             if active is not None:
                 # What survived the crash becomes visible now: make it durable
                 # first, or a second crash could take back what readers saw.
@@ -105,7 +88,7 @@ class Log:
             else:
                 active = Segment.create(self.directory, 1)
                 self._fsync_dir()
-            self._segments.append(active)
+                self._segments.append(active)
             self._firsts = [s.first_id for s in self._segments]
             self._head = self._committed = self._synced = active.last_id
         except BaseException:

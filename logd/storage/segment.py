@@ -15,14 +15,12 @@ segments for the same reason. A closed segment is always exactly its records.
 from __future__ import annotations
 
 import mmap
-import operator
 import os
 import sys
 from array import array
-from collections.abc import Iterator
-from itertools import islice
 
 from ..errors import CorruptRecordError, UnavailableError
+from .files import SCAN_CHUNK, scan_records, segment_name, write_all
 from .record import BadRecord, Decoded, decode_record
 
 INDEX_ENTRY = 8
@@ -30,34 +28,10 @@ INDEX_ENTRY = 8
 # at roll and close), not once per batch: it is not synced and recovery
 # rebuilds a short one by scanning, so a write(2) per batch bought nothing.
 INDEX_WRITE_ENTRIES = 8192
-SCAN_CHUNK = 1 << 20  # bytes read at a time when scanning a segment
 _ZEROS = memoryview(bytes(SCAN_CHUNK))
-NAME_DIGITS = 20
 
 if sys.byteorder != "little":  # pragma: no cover - the index format is little-endian
     raise ImportError("logd's index format assumes a little-endian machine")
-
-
-def segment_name(first_id: int) -> str:
-    """File stem of the segment whose first id is ``first_id``."""
-    return f"{first_id:0{NAME_DIGITS}d}"
-
-
-def segment_firsts(path: str) -> list[int]:
-    """First ids of the segments in data dir ``path``, oldest first."""
-    return sorted(
-        int(name[:NAME_DIGITS])
-        for name in os.listdir(path)
-        if name.endswith(".log") and len(name) == NAME_DIGITS + 4 and name[:NAME_DIGITS].isdigit()
-    )
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """``os.write`` until every byte is written (a file write may be short)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class ReadHandle:
@@ -79,36 +53,6 @@ class ReadHandle:
             os.close(self.fd)
         except OSError:
             pass
-
-
-def scan_records(
-    fd: int, start_offset: int, first_id: int, end_offset: int
-) -> Iterator[tuple[int, Decoded]]:
-    """Yield ``(offset, record)`` for each valid record from ``start_offset`` to ``end_offset``.
-
-    Raises `BadRecord` (with ``offset`` set) at the first record that is bad
-    or cut off. Reads in large chunks, so a scan costs one pread per MiB.
-    """
-    pos = start_offset
-    expect = first_id
-    buf = b""
-    buf_start = pos
-    while pos < end_offset:
-        try:
-            rec = decode_record(buf, pos - buf_start, expect)
-        except BadRecord as bad:
-            buf_end = buf_start + len(buf)
-            if not bad.truncated or buf_end >= end_offset:
-                bad.offset = pos
-                raise
-            # The record runs past the buffer: read on from it, growing for big records.
-            want = max(SCAN_CHUNK, 2 * (buf_end - pos))
-            buf = os.pread(fd, min(want, end_offset - pos), pos)
-            buf_start = pos
-            continue
-        yield pos, rec
-        pos += rec.size
-        expect += 1
 
 
 class Segment:
@@ -166,54 +110,17 @@ class Segment:
         return seg
 
     @classmethod
-    def recover_active(cls, directory: str, first_id: int) -> tuple[Segment, int]:
-        """Open the newest segment for appending, cutting off a torn tail.
-
-        Returns the segment and the number of bytes cut from its data.
-        """
+    def adopt_active(
+        cls, directory: str, first_id: int, log_fd: int, idx_fd: int, offsets: array, end: int
+    ) -> Segment:
+        """The active segment over files recovery has opened and checked (recovery.py)."""
         seg = cls(directory, first_id)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        seg._log_fd = os.open(seg.log_path, flags, 0o644)
-        seg._idx_fd = os.open(seg.idx_path, flags, 0o644)
+        seg._log_fd, seg._idx_fd = log_fd, idx_fd
         seg.active = True
-        data_size = os.fstat(seg._log_fd).st_size
-        raw = _read_whole(seg._idx_fd)
-        offsets = array("Q")
-        offsets.frombytes(raw[: len(raw) - len(raw) % INDEX_ENTRY])
-        keep = _valid_index_prefix(offsets, data_size)
-        # The last kept entry must point at a record with the right id.
-        while keep > 0:
-            try:
-                _read_record_at(seg._log_fd, offsets[keep - 1], first_id + keep - 1, data_size)
-                break
-            except BadRecord:
-                keep -= 1
-        del offsets[keep:]
-        # Scan forward from the last indexed record (or the start) for more valid records.
-        if keep:
-            scan_from, scan_id = offsets[keep - 1], first_id + keep - 1
-            del offsets[keep - 1 :]
-        else:
-            scan_from, scan_id = 0, first_id
-        end = scan_from
-        try:
-            for off, rec in scan_records(seg._log_fd, scan_from, scan_id, data_size):
-                offsets.append(off)
-                end = off + rec.size
-        except BadRecord:
-            pass  # a torn tail: everything from `end` on goes
-        # Zeros written ahead are free space, not lost data: count only the rest.
-        cut = nonzero_end(seg._log_fd, end, data_size) - end
-        if data_size > end:
-            os.ftruncate(seg._log_fd, end)
-        os.ftruncate(seg._idx_fd, 0)
-        write_all(seg._idx_fd, offsets.tobytes())
-        os.lseek(seg._log_fd, end, os.SEEK_SET)
         seg._offsets = offsets
-        seg._idx_written = len(offsets)
-        seg.count = len(offsets)
+        seg._idx_written = seg.count = len(offsets)
         seg.size = seg.allocated = end
-        return seg, cut
+        return seg
 
     def rebuild_index(self) -> None:
         """Rewrite the index of a closed segment by scanning it (tmp file, fsync, rename)."""
@@ -417,65 +324,3 @@ class Segment:
         if self._map is not None:
             self._map.close()
             self._map = None
-
-
-def nonzero_end(fd: int, start: int, end: int) -> int:
-    """The offset just after the last non-zero byte of ``[start, end)`` (``start`` if all zero)."""
-    while end > start:
-        chunk_start = max(start, end - SCAN_CHUNK)
-        data = os.pread(fd, end - chunk_start, chunk_start)
-        kept = len(data.rstrip(b"\0"))
-        if kept:
-            return chunk_start + kept
-        end = chunk_start
-    return start
-
-
-def cut_zero_tail(path: str) -> bool:
-    """Truncate the zeros ending a closed segment file, if any (records end with LF); say if there were."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        if not size or os.pread(fd, 1, size - 1) != b"\0":
-            return False
-        os.ftruncate(fd, nonzero_end(fd, 0, size))
-        os.fsync(fd)
-        return True
-    finally:
-        os.close(fd)
-
-
-def _read_whole(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    return os.pread(fd, size, 0) if size else b""
-
-
-def _valid_index_prefix(offsets: array, data_size: int) -> int:
-    """How many leading entries are plausible: start at 0, strictly increase, inside the data.
-
-    After a crash the index may hold zeroed or missing pages (it is not
-    synced with the data); such entries break the strict increase.
-    """
-    n = len(offsets)
-    if n == 0 or offsets[0] != 0:
-        return 0
-    if all(map(operator.lt, offsets, islice(offsets, 1, None))):
-        keep = n  # the usual case, checked at C speed
-    else:
-        keep = 1
-        while offsets[keep - 1] < offsets[keep]:
-            keep += 1
-    while keep and offsets[keep - 1] >= data_size:
-        keep -= 1
-    return keep
-
-
-def _read_record_at(fd: int, offset: int, id: int, data_size: int) -> Decoded:
-    head = os.pread(fd, min(SCAN_CHUNK, data_size - offset), offset)
-    try:
-        return decode_record(head, 0, id)
-    except BadRecord as bad:
-        if not bad.truncated or len(head) >= data_size - offset:
-            raise
-    data = os.pread(fd, data_size - offset, offset)
-    return decode_record(data, 0, id)

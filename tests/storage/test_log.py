@@ -14,8 +14,8 @@ import pytest
 
 from logd.errors import CorruptRecordError, LockedError, NotFoundError, UnavailableError
 from logd.storage import FsyncPolicy, Log
+from logd.storage.files import segment_name
 from logd.storage.record import encode_batch, encode_record
-from logd.storage.segment import segment_name
 
 from .helpers import first_id_of, flip_bit, layout, log_files, python_child
 
@@ -319,7 +319,7 @@ DISK_FULL_CHILD = r"""
 import json, os, resource, signal, sys
 from logd.errors import UnavailableError
 from logd.storage import Log
-from logd.storage.segment import nonzero_end
+from logd.storage.files import nonzero_end
 
 directory, limit, preallocate = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big write fails with EFBIG instead

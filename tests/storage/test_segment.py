@@ -11,8 +11,10 @@ import pytest
 
 from logd.errors import CorruptRecordError
 from logd.storage import Log
+from logd.storage.files import segment_name
 from logd.storage.record import encode_batch
-from logd.storage.segment import Segment, segment_name
+from logd.storage.recovery import recover_active
+from logd.storage.segment import Segment
 
 from .helpers import first_id_of, layout, log_files, read_index
 
@@ -92,7 +94,7 @@ def test_segment_direct_append_and_recover(tmp_path: Path) -> None:
     seg.close()
     with open(seg.log_path, "ab") as f:
         f.write(b"+8 3 ")  # a torn header
-    again, cut = Segment.recover_active(str(tmp_path), 5)
+    again, cut = recover_active(str(tmp_path), 5)
     assert (again.count, again.size, cut) == (3, len(data), 5)
     assert read_index(again.idx_path) == list(offsets)
     again.close()

@@ -1,0 +1,99 @@
+"""Segment files as plain files: their names, scanning their records, zeros at their end.
+
+No state: `Segment` (segment.py), recovery and `logd check` build on these.
+See protocol.md section 2 for the format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from .record import BadRecord, Decoded, decode_record
+
+NAME_DIGITS = 20
+SCAN_CHUNK = 1 << 20  # bytes read at a time when scanning a segment
+
+
+def segment_name(first_id: int) -> str:
+    """File stem of the segment whose first id is ``first_id``."""
+    return f"{first_id:0{NAME_DIGITS}d}"
+
+
+def segment_firsts(path: str) -> list[int]:
+    """First ids of the segments in data dir ``path``, oldest first."""
+    return sorted(
+        int(name[:NAME_DIGITS])
+        for name in os.listdir(path)
+        if name.endswith(".log") and len(name) == NAME_DIGITS + 4 and name[:NAME_DIGITS].isdigit()
+    )
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until every byte is written (a file write may be short)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def scan_records(
+    fd: int, start_offset: int, first_id: int, end_offset: int
+) -> Iterator[tuple[int, Decoded]]:
+    """Yield ``(offset, record)`` for each valid record from ``start_offset`` to ``end_offset``.
+
+    Raises `BadRecord` (with ``offset`` set) at the first record that is bad
+    or cut off. Reads in large chunks, so a scan costs one pread per MiB.
+    """
+    pos = start_offset
+    expect = first_id
+    buf = b""
+    buf_start = pos
+    while pos < end_offset:
+        try:
+            rec = decode_record(buf, pos - buf_start, expect)
+        except BadRecord as bad:
+            buf_end = buf_start + len(buf)
+            if not bad.truncated or buf_end >= end_offset:
+                bad.offset = pos
+                raise
+            # The record runs past the buffer: read on from it, growing for big records.
+            want = max(SCAN_CHUNK, 2 * (buf_end - pos))
+            buf = os.pread(fd, min(want, end_offset - pos), pos)
+            buf_start = pos
+            continue
+        yield pos, rec
+        pos += rec.size
+        expect += 1
+
+
+def nonzero_end(fd: int, start: int, end: int) -> int:
+    """The offset just after the last non-zero byte of ``[start, end)`` (``start`` if all zero)."""
+    while end > start:
+        chunk_start = max(start, end - SCAN_CHUNK)
+        data = os.pread(fd, end - chunk_start, chunk_start)
+        kept = len(data.rstrip(b"\0"))
+        if kept:
+            return chunk_start + kept
+        end = chunk_start
+    return start
+
+
+def cut_zero_tail(path: str) -> bool:
+    """Truncate the zeros ending a closed segment file, if any (records end with LF); say if there were."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if not size or os.pread(fd, 1, size - 1) != b"\0":
+            return False
+        os.ftruncate(fd, nonzero_end(fd, 0, size))
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def read_whole(fd: int) -> bytes:
+    """The whole file behind ``fd``."""
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
