@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -63,22 +63,19 @@ FULL = Plan(
     noisy_retries=2,
 )
 
-QUICK = Plan(
+# Every scenario touched once, with small counts: CI keeps the harness working.
+QUICK = replace(
+    FULL,
     seconds=0.8,
     warmup=0.2,
     modes=("interval",),
-    fanin_modes=("always", "interval"),
     depths=(16,),
     batch_payloads=(100, 65536),
-    fanin_clients=50,
     catchup=((100, 200_000), (65536, 2_000)),
     read_repeats=1,
     tail_modes=("interval",),
-    tail_rate=50_000,
     tail_seconds=2.0,
     tail_rounds=1,
-    idle_conns=1000,
-    tails=100,
     rounds=1,
     noisy_retries=0,
 )

@@ -150,21 +150,7 @@ def assert_exit_ok(status: int) -> None:
     assert status == 0, f"server exited with {status}"
 
 
-def test_sigterm_ends_tails_with_eof(start_server) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server()
-    tail = srv.connect()
-    tail.send(b"READ 1\r\n")
-    assert tail.line() == b"OK"
-    w = srv.connect()
-    w.send(b"MSG 2\r\nhi\r\n")
-    assert w.line() == b"OK 1"
-    assert tail.record() == (1, b"hi")
-    assert srv.terminate() == 0
-    assert tail.record() is None  # +EOF
-    assert tail.closed_by_peer()
-
-
-def test_sigterm_drops_reads_queued_behind_a_tail(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_ends_tails_with_eof_and_drops_reads_queued_behind(start_server) -> None:  # type: ignore[no-untyped-def]
     srv = start_server()
     tail = srv.connect()
     tail.send(b"READ 1\r\nREAD 1\r\n")  # the second READ waits behind a tail that never ends

@@ -175,12 +175,14 @@ def test_flag_overrides_the_policy(tmp_path: Path) -> None:
         assert log_files(tmp_path / "b")[-1].stat().st_size == records_size(1, 1) + PREALLOCATE_BYTES
 
 
-def test_data_size_is_unaffected(tmp_path: Path) -> None:
+def test_sizes_and_streamed_spans_stop_at_the_data(tmp_path: Path) -> None:
     with Log(str(tmp_path)) as log:
         fill(log, 30)
+        assert os.path.getsize(log_files(tmp_path)[-1]) > records_size(1, 30)  # the zeros are there
         assert log.size_bytes == records_size(1, 30)
-        span = log.span(1)
-        assert span is not None
+        # What READ and REPLICATE send: whole records, never the zeros after them.
+        span = log.span(1, max_bytes=1 << 30)
+        assert span is not None and (span.start, span.end, span.last_id) == (0, records_size(1, 30), 30)
     assert os.path.getsize(log_files(tmp_path)[-1]) == records_size(1, 30)
 
 
