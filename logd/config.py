@@ -38,9 +38,16 @@ class Config:
     shutdown_timeout: float = 10.0  # seconds to let connections finish on stop
     log_format: str = "console"  # or "json"
     log_level: str = "info"
-    # Per-connection cap on bytes submitted but not yet acknowledged; above it
-    # the server stops reading from that client (backpressure, not buffering).
-    max_inflight_bytes: int = 32 * 1024 * 1024
+    # Memory budgets (protocol.md 3.6; Redis's client-output-buffer-limit and
+    # Kafka's queued.max.request.bytes): over one, the server stops reading.
+    # Per connection, commands received and not yet answered (waiting their
+    # turn, or MSG bodies not yet acknowledged), and unsent output:
+    conn_input_bytes: int = 64 << 20
+    conn_output_bytes: int = 4 << 20
+    # All connections together: partial MSGs, commands waiting, unsent output.
+    server_input_bytes: int = 1 << 30
+    server_output_bytes: int = 1 << 30
+    tail_stall_timeout: float = 60.0  # a stream whose output does not drain this long is dropped
     replica_of: str | None = None
     min_replicas: int = 0
     replica_timeout: float = 5.0
@@ -49,12 +56,17 @@ class Config:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
         positive = ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_batch_bytes",
-                    "max_connections")
+                    "max_connections", "conn_input_bytes", "conn_output_bytes", "server_input_bytes",
+                    "server_output_bytes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
         if self.log_format not in ("console", "json"):
             raise ValueError("log-format must be console or json")
+        if self.server_input_bytes < self.max_batch_bytes:
+            raise ValueError("server-input-bytes must be at least max-batch-bytes (one MSG must fit)")
+        if self.tail_stall_timeout <= 0:
+            raise ValueError("tail-stall-timeout must be positive")
         if self.min_replicas < 0:
             raise ValueError("min-replicas must be 0 or more")
         if self.replica_timeout <= 0:

@@ -1,25 +1,25 @@
 """The single ordered event queue: group commit, acknowledgements, waking tails.
 
-Every connection submits its MSG batches here; one writer task applies them
-in arrival order. While a write + fsync is in flight, new batches wait; the
-next round takes all of them, writes them with one ``write`` and makes them
-durable with one fsync (group commit, as LevelDB's ``BuildBatchGroup``).
-Then each submitter's callback gets its id range, and commit listeners
-(tails, replicas) are told the new commit point.
+Every connection submits its MSG batches here and they are applied in
+arrival order. A *round* takes every batch pending, writes them with one
+``write`` and (under ``fsync=always``) makes them durable with one fsync:
+group commit, as LevelDB's ``BuildBatchGroup``. Then each submitter learns
+its id range, and the commit listeners (tails, replicas) the new commit point.
 
-fsync runs on a dedicated thread so the event loop never blocks on it.
+A round starts from ``call_soon``: after the event loop has read every socket
+that was ready, so one round takes the batches of all of them (the loop's own
+batching; no spin, no timer). While a round's fsync runs on the sync thread,
+new batches wait; the round after it takes them all.
 
-With ``fsync=interval`` or ``never`` there is no fsync to wait for, so there
-is no writer task either: the first batch submitted schedules `kick` with
-``call_soon``. It runs once the loop has handled every socket that was ready,
-so one write still covers the batches of all of them, and their acks go out
-without a task switch in between.
+fsync runs on one dedicated thread (`SyncThread`) that reports back with
+``call_soon_threadsafe``: no thread pool and no future per round, and the
+event loop never blocks on the disk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,9 +35,10 @@ log = structlog.get_logger("logd.queue")
 # A round takes at most this much from the queue, so one huge burst cannot
 # make a single write (and the memory to build it) unbounded.
 MAX_ROUND_BYTES = 16 * 1024 * 1024
-# Longest a group-commit round waits for more batches to join it (see _gather).
-GATHER_S = 0.0002
 FSYNC_SAMPLES = 1024  # recent fsync durations kept for STATS percentiles
+
+Batch = tuple[list[bytes], int, "Submitter", object]
+SyncDone = Callable[[BaseException | None], None]
 
 
 class Submitter(Protocol):
@@ -50,68 +51,132 @@ class Submitter(Protocol):
     def flush(self) -> None: ...
 
 
+class SyncThread:
+    """One thread that runs ``log.sync`` on request and reports back on the event loop.
+
+    Requests that arrive while a sync runs share the next one.
+    """
+
+    def __init__(self, log_: Log, loop: asyncio.AbstractEventLoop, timings: deque[float]) -> None:
+        self._log = log_
+        self._loop = loop
+        self._timings = timings
+        self._cond = threading.Condition()
+        self._requests: list[SyncDone] = []
+        self._stopping = False
+        self.count = 0
+        self._thread = threading.Thread(target=self._run, name="logd-fsync", daemon=True)
+        self._thread.start()
+
+    def request(self, done: SyncDone) -> None:
+        """Sync everything written so far, then call ``done(None)`` (or ``done(error)``) on the loop."""
+        with self._cond:
+            self._requests.append(done)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._requests and not self._stopping:
+                    self._cond.wait()
+                if not self._requests:
+                    return
+                dones, self._requests = self._requests, []
+            t0 = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                self._log.sync()
+            except BaseException as exc:  # reported to the requesters on the loop
+                error = exc
+            self._timings.append((time.perf_counter() - t0) * 1e6)
+            self.count += 1
+            try:
+                self._loop.call_soon_threadsafe(_report, dones, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def stop(self) -> None:
+        """Finish the requests made so far, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+
+def _report(dones: list[SyncDone], error: BaseException | None) -> None:
+    for done in dones:
+        done(error)
+
+
 class AppendQueue:
     """Applies MSG batches from every connection to the log, in one order."""
 
-    def __init__(self, log_: Log) -> None:
+    def __init__(self, log_: Log, on_failure: Callable[[str, BaseException], None] | None = None) -> None:
         self.log = log_
-        self._pending: deque[tuple[list[bytes], int, Submitter, object]] = deque()
+        self._pending: deque[Batch] = deque()
         self._pending_bytes = 0
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="logd-fsync")
-        self._task: asyncio.Task[None] | None = None
-        self._sync_task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[int], None]] = []
-        self._closing = False
-        self._last_round = 0  # batches in the previous round, the target for _gather
-        # interval/never: batches are applied by kick(), not by a writer task.
-        self._inline = log_.policy.mode != "always"
-        self._kick_scheduled = False
+        self._on_failure = on_failure
+        self._always = log_.policy.mode == "always"
+        self._scheduled = False
+        self._syncing: list[Batch] | None = None  # the round whose fsync is running
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._sync_task: asyncio.Task[None] | None = None
+        self._syncer: SyncThread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Figures for STATS.
         self.appended_messages = 0
         self.appended_bytes = 0
-        self.fsyncs = 0
         self._fsync_us: deque[float] = deque(maxlen=FSYNC_SAMPLES)
 
     # --- life cycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Start the writer task (fsync=always) or the interval syncer (interval)."""
-        if not self._inline:
-            self._task = asyncio.get_running_loop().create_task(self._writer(), name="logd-writer")
+        """Start the sync thread (and the interval syncer under ``interval``)."""
+        self._loop = loop = asyncio.get_running_loop()
+        self._syncer = SyncThread(self.log, loop, self._fsync_us)
         if self.log.policy.mode == "interval":
-            self._sync_task = asyncio.get_running_loop().create_task(
-                self._interval_syncer(), name="logd-syncer"
-            )
+            self._sync_task = loop.create_task(self._interval_syncer(), name="logd-syncer")
+
+    @property
+    def fsyncs(self) -> int:
+        return self._syncer.count if self._syncer is not None else 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or self._syncing is not None or self._scheduled
 
     async def drain(self) -> None:
         """Wait until every submitted batch has been written and acknowledged."""
-        while self._pending or not self._idle.is_set():
-            if not self._idle.is_set():
-                await self._idle.wait()
-            else:
-                await asyncio.sleep(0)  # let the writer task take the next round
+        while self.busy and self.log.failed is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(fut)
+            await fut
 
     async def stop(self) -> None:
-        """Finish what was submitted, sync, and stop the tasks."""
-        self._closing = True
+        """Finish what was submitted, sync, and stop the sync thread."""
         await self.drain()
-        for task in (self._task, self._sync_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            try:
+                await self._sync_task
+            except asyncio.CancelledError:
+                pass
         if self.log.failed is None and self.log.needs_sync:
-            await self._sync()
-        self._executor.shutdown(wait=True)
+            try:
+                await self.sync()
+            except LogdError as exc:
+                log.error("sync_failed", error=str(exc))
+        if self._syncer is not None:
+            self._syncer.stop()
 
     def add_listener(self, fn: Callable[[int], None]) -> None:
         """Call ``fn(commit_point)`` whenever the commit point moves."""
         self._listeners.append(fn)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
 
     # --- submitting -----------------------------------------------------------
 
@@ -119,66 +184,54 @@ class AppendQueue:
         """Queue a batch; ``who.batch_done(token, last_id)`` is called once it is committed."""
         self._pending.append((bodies, nbytes, who, token))
         self._pending_bytes += nbytes
-        if self._inline:
-            if not self._kick_scheduled:
-                self._kick_scheduled = True
-                asyncio.get_running_loop().call_soon(self.kick)
-        elif not self._wake.is_set():
-            self._wake.set()
+        if not self._scheduled and self._syncing is None:
+            self._scheduled = True
+            self._loop.call_soon(self._round)  # type: ignore[union-attr]
 
-    def kick(self) -> None:
-        """Apply every pending batch now, when no fsync is waited for (interval/never)."""
-        self._kick_scheduled = False
-        if not self._inline:
-            return
-        while self._pending:
-            round_ = self._take_round()
-            if self._append(round_):
-                self._acknowledge(round_)
-
-    @property
-    def pending_bytes(self) -> int:
-        return self._pending_bytes
-
-    # --- the writer -------------------------------------------------------------
-
-    async def _writer(self) -> None:
-        """Group commit for fsync=always: one write and one fsync per round."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                self._idle.clear()
-                await self._gather()
+    def _round(self) -> None:
+        """Write what is pending; acknowledge it now (interval, never) or after its fsync (always)."""
+        self._scheduled = False
+        try:
+            if not self._always:
+                while self._pending:
+                    round_ = self._take_round()
+                    if self._append(round_):
+                        self._acknowledge(round_)
+            elif self._syncing is None and self._pending:
                 round_ = self._take_round()
-                self._last_round = len(round_)
-                try:
-                    await self._apply(round_)
-                finally:
-                    self._idle.set()
+                if self._append(round_):
+                    self._syncing = round_
+                    self._syncer.request(self._synced)  # type: ignore[union-attr]
+        except Exception as exc:  # a bug or an unforeseen fault: stop, loudly, rather than hang
+            self._fail_stop("append queue failed", exc)
+        self._check_idle()
 
-    async def _gather(self) -> None:
-        """Let a group form before paying for an fsync (PostgreSQL's commit_delay).
+    def _synced(self, error: BaseException | None) -> None:
+        round_, self._syncing = self._syncing, None
+        try:
+            if round_ is not None:
+                if error is None:
+                    self._acknowledge(round_)
+                elif isinstance(error, LogdError):
+                    self._fail(round_, error)
+                else:
+                    self._fail(round_, UnavailableError(f"fsync failed: {error}"))
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._round)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._fail_stop("acknowledging a commit failed", exc)
+        self._check_idle()
 
-        Writers that wait for their ack send their next batch only after the
-        previous round's acks: they come back spread over a few hundred
-        microseconds. Taking whatever is pending at once would split them
-        into a tiny round and a big one, two fsyncs where one would do. So
-        while fewer batches are pending than the last round had, let the
-        event loop read more sockets, for at most GATHER_S. A lone writer
-        (last round of 1) never waits.
-        """
-        target = self._last_round
-        if target <= 1 or len(self._pending) >= target:
-            return
-        deadline = time.perf_counter() + GATHER_S
-        while len(self._pending) < target and time.perf_counter() < deadline:
-            await asyncio.sleep(0)
-
-    def _take_round(self) -> list[tuple[list[bytes], int, Submitter, object]]:
-        round_: list[tuple[list[bytes], int, Submitter, object]] = []
-        size = 0
+    def _take_round(self) -> list[Batch]:
         pending = self._pending
+        if self._pending_bytes <= MAX_ROUND_BYTES:
+            round_ = list(pending)
+            pending.clear()
+            self._pending_bytes = 0
+            return round_
+        round_ = []
+        size = 0
         while pending and (size < MAX_ROUND_BYTES or not round_):
             item = pending.popleft()
             size += item[1]
@@ -186,66 +239,124 @@ class AppendQueue:
         self._pending_bytes -= size
         return round_
 
-    async def _apply(self, round_: list[tuple[list[bytes], int, Submitter, object]]) -> None:
-        """Write a round, fsync it, acknowledge it (fsync=always)."""
-        if not self._append(round_):
-            return
-        try:
-            await self._sync()
-        except LogdError as exc:
-            self._fail(round_, exc)
-            return
-        self._acknowledge(round_)
-
-    def _append(self, round_: list[tuple[list[bytes], int, Submitter, object]]) -> bool:
+    def _append(self, round_: list[Batch]) -> bool:
         """Write a round to the log; on failure tell its submitters and return False."""
-        bodies: list[bytes] = []
-        for item in round_:
-            bodies += item[0]
+        if len(round_) == 1:
+            bodies = round_[0][0]
+            nbytes = round_[0][1]
+        else:
+            bodies = []
+            nbytes = 0
+            for item in round_:
+                bodies += item[0]
+                nbytes += item[1]
         try:
-            self.log.append(bodies, sum(item[1] for item in round_))
-            if self.log.needs_sync and self.log.policy.mode == "never":
-                # A roll left a closed segment to finish; do it off the loop.
-                asyncio.get_running_loop().run_in_executor(self._executor, self._sync_quietly)
+            self.log.append(bodies, nbytes)
         except LogdError as exc:
             self._fail(round_, exc)
             return False
         except OSError as exc:  # unexpected: report as storage failure
             self._fail(round_, UnavailableError(f"storage error: {exc}"))
             return False
+        if self.log.needs_sync and self.log.policy.mode == "never":
+            self._sync_later()  # a roll left a closed segment to finish
         return True
 
-    def _fail(self, round_: list[tuple[list[bytes], int, Submitter, object]], exc: LogdError) -> None:
+    def _fail(self, round_: list[Batch], exc: LogdError) -> None:
         log.error("append_failed", error=str(exc), batches=len(round_))
         for _b, _n, who, token in round_:
             who.batch_failed(token, exc)
         self._flush_all(round_)
 
-    def _acknowledge(self, round_: list[tuple[list[bytes], int, Submitter, object]]) -> None:
+    def _acknowledge(self, round_: list[Batch]) -> None:
         """Hand out the id ranges of a committed round, in submission order, and tell the listeners."""
-        messages = sum(len(item[0]) for item in round_)
-        self.appended_messages += messages
-        self.appended_bytes += sum(item[1] for item in round_)
+        messages = sum([len(item[0]) for item in round_]) if len(round_) > 1 else len(round_[0][0])
         first = self.log.head + 1 - messages
-        for batch, _n, who, token in round_:
+        nbytes = 0
+        for batch, n, who, token in round_:
             first += len(batch)
+            nbytes += n
             who.batch_done(token, first - 1)
+        self.appended_messages += messages
+        self.appended_bytes += nbytes
         self._flush_all(round_)
         head = self.log.head
         for fn in self._listeners:
             fn(head)
+
+    @staticmethod
+    def _flush_all(round_: list[Batch]) -> None:
+        # One transport.write per connection per round, however many batches it had.
+        if len(round_) == 1:
+            round_[0][2].flush()
+            return
+        for who in dict.fromkeys([item[2] for item in round_]):
+            who.flush()
+
+    def _check_idle(self) -> None:
+        if self._idle_waiters and not self.busy:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _fail_stop(self, what: str, exc: BaseException) -> None:
+        log.exception("fail_stop", what=what, error=repr(exc))
+        if self._on_failure is not None:
+            self._on_failure(what, exc)
+        # Whatever was in flight will never be acknowledged: say so.
+        stuck = list(self._pending) + (self._syncing or [])
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._syncing = None
+        err = UnavailableError(f"server failed: {what}: {exc!r}")
+        for _b, _n, who, token in stuck:
+            try:
+                who.batch_failed(token, err)
+                who.flush()
+            except Exception:  # a connection that cannot even be told: it goes with the server
+                pass
+
+    # --- syncing --------------------------------------------------------------
+
+    def sync(self) -> asyncio.Future[None]:
+        """Sync everything written so far on the sync thread; the future fails with the error, if any."""
+        loop = self._loop
+        assert loop is not None and self._syncer is not None
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:
+            if fut.done():
+                return
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+        self._syncer.request(done)
+        return fut
+
+    def _sync_later(self) -> None:
+        """Sync in the background; a failure is logged (the log refuses writes from then on)."""
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                log.error("sync_failed", error=str(error))
+
+        if self._syncer is not None:
+            self._syncer.request(done)
 
     async def commit_written(self, messages: int, nbytes: int) -> int:
         """Commit records a replica wrote straight to the log, as a MSG round would.
 
         Syncs under ``fsync=always``, counts them, and tells the commit
         listeners (tails). Returns the commit point. A follower has no MSG
-        traffic, so this never interleaves with `_apply`'s rounds.
+        traffic, so this never interleaves with the MSG rounds.
         """
-        if self.log.policy.mode == "always":
-            await self._sync()
+        if self._always:
+            await self.sync()
         elif self.log.needs_sync and self.log.policy.mode == "never":
-            asyncio.get_running_loop().run_in_executor(self._executor, self._sync_quietly)
+            self._sync_later()
         self.appended_messages += messages
         self.appended_bytes += nbytes
         head = self.log.head
@@ -253,31 +364,13 @@ class AppendQueue:
             fn(head)
         return head
 
-    @staticmethod
-    def _flush_all(round_: list[tuple[list[bytes], int, Submitter, object]]) -> None:
-        # One transport.write per connection per round, however many batches it had.
-        for who in dict.fromkeys([item[2] for item in round_]):
-            who.flush()
-
-    async def _sync(self) -> None:
-        t0 = time.perf_counter()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.log.sync)
-        self.fsyncs += 1
-        self._fsync_us.append((time.perf_counter() - t0) * 1e6)
-
-    def _sync_quietly(self) -> None:
-        try:
-            self.log.sync()
-        except LogdError as exc:
-            log.error("sync_failed", error=str(exc))
-
     async def _interval_syncer(self) -> None:
         interval = self.log.policy.interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
             if self.log.needs_sync and self.log.failed is None:
                 try:
-                    await self._sync()
+                    await self.sync()
                 except LogdError as exc:
                     log.error("sync_failed", error=str(exc))
 

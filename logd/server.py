@@ -19,13 +19,17 @@ from . import __version__, protocol
 from .config import Config
 from .connection import Connection
 from .errors import (
+    BusyError,
     DivergedError,
     IdleTimeoutError,
     ReadOnlyError,
+    ServerError,
+    UnavailableError,
 )
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
 from .storage import Log, watermark
+from .streams import ParkedStreams, Stream
 
 log = structlog.get_logger("logd.server")
 
@@ -33,7 +37,7 @@ WATERMARK_SAVE_S = 1.0  # how often a changed high watermark is saved (--min-rep
 
 
 class LogServer:
-    """The server state: config, log, queue, connections, parked streams."""
+    """The server state: config, log, queue, connections, streams, budgets."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -45,17 +49,27 @@ class LogServer:
             retention_ms=config.retention_ms,
             preallocate=config.preallocate,
         )
-        self.queue = AppendQueue(self.log)
+        self.queue = AppendQueue(self.log, on_failure=self.fail_stop)
         # A restarted leader shows what it last saved as visible, no more
         # than it holds (a torn tail may have gone), until replicas confirm more.
         saved_hw = min(watermark.load(config.data_dir), self.log.head)
         self.replication = ReplicaSet(config.min_replicas, config.replica_timeout, self.log.head, saved_hw)
         self.follower: Follower | None = None
         self.exit_code = 0
-        self.connections: set[Connection] = set()  # counted against max_connections
-        self.alive: set[Connection] = set()  # until connection_lost (flushing closes)
-        self.waiting: set[Connection] = set()
+        # Counted against max_connections from connection_made to connection_lost,
+        # so a closed connection counts until its buffers are gone.
+        self.connections: set[Connection] = set()
+        self.streams: set[Stream] = set()
+        self.readers = ParkedStreams()  # streams waiting for the high watermark to move
+        self.replicas = ParkedStreams()  # REPLICATE streams waiting for the commit point
+        self.replica_streams: set[Stream] = set()
+        self.stalled: set[Connection] = set()  # write-paused: their peer does not read
+        self.paused: set[Connection] = set()  # read-paused: over a budget
+        self.throttled: set[Stream] = set()  # waiting for the server's output budget
+        self.input_used = 0
+        self.output_used = 0
         self.read_only = False
+        self.failure: str | None = None  # fail-stop: why this server no longer appends
         self.leader_address: str | None = None
         self.stopping = False
         self.started = time.monotonic()
@@ -75,8 +89,7 @@ class LogServer:
         )
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
-        if self.config.idle_timeout:
-            self._tasks.append(loop.create_task(self._idle_sweeper()))
+        self._tasks.append(loop.create_task(self._sweeper()))
         if self.config.retention_bytes is not None or self.config.retention_ms is not None:
             self._tasks.append(loop.create_task(self._retention_loop()))
         if self.config.min_replicas:
@@ -118,7 +131,7 @@ class LogServer:
         for task in self._tasks:
             task.cancel()
         for conn in list(self.connections):
-            conn._update_reading()
+            conn.flush()  # stops reading (stopping)
         await self.queue.drain()
         self.replication.abandon("before the server stopped")
         for conn in list(self.connections):
@@ -126,9 +139,9 @@ class LogServer:
         await self.queue.drain()
         deadline = time.monotonic() + self.config.shutdown_timeout
         # Closed transports flush their buffers before connection_lost; wait for that.
-        while self.alive and time.monotonic() < deadline:
+        while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for conn in list(self.alive):
+        for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
         await self.queue.stop()
@@ -136,6 +149,126 @@ class LogServer:
             self.save_watermark()
         self.log.close()
         log.info("stopped", head=self.log.head)
+
+    # --- connections --------------------------------------------------------------------
+
+    def new_parser(self) -> protocol.CommandParser:
+        cfg = self.config
+        return protocol.CommandParser(
+            max_line_bytes=cfg.max_line_bytes,
+            max_message_bytes=cfg.max_message_bytes,
+            max_batch=cfg.max_batch,
+            max_batch_bytes=cfg.max_batch_bytes,
+        )
+
+    def admit(self, conn: Connection) -> BusyError | None:
+        """Count a new connection, or say why it is refused."""
+        if self.stopping:
+            return BusyError("server is stopping")
+        if len(self.connections) >= self.config.max_connections:
+            return BusyError("too many connections")
+        self.connections.add(conn)
+        return None
+
+    def connection_gone(self, conn: Connection) -> None:
+        """connection_lost: its buffers are gone; it no longer counts anywhere."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.charge(conn, -conn.held, -conn.unsent)
+            conn.held = conn.unsent = 0
+        self.stalled.discard(conn)
+        self.paused.discard(conn)
+
+    # --- budgets (protocol.md 3.6) ------------------------------------------------------
+
+    def charge(self, conn: Connection, input_delta: int, output_delta: int) -> None:
+        """A connection's bytes held in the server-wide budgets changed."""
+        was_over = self.input_used > self.config.server_input_bytes or (
+            self.output_used > self.config.server_output_bytes
+        )
+        self.input_used += input_delta
+        self.output_used += output_delta
+        if was_over and (input_delta < 0 or output_delta < 0) and not self._over():
+            self._budgets_freed()
+
+    def _over(self) -> bool:
+        return self.input_over_budget() or self.output_over_budget()
+
+    def input_over_budget(self) -> bool:
+        return self.input_used > self.config.server_input_bytes
+
+    def output_over_budget(self) -> bool:
+        return self.output_used > self.config.server_output_bytes
+
+    def grant_input(self, conn: Connection, declared: int) -> bool:
+        """May a MSG in progress of ``declared`` body bytes be read whole now? (Else it waits.)"""
+        return self.input_used - conn.held + declared <= self.config.server_input_bytes or not (
+            self.input_used - conn.held
+        )
+
+    def throttle(self, stream: Stream) -> None:
+        """A stream waits for the server's output budget (the sweeper or a drain wakes it)."""
+        self.throttled.add(stream)
+
+    def _budgets_freed(self) -> None:
+        """Room again: let paused connections and throttled streams go on, oldest first."""
+        streams, self.throttled = self.throttled, set()
+        for stream in streams:
+            if stream in self.streams:
+                stream.pump()
+                stream.sink.flush()  # type: ignore[attr-defined]
+        for conn in list(self.paused):
+            if self._over():
+                break
+            conn.flush()
+
+    def _recount_output(self) -> None:
+        """Re-read every counted write buffer (they drain without telling us below the low-water mark)."""
+        total = 0
+        for conn in self.connections:
+            if conn.unsent and conn.transport is not None:
+                conn.unsent = conn.transport.get_write_buffer_size()
+                total += conn.unsent
+        was_over = self.output_over_budget()
+        self.output_used = total
+        if was_over and not self._over():
+            self._budgets_freed()
+
+    # --- the session's backend, server-wide part ---------------------------------------
+
+    def msg_refusal(self) -> ServerError | None:
+        """Why a MSG must be refused now, or None (called for every MSG: cheap when writable)."""
+        if self.read_only:
+            return self.readonly_error()
+        if self.failure is not None:
+            return UnavailableError(f"server failed and accepts no writes: {self.failure}")
+        if self.replication.min_replicas:
+            return self.replication.refusal()
+        return None
+
+    def check_stream_start(self, cmd: protocol.Read | protocol.Replicate) -> None:
+        """Raise the error a READ/REPLICATE is answered with instead of its stream, if any."""
+        self.log.check_retained(cmd.start)
+        if type(cmd) is protocol.Replicate:
+            self.check_replica_start(cmd.start, cmd.prev_crc)
+
+    def stream_started(self, stream: Stream) -> None:
+        self.streams.add(stream)
+        if stream.replica:
+            self.replica_streams.add(stream)
+
+    def stream_gone(self, stream: Stream) -> None:
+        self.streams.discard(stream)
+        self.throttled.discard(stream)
+        if stream.replica:
+            self.replica_streams.discard(stream)
+            self.replication.forget(stream)
+
+    def park(self, stream: Stream) -> None:
+        (self.replicas if stream.replica else self.readers).park(stream)
+
+    def unpark(self, stream: Stream) -> None:
+        (self.replicas if stream.replica else self.readers).unpark(stream)
 
     # --- commit fan-out -------------------------------------------------------------
 
@@ -145,16 +278,13 @@ class LogServer:
         self.wake_streams()
 
     def wake_streams(self) -> None:
-        """Wake parked streams that have something to send: replicas up to the
-        commit point, readers up to the high watermark."""
-        if not self.waiting:
-            return
-        head = self.log.head
-        visible = self.visible_head()
-        ready = [c for c in self.waiting if c.stream_next <= (head if c.stream_kind == "replicate" else visible)]
-        for conn in ready:
-            self.waiting.discard(conn)
-            conn.wake()
+        """Wake the parked streams a commit lets advance: replicas up to the commit point,
+        readers up to the high watermark. Streams parked further ahead are not touched."""
+        for index, limit in ((self.replicas, self.log.head), (self.readers, self.visible_head())):
+            if index.count:
+                for stream in index.ready(limit):
+                    stream.pump()
+                    stream.sink.flush()  # type: ignore[attr-defined]
 
     # --- replication hooks ------------------------------------------------------------
 
@@ -168,30 +298,30 @@ class LogServer:
             return min(head, self.replication.hw)
         return head
 
-    def replica_ack(self, conn: Connection, id: int) -> None:
+    def replica_ack(self, stream: Stream, id: int) -> None:
         """A replica holds everything up to ``id``."""
-        if self.replication.ack(conn, id):
+        if self.replication.ack(stream, id):
             self.replication.release()
             self.wake_streams()
             # Replicas cap their readers at our high watermark: tell the idle ones.
-            for c in list(self.waiting):
-                if c.stream_kind == "replicate":
-                    c.send_position()
+            for s in self.replica_streams:
+                if s.parked:
+                    s.send_position()
 
-    def refuse_writes(self) -> None:
+    def refuse_writes(self, peer: str = "-") -> None:
         """REFUSE: stop accepting MSG (failover: the old leader steps down); reads go on."""
         if not self.read_only:
-            log.warning("writes_refused", head=self.log.head)
+            log.warning("writes_refused", head=self.log.head, peer=peer)
         self.read_only = True
 
-    def accept_writes(self) -> None:
+    def accept_writes(self, peer: str = "-") -> None:
         """ACCEPT: stop following (if we were) and accept MSG from the next id."""
         follower, self.follower = self.follower, None
         if follower is not None:
             # What the old leader's readers could see stays visible here.
             self.replication.hw = max(self.replication.hw, follower.leader_visible)
             follower.cancel()
-            log.warning("promoted", former_leader=follower.leader, head=self.log.head)
+            log.warning("promoted", former_leader=follower.leader, head=self.log.head, peer=peer)
         self.read_only = False
         self.leader_address = None
 
@@ -199,6 +329,12 @@ class LogServer:
         """Stop the server with a non-zero exit status (e.g. a follower that diverged)."""
         self.exit_code = exit_code
         self.request_stop(reason)
+
+    def fail_stop(self, what: str, exc: BaseException) -> None:
+        """An unexpected fault in the commit path: append nothing more, say why, keep serving reads."""
+        if self.failure is None:
+            self.failure = f"{what}: {exc!r}"
+            log.error("server_failed", reason=self.failure)
 
     def check_replica_start(self, start: int, prev_crc: int | None) -> None:
         """Refuse a follower whose history differs from ours (DIVERGED)."""
@@ -218,27 +354,31 @@ class LogServer:
     # --- figures ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
+        """STATS figures, all from counters: O(1) in the number of connections and streams."""
         p50, p99 = self.queue.fsync_percentiles()
-        figures: dict[str, object] = {
-            "version": __version__,
-            "role": "follower" if self.follower is not None else "readonly" if self.read_only else "leader",
-        }
+        role = "follower" if self.follower is not None else "readonly" if self.read_only else "leader"
+        figures: dict[str, object] = {"version": __version__, "role": role}
         figures.update(self.log.stats())
         figures.update(
             {
+                "state": "failed" if self.failure is not None else "ok",
                 "connections": len(self.connections),
-                "tails": sum(1 for c in self.connections if c.streaming),
-                "waiting_tails": len(self.waiting),
-                "replicas": len(self.replication.acked),
+                "tails": len(self.streams),
+                "waiting_tails": self.readers.count + self.replicas.count,
+                "replicas": len(self.replica_streams),
                 "appended_messages": self.queue.appended_messages,
                 "appended_bytes": self.queue.appended_bytes,
                 "pending_bytes": self.queue.pending_bytes,
+                "input_bytes": self.input_used,
+                "output_bytes": self.output_used,
                 "fsyncs": self.queue.fsyncs,
                 "fsync_p50_us": p50,
                 "fsync_p99_us": p99,
                 "uptime_s": int(time.monotonic() - self.started),
             }
         )
+        if self.failure is not None:
+            figures["failure"] = self.failure
         figures["head"] = self.visible_head()
         figures["log_head"] = self.log.head
         if self.follower is not None:
@@ -248,18 +388,26 @@ class LogServer:
 
     # --- housekeeping ---------------------------------------------------------------------
 
-    async def _idle_sweeper(self) -> None:
-        timeout = self.config.idle_timeout or 0
-        period = max(0.05, min(1.0, timeout / 4))
+    async def _sweeper(self) -> None:
+        """Drop stalled streams and idle connections; recount output while streams wait for the budget."""
+        stall = self.config.tail_stall_timeout
+        idle = self.config.idle_timeout or 0.0
+        period = max(0.05, min(1.0, stall / 4, idle / 4 if idle else 1.0))
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(0.05 if self.throttled else period)
             now = time.monotonic()
-            for conn in list(self.connections):
-                if conn.streaming or now - conn.last_active <= timeout:
-                    continue
-                if conn.slots:  # still answering; not idle
-                    continue
-                conn._close_after([protocol.error_reply(IdleTimeoutError(f"no command for {timeout:g} s"))])
+            if self.throttled or self.output_over_budget():
+                self._recount_output()
+            for conn in list(self.stalled):
+                if conn.stream is not None and now - conn.stalled_since > stall:
+                    log.warning("stream_stalled", peer=conn.peer, seconds=round(now - conn.stalled_since, 1))
+                    conn.drop(BusyError(f"stream output not read for {stall:g} s"))
+                elif conn.session.closed and now - conn.stalled_since > 2 * stall and conn.transport is not None:
+                    conn.transport.abort()  # closed, and its peer still reads nothing: free the buffer
+            if idle:
+                for conn in list(self.connections):
+                    if conn.session.idle and not conn.session.closing and now - conn.last_active > idle:
+                        conn.close(protocol.error_reply(IdleTimeoutError(f"no command for {idle:g} s")))
 
     async def _watermark_saver(self) -> None:
         saved = -1

@@ -135,6 +135,12 @@ class CommandParser:
         """Bytes of input held until more arrives (for backpressure)."""
         return len(self._buf) + self._held
 
+    @property
+    def declared(self) -> int:
+        """Body bytes declared by the MSG in progress (0 when none): what it will hold once complete."""
+        lens = self._lens
+        return sum(lens) if lens is not None else 0
+
     def feed(self, data: bytes) -> list[Command | ProtocolError]:
         """Parse a chunk of received bytes; return every command it completes, in order."""
         out: list[Command | ProtocolError] = []

@@ -11,6 +11,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from ..config import parse_address
 from ..errors import CorruptRecordError, LogdError, ProtocolError, UnavailableError
+from ..protocol.commands import Ack, encode_command
 from ..protocol.replica import (
     Chunk,
     Event,
@@ -228,6 +229,8 @@ class Follower:
                         started = True
                         self.sessions += 1
                         self.state = "streaming"
+                        # Count toward the leader's --min-replicas now, not only after new records.
+                        link.write(encode_command(Ack(start - 1)))
                         log.info("following", leader=self.leader, start=start)
                     elif type(ev) is StreamEnd:
                         self._commit_soon(link, count, nbytes)

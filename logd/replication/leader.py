@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import protocol
 from ..errors import ServerError, UnavailableError
+from ..protocol.session import AppendReply
 
 COMMIT_SAMPLES = 1 << 16  # (commit point, time) pairs kept for replica lag in seconds
 
@@ -34,7 +35,7 @@ class ReplicaSet:
         self.head = head
         self._ids: list[int] = []  # commit points, increasing, with when they were reached
         self._times: list[float] = []
-        self._waiters: deque[tuple[int, float, Any, list[Any]]] = deque()
+        self._waiters: deque[tuple[int, float, Any, AppendReply]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def on_commit(self, head: int) -> bool:
@@ -95,9 +96,9 @@ class ReplicaSet:
 
     # --- MSG replies held until min_replicas hold them ---------------------------------
 
-    def hold(self, conn: Any, slot: list[Any], last_id: int) -> None:
+    def hold(self, conn: Any, reply: AppendReply, last_id: int) -> None:
         """Keep a committed batch's reply until the high watermark reaches ``last_id``."""
-        self._waiters.append((last_id, time.monotonic() + self.timeout, conn, slot))
+        self._waiters.append((last_id, time.monotonic() + self.timeout, conn, reply))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
 
@@ -107,8 +108,8 @@ class ReplicaSet:
         waiters = self._waiters
         hw = self.hw
         while waiters and waiters[0][0] <= hw:
-            last_id, _deadline, conn, slot = waiters.popleft()
-            conn.answer_held(slot, b"OK %d\r\n" % last_id)
+            last_id, _deadline, conn, reply = waiters.popleft()
+            reply.resolve(protocol.ok(last_id))
             conns.add(conn)
         for conn in conns:
             conn.flush()
@@ -132,12 +133,12 @@ class ReplicaSet:
         conns: set[Any] = set()
         waiters = self._waiters
         for _ in range(n):
-            last_id, _deadline, conn, slot = waiters.popleft()
+            last_id, _deadline, conn, reply = waiters.popleft()
             err = UnavailableError(
                 f"id {last_id} is committed here but fewer than {self.min_replicas} replicas acknowledged it "
                 f"{why}; it may still become visible"
             )
-            conn.answer_held(slot, protocol.error_reply(err))
+            reply.resolve(protocol.error_reply(err))
             conns.add(conn)
         for conn in conns:
             conn.flush()

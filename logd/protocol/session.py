@@ -1,0 +1,341 @@
+"""The server's side of one connection, sans-IO: bytes in, commands acted on in order, reply bytes out.
+
+The asyncio adapter (``logd/connection.py``) feeds what it receives to
+`ServerSession.receive` and writes what `ServerSession.data_to_send` returns;
+the session never touches a socket or an event loop. What a command does to
+the server (append, read the head, start a stream, ...) goes through the
+`Backend` it is given, so the tests drive a session with an in-memory backend.
+
+**The order contract** (protocol.md 3.1): every command is acted on in the
+order received. A command *acts* when every earlier one has acted:
+
+- MSG acts when it is handed to the append queue; later commands may act
+  before its reply is known, except those that observe what it did;
+- HEAD, STATS, READ, REPLICATE, CLOSE and a fatal error act only once every
+  earlier reply is known (so HEAD after MSG sees that MSG);
+- READ and REPLICATE act until their stream ends; nothing after them acts
+  meanwhile, except the replica's ACKs on its own REPLICATE stream;
+- CLOSE, once received, makes every stream before it end as soon as it has
+  sent what is committed (``+EOF``) instead of waiting for more; then it is
+  answered ``OK`` and the connection closes. Nothing after it acts: the
+  parser is not fed again.
+
+Replies leave in command order: `AppendReply` is the one reply kind that is
+not known when its command acts; every other reply is bytes at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from logd.errors import DivergedError, ProtocolError, ServerError
+
+from .commands import Accept, Ack, Close, Command, Head, Msg, Ping, Read, Refuse, Replicate, Shutdown, Stats
+from .parser import CommandParser
+from .replies import PONG, error_reply, ok, stats_reply
+
+OK_EMPTY = ok()
+
+
+class AppendReply:
+    """The reply to a MSG handed to the append queue, unknown until its batch is committed.
+
+    The queue (and, with ``--min-replicas``, the replica bookkeeping) calls
+    `resolve` once; the session sends it when every earlier reply has gone.
+    """
+
+    __slots__ = ("nbytes", "reply")
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.reply: bytes | None = None
+
+    def resolve(self, reply: bytes) -> None:
+        """Set the reply bytes (``OK <id>`` or an ``ERR`` line)."""
+        self.reply = reply
+
+
+class Hangup:
+    """The peer finished sending (EOF): close once everything before it is answered."""
+
+    __slots__ = ()
+
+
+HANGUP = Hangup()
+Item = Command | ProtocolError | Hangup
+
+
+class Backend(Protocol):
+    """What the commands of one session do to the server."""
+
+    def refusal(self) -> ServerError | None:
+        """Why a MSG must be refused right now (read-only, too few replicas), or None."""
+
+    def submit(self, bodies: list[bytes], nbytes: int, reply: AppendReply) -> None:
+        """Hand a MSG's bodies to the append queue; ``reply`` is resolved when they are committed."""
+
+    def head(self) -> int:
+        """The id HEAD reports."""
+
+    def stats(self) -> dict[str, object]:
+        """The STATS figures."""
+
+    def start_stream(self, cmd: Read | Replicate) -> None:
+        """Start a READ/REPLICATE stream (after its ``OK``), or raise the `ServerError` to answer."""
+
+    def ack(self, id: int) -> None:
+        """A replica's ACK on this connection's REPLICATE stream; raise `ProtocolError` if it is not honest."""
+
+    def refuse(self) -> None:
+        """REFUSE: stop accepting MSG."""
+
+    def accept(self) -> None:
+        """ACCEPT: accept MSG (a follower stops following)."""
+
+    def shutdown(self) -> ServerError | None:
+        """SHUTDOWN: ask the server to stop, or say why not."""
+
+
+class ServerSession:
+    """One connection's commands, in order, and their replies, in order."""
+
+    __slots__ = (
+        "_backend",
+        "_parser",
+        "_waiting",
+        "_replies",
+        "_out",
+        "waiting_bytes",
+        "inflight_bytes",
+        "stream",
+        "closing",
+        "closed",
+    )
+
+    def __init__(self, backend: Backend, parser: CommandParser) -> None:
+        self._backend = backend
+        self._parser = parser
+        self._waiting: deque[Item] = deque()  # received, not yet acted on
+        self._replies: deque[bytes | AppendReply] = deque()  # acted on; the first is not yet known
+        self._out: list[bytes] = []  # known replies, in order, not yet taken by data_to_send
+        self.waiting_bytes = 0  # MSG body bytes among _waiting
+        self.inflight_bytes = 0  # MSG body bytes submitted, reply not yet sent
+        self.stream: Read | Replicate | None = None  # the READ/REPLICATE acting now
+        self.closing = False  # CLOSE (or a fatal error) received: read nothing more
+        self.closed = False  # the last reply is in the output: close once it is written
+
+    # --- input ------------------------------------------------------------------
+
+    @property
+    def partial_bytes(self) -> int:
+        """Input held by the parser until more arrives: a partial line or the MSG in progress."""
+        return self._parser.buffered
+
+    @property
+    def declared_bytes(self) -> int:
+        """The body bytes a MSG in progress has declared, received or not (0 when none)."""
+        return self._parser.declared
+
+    def receive(self, data: bytes) -> None:
+        """Act on the commands ``data`` completes, as far as the order allows."""
+        if self.closing:
+            return
+        items: list[Item] = self._parser.feed(data)  # type: ignore[assignment]
+        if self._waiting or self.stream is not None:
+            self._hold(items, 0)
+            return
+        i = 0
+        n = len(items)
+        backend = self._backend
+        while i < n:
+            item = items[i]
+            if type(item) is Msg:
+                # The hot path (one MSG per chunk from each of many clients): inline.
+                bodies = item.bodies
+                refusal = backend.refusal()
+                if refusal is not None:
+                    self._reply(error_reply(refusal))
+                else:
+                    nbytes = sum(map(len, bodies)) if len(bodies) > 1 else len(bodies[0])
+                    reply = AppendReply(nbytes)
+                    self.inflight_bytes += nbytes
+                    self._replies.append(reply)
+                    backend.submit(bodies, nbytes, reply)
+            elif not self._act(item):
+                self._hold(items, i)
+                return
+            elif self.closing:
+                return  # CLOSE or a fatal error acted: nothing after it does
+            i += 1
+            if self.stream is not None:
+                self._hold(items, i)
+                return
+
+    def receive_eof(self) -> None:
+        """The peer will send nothing more: answer what it asked, then close (a tail goes on)."""
+        if not self.closing:
+            self.closing = True
+            self._waiting.append(HANGUP)
+            self._run_waiting()
+
+    def _hold(self, items: list[Item], i: int) -> None:
+        """Queue ``items[i:]`` behind what is acting; ACKs of a running REPLICATE act at once."""
+        waiting = self._waiting
+        for item in items[i:] if i else items:
+            kind = type(item)
+            if kind is Ack and type(self.stream) is Replicate:
+                self._act(item)
+                continue
+            if isinstance(item, Msg):
+                self.waiting_bytes += sum(map(len, item.bodies))
+            waiting.append(item)
+            if kind is Close or (isinstance(item, ProtocolError) and item.fatal):
+                self.closing = True  # nothing after it will act
+                break
+
+    # --- acting -------------------------------------------------------------------
+
+    def _act(self, item: Item) -> bool:
+        """Act on one command whose turn it is; False if it must wait for earlier replies."""
+        kind = type(item)
+        backend = self._backend
+        if kind is Msg:
+            refusal = backend.refusal()
+            if refusal is not None:
+                self._reply(error_reply(refusal))
+                return True
+            bodies = item.bodies  # type: ignore[union-attr]
+            nbytes = sum(map(len, bodies))
+            reply = AppendReply(nbytes)
+            self.inflight_bytes += nbytes
+            self._replies.append(reply)
+            backend.submit(bodies, nbytes, reply)
+            return True
+        if kind is Ping:
+            self._reply(PONG)
+            return True
+        if kind is Ack and type(self.stream) is Replicate:
+            try:
+                backend.ack(item.id)  # type: ignore[union-attr]
+            except ProtocolError as exc:
+                exc.fatal = True
+                self.stream = None  # the stream is over: the error closes the connection
+                self._out.append(error_reply(exc))
+                self.closing = self.closed = True
+            return True
+        if kind is Refuse:
+            backend.refuse()
+            self._reply(OK_EMPTY)
+            return True
+        if kind is Accept:
+            backend.accept()
+            self._reply(OK_EMPTY)
+            return True
+        if kind is Shutdown:
+            refusal = backend.shutdown()
+            self._reply(OK_EMPTY if refusal is None else error_reply(refusal))
+            return True
+        # Everything below observes the effect of earlier commands: their replies come first.
+        if not self._settled():
+            return False
+        if kind is Head:
+            self._out.append(ok(backend.head()))
+        elif kind is Stats:
+            self._out.append(stats_reply(backend.stats()))
+        elif kind is Read or kind is Replicate:
+            self._start(item)  # type: ignore[arg-type]
+        elif kind is Close:
+            self._out.append(OK_EMPTY)
+            self.closing = self.closed = True
+        elif kind is Hangup:
+            self.closed = True
+        elif kind is Ack:  # not on a REPLICATE stream: a peer that cannot be trusted to frame either
+            self._out.append(error_reply(ProtocolError("ACK is only valid on a running REPLICATE stream")))
+            self.closing = self.closed = True
+        else:  # a ProtocolError from the parser
+            err: ProtocolError = item  # type: ignore[assignment]
+            self._out.append(error_reply(err))
+            if err.fatal:
+                self.closing = self.closed = True
+        return True
+
+    def _start(self, cmd: Read | Replicate) -> None:
+        try:
+            self._backend.start_stream(cmd)
+        except ServerError as exc:
+            self._out.append(error_reply(exc))
+            if isinstance(exc, DivergedError):  # protocol.md 3.3: DIVERGED closes
+                self.closing = self.closed = True
+            return
+        # The backend writes the stream after this OK (and after every reply before it).
+        self._out.append(OK_EMPTY)
+        self.stream = cmd
+
+    def _reply(self, data: bytes) -> None:
+        if self._replies:
+            self._replies.append(data)
+        else:
+            self._out.append(data)
+
+    def _settled(self) -> bool:
+        """Move the replies now known to the output; True if none is still unknown."""
+        replies = self._replies
+        out = self._out
+        while replies:
+            first = replies[0]
+            if type(first) is bytes:
+                out.append(first)
+            else:
+                reply = first.reply  # type: ignore[union-attr]
+                if reply is None:
+                    return False
+                out.append(reply)
+                self.inflight_bytes -= first.nbytes  # type: ignore[union-attr]
+            replies.popleft()
+        return True
+
+    def _run_waiting(self) -> None:
+        """Act on waiting commands in order until one must wait (or a stream starts)."""
+        waiting = self._waiting
+        while waiting and self.stream is None and not self.closed:
+            item = waiting[0]
+            if not self._act(item):
+                return
+            waiting.popleft()
+            if isinstance(item, Msg):
+                self.waiting_bytes -= sum(map(len, item.bodies))
+
+    # --- output -------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Every reply now known, in order, as one bytes object (b"" when none)."""
+        if self._replies:
+            self._settled()
+        if self._waiting and self.stream is None:
+            self._run_waiting()
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    @property
+    def idle(self) -> bool:
+        """Nothing acting, waiting or unanswered (the idle timeout may close it)."""
+        return not (self._replies or self._waiting or self._out or self.stream is not None)
+
+    def stream_over(self) -> None:
+        """The stream ended (limit reached, CLOSE, an error); what waited behind it acts now."""
+        self.stream = None
+        self._run_waiting()
+
+    def end_for_stop(self) -> None:
+        """Graceful stop: drop what has not acted (never acknowledged), close after what has."""
+        self.waiting_bytes = 0
+        self._waiting.clear()
+        self.closing = True
+        self._waiting.append(HANGUP)
+        if self.stream is None:
+            self._run_waiting()

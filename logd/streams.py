@@ -1,0 +1,212 @@
+"""READ and REPLICATE streams: segment byte ranges sent as they are stored, and where idle ones wait.
+
+A `Stream` sends committed records with ``os.pread`` of whole segment byte
+ranges (no per-record Python work), paced by its connection's write buffer.
+When it reaches what its reader may see, it parks in `ParkedStreams`, indexed
+by the id it waits for, so a commit wakes only the streams it lets advance:
+thousands of tails parked on far-future ids cost a commit nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+
+from . import protocol
+from .errors import CorruptRecordError, NotFoundError, ProtocolError, ServerError, UnavailableError
+from .protocol.replica import position_marker, segment_marker
+
+if TYPE_CHECKING:
+    from .server import LogServer
+
+log = structlog.get_logger("logd.streams")
+
+STREAM_CHUNK = 1 << 20  # most bytes per pread + write
+
+
+class Sink(Protocol):
+    """Where a stream's bytes go: its connection."""
+
+    write_paused: bool
+    peer: str
+
+    def write(self, data: bytes) -> None: ...
+
+    def closing(self) -> bool: ...
+
+    def stream_ended(self) -> None: ...
+
+
+class Stream:
+    """One READ (``limit`` records, 0 = forever) or REPLICATE stream."""
+
+    __slots__ = ("server", "sink", "replica", "next", "left", "segment", "position", "sent", "acked", "parked")
+
+    def __init__(self, server: LogServer, sink: Sink, cmd: protocol.Read | protocol.Replicate) -> None:
+        self.server = server
+        self.sink = sink
+        self.replica = type(cmd) is protocol.Replicate
+        self.next = cmd.start  # the next id to send
+        self.left = cmd.limit if type(cmd) is protocol.Read else 0
+        self.segment = 0  # REPLICATE: the segment last announced with +SEG
+        self.position = (-1, -1)  # REPLICATE: the +HEAD last sent
+        # Highest id this stream has sent (or the replica proved it holds, at REPLICATE):
+        # an ACK above it cannot be honest.
+        self.sent = cmd.start - 1
+        self.acked = -1  # the replica's highest ACK; -1 until its first one
+        self.parked = 0  # the id it waits for in ParkedStreams, 0 when not parked
+
+    @property
+    def peer(self) -> str:
+        return self.sink.peer
+
+    @property
+    def limit(self) -> int:
+        """The highest id this stream may send: replicas get what is committed, readers what is visible."""
+        srv = self.server
+        return srv.log.head if self.replica else srv.visible_head()
+
+    def begin(self) -> None:
+        """Right after the stream's OK: a replica learns the leader's position first."""
+        if self.replica:
+            self.send_position()
+
+    def pump(self) -> None:
+        """Send committed records until the socket is full, the reader is caught up, or the stream ends."""
+        srv = self.server
+        sink = self.sink
+        lg = srv.log
+        while not sink.write_paused:
+            if srv.output_over_budget():
+                srv.throttle(self)
+                return
+            limit = self.limit
+            if self.next > limit:
+                if sink.closing():  # CLOSE: end at what is committed instead of waiting
+                    self.end(protocol.EOF)
+                else:
+                    srv.park(self)
+                return
+            count = limit - self.next + 1
+            if self.left and self.left < count:
+                count = self.left
+            try:
+                span = lg.span(self.next, count, STREAM_CHUNK)
+                if span is None:
+                    srv.park(self)
+                    return
+                data = os.pread(span.handle.fd, span.end - span.start, span.start)
+                if len(data) != span.end - span.start:
+                    raise UnavailableError("segment shorter than its index")
+            except NotFoundError as exc:  # retention deleted what this reader was about to read
+                self.end(protocol.error_reply(exc))
+                return
+            except (OSError, CorruptRecordError) as exc:
+                log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
+                self.end(protocol.error_reply(UnavailableError(f"read failed at id {self.next}: {exc}")))
+                return
+            except ServerError as exc:
+                self.end(protocol.error_reply(exc))
+                return
+            if self.replica:
+                self.send_position()
+                seg = lg.segment_of(span.first_id)
+                if seg != self.segment:
+                    self.segment = seg
+                    sink.write(segment_marker(seg))
+            sink.write(data)
+            self.sent = span.last_id
+            self.next = span.last_id + 1
+            if self.left:
+                self.left -= span.last_id - span.first_id + 1
+                if self.left == 0:
+                    self.end(protocol.EOF)
+                    return
+
+    def send_position(self) -> None:
+        """Tell a replica the commit point and high watermark if they moved (``+HEAD``)."""
+        srv = self.server
+        pos = (srv.log.head, srv.visible_head())
+        if pos != self.position:
+            self.position = pos
+            self.sink.write(position_marker(*pos))
+
+    def ack(self, id: int) -> None:
+        """The replica holds everything up to ``id``; an id it was never sent is a lie."""
+        if id > self.sent:
+            raise ProtocolError(f"ACK {id} is above the highest id sent on this stream ({self.sent})")
+        if id > self.acked:
+            self.acked = id
+            self.server.replica_ack(self, id)
+
+    def end(self, last: bytes) -> None:
+        """Finish with ``last`` (``+EOF`` or an ``ERR`` line) and hand the connection back to its session."""
+        self.detach()
+        self.sink.write(last)
+        self.sink.stream_ended()
+
+    def detach(self) -> None:
+        """Forget this stream everywhere the server tracks it (it ended, or its connection is gone)."""
+        srv = self.server
+        srv.unpark(self)
+        srv.stream_gone(self)
+
+
+class ParkedStreams:
+    """Streams waiting for ids not yet visible to them, by the id they wait for.
+
+    Readers and replicas wait on different limits (the high watermark, the
+    commit point), so the server keeps one index of each. A commit pops the
+    ids it reaches from a heap: O(streams woken + log ids waited for).
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, set[Stream]] = {}
+        self._ids: list[int] = []  # a heap of the keys of _by_id (and some stale ones)
+        self.count = 0
+
+    def park(self, stream: Stream) -> None:
+        if stream.parked:
+            return
+        id = stream.next
+        group = self._by_id.get(id)
+        if group is None:
+            group = self._by_id[id] = set()
+            heapq.heappush(self._ids, id)
+        group.add(stream)
+        stream.parked = id
+        self.count += 1
+
+    def unpark(self, stream: Stream) -> None:
+        id = stream.parked
+        if not id:
+            return
+        stream.parked = 0
+        group = self._by_id.get(id)
+        if group is not None and stream in group:
+            group.discard(stream)
+            self.count -= 1
+            if not group:
+                del self._by_id[id]
+                if len(self._ids) > 2 * len(self._by_id) + 64:  # drop the stale heap entries
+                    self._ids = list(self._by_id)
+                    heapq.heapify(self._ids)
+
+    def ready(self, limit: int) -> list[Stream]:
+        """Unpark and return every stream waiting for an id <= ``limit``."""
+        ids = self._ids
+        out: list[Stream] = []
+        while ids and ids[0] <= limit:
+            group = self._by_id.pop(heapq.heappop(ids), None)
+            if group:
+                for stream in group:
+                    stream.parked = 0
+                out.extend(group)
+        self.count -= len(out)
+        return out
+
+    def __len__(self) -> int:
+        return self.count
