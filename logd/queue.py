@@ -111,10 +111,21 @@ def _report(dones: list[SyncDone], error: BaseException | None) -> None:
 class AppendQueue:
     """Applies MSG batches from every connection to the log, in one order."""
 
-    def __init__(self, log_: Log, on_failure: Callable[[str, BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        log_: Log,
+        on_failure: Callable[[str, BaseException], None] | None = None,
+        backlog_bytes: int = 1 << 62,
+        on_backlog: Callable[[bool], None] | None = None,
+    ) -> None:
         self.log = log_
         self._pending: deque[Batch] = deque()
         self._pending_bytes = 0
+        # Over backlog_bytes pending, on_backlog(True) is called (the server stops reading
+        # from writers); on_backlog(False) once rounds have taken it below again.
+        self._backlog_bytes = backlog_bytes
+        self._on_backlog = on_backlog
+        self.backlogged = False
         self._listeners: list[Callable[[int], None]] = []
         self._on_failure = on_failure
         self._always = log_.policy.mode == "always"
@@ -180,10 +191,12 @@ class AppendQueue:
 
     # --- submitting -----------------------------------------------------------
 
-    def submit(self, bodies: list[bytes], nbytes: int, who: Submitter, token: object) -> None:
+    def submit(self, who: Submitter, bodies: list[bytes], nbytes: int, token: object) -> None:
         """Queue a batch; ``who.batch_done(token, last_id)`` is called once it is committed."""
         self._pending.append((bodies, nbytes, who, token))
         self._pending_bytes += nbytes
+        if self._pending_bytes > self._backlog_bytes and not self.backlogged:
+            self._backlog(True)
         if not self._scheduled and self._syncing is None:
             self._scheduled = True
             self._loop.call_soon(self._round)  # type: ignore[union-attr]
@@ -293,7 +306,14 @@ class AppendQueue:
         for who in dict.fromkeys([item[2] for item in round_]):
             who.flush()
 
+    def _backlog(self, on: bool) -> None:
+        self.backlogged = on
+        if self._on_backlog is not None:
+            self._on_backlog(on)
+
     def _check_idle(self) -> None:
+        if self.backlogged and self._pending_bytes <= self._backlog_bytes:
+            self._backlog(False)
         if self._idle_waiters and not self.busy:
             waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:

@@ -49,7 +49,9 @@ class LogServer:
             retention_ms=config.retention_ms,
             preallocate=config.preallocate,
         )
-        self.queue = AppendQueue(self.log, on_failure=self.fail_stop)
+        self.queue = AppendQueue(
+            self.log, on_failure=self.fail_stop, backlog_bytes=config.server_input_bytes // 2, on_backlog=self._backlog
+        )
         # A restarted leader shows what it last saved as visible, no more
         # than it holds (a torn tail may have gone), until replicas confirm more.
         saved_hw = min(watermark.load(config.data_dir), self.log.head)
@@ -66,8 +68,9 @@ class LogServer:
         self.stalled: set[Connection] = set()  # write-paused: their peer does not read
         self.paused: set[Connection] = set()  # read-paused: over a budget
         self.throttled: set[Stream] = set()  # waiting for the server's output budget
-        self.input_used = 0
+        self.input_used = 0  # partial MSGs and commands waiting their turn (the queue counts the rest)
         self.output_used = 0
+        self.over = False  # over a server-wide budget (kept current by charge)
         self.read_only = False
         self.failure: str | None = None  # fail-stop: why this server no longer appends
         self.leader_address: str | None = None
@@ -174,37 +177,40 @@ class LogServer:
         """connection_lost: its buffers are gone; it no longer counts anywhere."""
         if conn in self.connections:
             self.connections.discard(conn)
-            self.charge(conn, -conn.held, -conn.unsent)
+            self.charge(-conn.held, -conn.unsent)
             conn.held = conn.unsent = 0
         self.stalled.discard(conn)
         self.paused.discard(conn)
 
     # --- budgets (protocol.md 3.6) ------------------------------------------------------
 
-    def charge(self, conn: Connection, input_delta: int, output_delta: int) -> None:
+    def charge(self, input_delta: int, output_delta: int) -> None:
         """A connection's bytes held in the server-wide budgets changed."""
-        was_over = self.input_used > self.config.server_input_bytes or (
-            self.output_used > self.config.server_output_bytes
-        )
+        was_over = self.over
         self.input_used += input_delta
         self.output_used += output_delta
-        if was_over and (input_delta < 0 or output_delta < 0) and not self._over():
+        self.over = self._over()
+        if was_over and not self.over:
             self._budgets_freed()
 
     def _over(self) -> bool:
-        return self.input_over_budget() or self.output_over_budget()
+        return self.input_over_budget() or self.output_over_budget() or self.queue.backlogged
+
+    def _backlog(self, on: bool) -> None:
+        """The append queue holds more than its share of the input budget (the disk is behind), or no more."""
+        self.charge(0, 0)
 
     def input_over_budget(self) -> bool:
-        return self.input_used > self.config.server_input_bytes
+        """Partial MSGs, commands waiting their turn and bodies not yet appended, all connections."""
+        return self.input_used + self.queue.pending_bytes > self.config.server_input_bytes
 
     def output_over_budget(self) -> bool:
         return self.output_used > self.config.server_output_bytes
 
     def grant_input(self, conn: Connection, declared: int) -> bool:
         """May a MSG in progress of ``declared`` body bytes be read whole now? (Else it waits.)"""
-        return self.input_used - conn.held + declared <= self.config.server_input_bytes or not (
-            self.input_used - conn.held
-        )
+        others = self.input_used - conn.held + self.queue.pending_bytes
+        return others + declared <= self.config.server_input_bytes or others <= 0
 
     def throttle(self, stream: Stream) -> None:
         """A stream waits for the server's output budget (the sweeper or a drain wakes it)."""
@@ -229,9 +235,10 @@ class LogServer:
             if conn.unsent and conn.transport is not None:
                 conn.unsent = conn.transport.get_write_buffer_size()
                 total += conn.unsent
-        was_over = self.output_over_budget()
+        was_over = self.over
         self.output_used = total
-        if was_over and not self._over():
+        self.over = self._over()
+        if was_over and not self.over:
             self._budgets_freed()
 
     # --- the session's backend, server-wide part ---------------------------------------

@@ -50,6 +50,7 @@ from .replies import (
     StatsReply,
     error_reply,
     ok,
+    ok_id,
     stats_reply,
 )
 
@@ -82,5 +83,6 @@ __all__ = [
     "encode_msg",
     "error_reply",
     "ok",
+    "ok_id",
     "stats_reply",
 ]

@@ -111,6 +111,7 @@ class ServerSession:
         "stream",
         "closing",
         "closed",
+        "partial_bytes",
     )
 
     def __init__(self, backend: Backend, parser: CommandParser) -> None:
@@ -124,32 +125,33 @@ class ServerSession:
         self.stream: Read | Replicate | None = None  # the READ/REPLICATE acting now
         self.closing = False  # CLOSE (or a fatal error) received: read nothing more
         self.closed = False  # the last reply is in the output: close once it is written
+        self.partial_bytes = 0  # input the parser holds until more arrives (a partial line or MSG)
 
     # --- input ------------------------------------------------------------------
-
-    @property
-    def partial_bytes(self) -> int:
-        """Input held by the parser until more arrives: a partial line or the MSG in progress."""
-        return self._parser.buffered
 
     @property
     def declared_bytes(self) -> int:
         """The body bytes a MSG in progress has declared, received or not (0 when none)."""
         return self._parser.declared
 
-    def receive(self, data: bytes) -> None:
-        """Act on the commands ``data`` completes, as far as the order allows."""
+    def receive(self, data: bytes) -> bool:
+        """Act on the commands ``data`` completes, as far as the order allows.
+
+        Returns False in the common case where the caller has nothing to do
+        (MSGs now wait for their commit, no other reply is ready, no input is
+        held back); True when it should call `data_to_send` and look at the
+        byte counts.
+        """
         if self.closing:
-            return
-        items: list[Item] = self._parser.feed(data)  # type: ignore[assignment]
+            return True
+        parser = self._parser
+        items: list[Item] = parser.feed(data)  # type: ignore[assignment]
+        self.partial_bytes = partial = parser.buffered
         if self._waiting or self.stream is not None:
             self._hold(items, 0)
-            return
-        i = 0
-        n = len(items)
+            return True
         backend = self._backend
-        while i < n:
-            item = items[i]
+        for i, item in enumerate(items):
             if type(item) is Msg:
                 # The hot path (one MSG per chunk from each of many clients): inline.
                 bodies = item.bodies
@@ -164,13 +166,13 @@ class ServerSession:
                     backend.submit(bodies, nbytes, reply)
             elif not self._act(item):
                 self._hold(items, i)
-                return
+                return True
             elif self.closing:
-                return  # CLOSE or a fatal error acted: nothing after it does
-            i += 1
-            if self.stream is not None:
-                self._hold(items, i)
-                return
+                return True  # CLOSE or a fatal error acted: nothing after it does
+            elif self.stream is not None:
+                self._hold(items, i + 1)
+                return True
+        return bool(self._out) or partial > 0
 
     def receive_eof(self) -> None:
         """The peer will send nothing more: answer what it asked, then close (a tail goes on)."""
@@ -310,11 +312,21 @@ class ServerSession:
 
     def data_to_send(self) -> bytes:
         """Every reply now known, in order, as one bytes object (b"" when none)."""
-        if self._replies:
-            self._settled()
+        replies = self._replies
+        out = self._out
+        while replies:  # `_settled`, inlined: this runs once per acknowledged MSG
+            first = replies[0]
+            if type(first) is bytes:
+                out.append(first)
+            else:
+                reply = first.reply  # type: ignore[union-attr]
+                if reply is None:
+                    break
+                out.append(reply)
+                self.inflight_bytes -= first.nbytes  # type: ignore[union-attr]
+            replies.popleft()
         if self._waiting and self.stream is None:
             self._run_waiting()
-        out = self._out
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
