@@ -78,7 +78,8 @@ class Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         session = self.session
         if not session.receive(data) and not self.read_paused:
-            if session.inflight_bytes <= self.server.config.conn_input_bytes and not self.server.over:
+            budgets = self.server.budgets
+            if session.inflight_bytes <= budgets.conn_input and not budgets.over:
                 return  # the common case: a MSG waits for its commit, nothing else to do
         stream = self.stream
         if session.closing and stream is not None and stream.parked:
@@ -188,11 +189,9 @@ class Connection(asyncio.Protocol):
             stream.pump()
             if self.stream is stream:
                 break
+        budgets = self.server.budgets
         if wrote or self.unsent:
-            unsent = tr.get_write_buffer_size()
-            if unsent != self.unsent:
-                self.server.charge(0, unsent - self.unsent)
-                self.unsent = unsent
+            budgets.output_changed(self, tr.get_write_buffer_size())
         # The common case (a MSG waiting for its commit, nothing held back) needs no more.
         if (
             self.read_paused
@@ -200,53 +199,25 @@ class Connection(asyncio.Protocol):
             or session.waiting_bytes
             or session.partial_bytes
             or session.closing
-            or self.server.over
-            or session.inflight_bytes > self.server.config.conn_input_bytes
+            or budgets.over
+            or session.inflight_bytes > budgets.conn_input
         ):
             self._budget()
 
     def _budget(self) -> None:
-        """Count this connection's held input in the server's budget; read from it only while within budgets."""
+        """Count what this connection holds; read from it only while it is within the budgets."""
         if self.transport is None or self.lost:
             return
-        session = self.session
-        srv = self.server
-        waiting = session.waiting_bytes
-        held = waiting + session.partial_bytes
-        declared = session.declared_bytes
-        if not declared:
-            self.granted = 0
-        elif not self.granted and srv.grant_input(self, declared):
-            self.granted = declared  # a MSG in progress may be read whole: its size is reserved
-        if self.granted:
-            held = waiting + max(self.granted, session.partial_bytes)
-        if held != self.held:
-            srv.charge(held - self.held, 0)
-            self.held = held
-        pause = (
-            session.closing
-            or srv.stopping
-            or (self.write_paused and self.stream is None)
-            or waiting + session.inflight_bytes > srv.config.conn_input_bytes
-            or (declared > 0 and not self.granted)
-            or (waiting > 0 and srv.input_over_budget())
-            or (session.inflight_bytes > 0 and srv.queue.backlogged)
-            or (self.unsent > 0 and self.stream is None and srv.output_over_budget())
-        )
+        budgets = self.server.budgets
+        pause = budgets.update(self) or self.server.stopping
         if pause != self.read_paused:
             self.read_paused = pause
             if pause:
                 self.transport.pause_reading()
-                srv.paused.add(self)
+                budgets.paused.add(self)
             else:
                 self.transport.resume_reading()
-                srv.paused.discard(self)
-
-    def wake(self) -> None:
-        """The server's budgets have room again: see whether we may read (or send) once more."""
-        if self.stream is not None and not self.stream.parked and not self.write_paused:
-            self.stream.pump()
-        self.flush()
+                budgets.paused.discard(self)
 
     def close(self, last: bytes = b"") -> None:
         """Send ``last`` (if any) and close once the buffered output is written; we count until then."""

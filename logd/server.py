@@ -16,6 +16,7 @@ from collections.abc import Callable
 import structlog
 
 from . import __version__, protocol
+from .budgets import Budgets
 from .config import Config
 from .connection import Connection
 from .errors import (
@@ -66,11 +67,8 @@ class LogServer:
         self.replicas = ParkedStreams()  # REPLICATE streams waiting for the commit point
         self.replica_streams: set[Stream] = set()
         self.stalled: set[Connection] = set()  # write-paused: their peer does not read
-        self.paused: set[Connection] = set()  # read-paused: over a budget
-        self.throttled: set[Stream] = set()  # waiting for the server's output budget
-        self.input_used = 0  # partial MSGs and commands waiting their turn (the queue counts the rest)
-        self.output_used = 0
-        self.over = False  # over a server-wide budget (kept current by charge)
+        self.budgets = Budgets(config, self.queue, self._room)
+        self._in_room = False
         self.read_only = False
         self.failure: str | None = None  # fail-stop: why this server no longer appends
         self.leader_address: str | None = None
@@ -175,71 +173,35 @@ class LogServer:
 
     def connection_gone(self, conn: Connection) -> None:
         """connection_lost: its buffers are gone; it no longer counts anywhere."""
-        if conn in self.connections:
-            self.connections.discard(conn)
-            self.charge(-conn.held, -conn.unsent)
-            conn.held = conn.unsent = 0
+        self.connections.discard(conn)
         self.stalled.discard(conn)
-        self.paused.discard(conn)
+        self.budgets.forget(conn)
 
     # --- budgets (protocol.md 3.6) ------------------------------------------------------
 
-    def charge(self, input_delta: int, output_delta: int) -> None:
-        """A connection's bytes held in the server-wide budgets changed."""
-        was_over = self.over
-        self.input_used += input_delta
-        self.output_used += output_delta
-        self.over = self._over()
-        if was_over and not self.over:
-            self._budgets_freed()
-
-    def _over(self) -> bool:
-        return self.input_over_budget() or self.output_over_budget() or self.queue.backlogged
-
     def _backlog(self, on: bool) -> None:
         """The append queue holds more than its share of the input budget (the disk is behind), or no more."""
-        self.charge(0, 0)
+        self.budgets.charge(0, 0)
 
-    def input_over_budget(self) -> bool:
-        """Partial MSGs, commands waiting their turn and bodies not yet appended, all connections."""
-        return self.input_used + self.queue.pending_bytes > self.config.server_input_bytes
-
-    def output_over_budget(self) -> bool:
-        return self.output_used > self.config.server_output_bytes
-
-    def grant_input(self, conn: Connection, declared: int) -> bool:
-        """May a MSG in progress of ``declared`` body bytes be read whole now? (Else it waits.)"""
-        others = self.input_used - conn.held + self.queue.pending_bytes
-        return others + declared <= self.config.server_input_bytes or others <= 0
-
-    def throttle(self, stream: Stream) -> None:
-        """A stream waits for the server's output budget (the sweeper or a drain wakes it)."""
-        self.throttled.add(stream)
-
-    def _budgets_freed(self) -> None:
-        """Room again: let paused connections and throttled streams go on, oldest first."""
-        streams, self.throttled = self.throttled, set()
-        for stream in streams:
-            if stream in self.streams:
-                stream.pump()
-                stream.sink.flush()  # type: ignore[attr-defined]
-        for conn in list(self.paused):
-            if self._over():
-                break
-            conn.flush()
-
-    def _recount_output(self) -> None:
-        """Re-read every counted write buffer (they drain without telling us below the low-water mark)."""
-        total = 0
-        for conn in self.connections:
-            if conn.unsent and conn.transport is not None:
-                conn.unsent = conn.transport.get_write_buffer_size()
-                total += conn.unsent
-        was_over = self.over
-        self.output_used = total
-        self.over = self._over()
-        if was_over and not self.over:
-            self._budgets_freed()
+    def _room(self) -> None:
+        """The budgets have room again: throttled streams go on, then paused connections, oldest first."""
+        if self._in_room:
+            return
+        self._in_room = True
+        try:
+            budgets = self.budgets
+            if not budgets.output_over():
+                streams, budgets.throttled = budgets.throttled, set()
+                for stream in streams:
+                    if stream in self.streams:
+                        stream.pump()
+                        stream.sink.flush()  # type: ignore[attr-defined]
+            for conn in list(budgets.waiting_grant) + list(budgets.paused):
+                if budgets.over and conn not in budgets.waiting_grant:
+                    break
+                conn.flush()
+        finally:
+            self._in_room = False
 
     # --- the session's backend, server-wide part ---------------------------------------
 
@@ -266,7 +228,7 @@ class LogServer:
 
     def stream_gone(self, stream: Stream) -> None:
         self.streams.discard(stream)
-        self.throttled.discard(stream)
+        self.budgets.throttled.discard(stream)
         if stream.replica:
             self.replica_streams.discard(stream)
             self.replication.forget(stream)
@@ -376,8 +338,8 @@ class LogServer:
                 "appended_messages": self.queue.appended_messages,
                 "appended_bytes": self.queue.appended_bytes,
                 "pending_bytes": self.queue.pending_bytes,
-                "input_bytes": self.input_used,
-                "output_bytes": self.output_used,
+                "input_bytes": self.budgets.input_used + self.queue.pending_bytes,
+                "output_bytes": self.budgets.output_used,
                 "fsyncs": self.queue.fsyncs,
                 "fsync_p50_us": p50,
                 "fsync_p99_us": p99,
@@ -401,10 +363,10 @@ class LogServer:
         idle = self.config.idle_timeout or 0.0
         period = max(0.05, min(1.0, stall / 4, idle / 4 if idle else 1.0))
         while True:
-            await asyncio.sleep(0.05 if self.throttled else period)
+            await asyncio.sleep(0.05 if self.budgets.throttled else period)
             now = time.monotonic()
-            if self.throttled or self.output_over_budget():
-                self._recount_output()
+            if self.budgets.throttled or self.budgets.output_over():
+                self.budgets.recount_output(self.connections)
             for conn in list(self.stalled):
                 if conn.stream is not None and now - conn.stalled_since > stall:
                     log.warning("stream_stalled", peer=conn.peer, seconds=round(now - conn.stalled_since, 1))

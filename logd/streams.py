@@ -80,8 +80,8 @@ class Stream:
         sink = self.sink
         lg = srv.log
         while not sink.write_paused:
-            if srv.output_over_budget():
-                srv.throttle(self)
+            if srv.budgets.output_over():
+                srv.budgets.throttled.add(self)  # the server's output budget is spent: wait for room
                 return
             limit = self.limit
             if self.next > limit:
