@@ -80,6 +80,7 @@ class Budgets:
             self.charge(delta, 0)
         return (
             session.closing
+            or session.backlog  # commands wait for earlier replies or for output to be read
             or (conn.write_paused and conn.stream is None)
             or waiting + session.inflight_bytes > self.conn_input
             or (declared > 0 and not conn.granted)

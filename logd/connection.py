@@ -29,7 +29,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: LogServer) -> None:
         self.server = server
-        self.session = ServerSession(self, server.new_parser())
+        self.session = ServerSession(self, server.new_parser(), server.config.conn_output_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.stream: Stream | None = None
@@ -173,21 +173,23 @@ class Connection(asyncio.Protocol):
             return
         wrote = False
         while True:
-            data = session.data_to_send()
+            data = session.data_to_send(not self.write_paused)
             if data:
-                tr.write(data)
+                tr.write(data)  # may call pause_writing: then nothing more acts until resume_writing
                 wrote = True
             if session.closed:
                 self.close()
                 return
             stream = self.stream
-            if stream is None or not self._stream_fresh:
-                break
-            self._stream_fresh = False
-            wrote = True
-            stream.begin()
-            stream.pump()
-            if self.stream is stream:
+            if stream is not None and self._stream_fresh:
+                self._stream_fresh = False
+                wrote = True
+                stream.begin()
+                stream.pump()
+                if self.stream is stream:
+                    break
+                continue  # the stream ended at once: what waited behind it acts now
+            if not data or self.write_paused or not session.backlog:
                 break
         budgets = self.server.budgets
         if wrote or self.unsent:
@@ -198,6 +200,7 @@ class Connection(asyncio.Protocol):
             or self.held
             or session.waiting_bytes
             or session.partial_bytes
+            or session.backlog
             or session.closing
             or budgets.over
             or session.inflight_bytes > budgets.conn_input

@@ -294,3 +294,18 @@ def test_a_fatal_error_is_answered_in_its_turn_and_closes() -> None:
     session.receive(b"MSG 1\r\na\r\nMSG x\r\n")
     assert drive(session, backend).startswith(b"OK 1\r\nERR BAD_FORMAT")
     assert session.closed
+
+
+def test_one_chunk_of_pipelined_commands_makes_bounded_output_at_a_time() -> None:
+    backend = ModelBackend()
+    session = ServerSession(backend, CommandParser(), output_limit=100)
+    session.receive(b"PING\r\n" * 1000)
+    assert session.backlog  # most of them wait until the first replies are taken
+    first = session.data_to_send(act=False)
+    assert 100 < len(first) <= 106 and first == b"PONG\r\n" * (len(first) // 6)
+    assert session.data_to_send(act=False) == b""  # a peer that does not read gets nothing more made
+    total = len(first)
+    while data := session.data_to_send():
+        assert len(data) <= 106
+        total += len(data)
+    assert total == 6000 and not session.backlog

@@ -112,9 +112,11 @@ class ServerSession:
         "closing",
         "closed",
         "partial_bytes",
+        "_out_bytes",
+        "_out_limit",
     )
 
-    def __init__(self, backend: Backend, parser: CommandParser) -> None:
+    def __init__(self, backend: Backend, parser: CommandParser, output_limit: int = 1 << 20) -> None:
         self._backend = backend
         self._parser = parser
         self._waiting: deque[Item] = deque()  # received, not yet acted on
@@ -126,6 +128,10 @@ class ServerSession:
         self.closing = False  # CLOSE (or a fatal error) received: read nothing more
         self.closed = False  # the last reply is in the output: close once it is written
         self.partial_bytes = 0  # input the parser holds until more arrives (a partial line or MSG)
+        # Replies made and not yet taken: past the limit, later commands wait (act on the next
+        # data_to_send), so one chunk of pipelined commands cannot make unbounded output at once.
+        self._out_bytes = 0
+        self._out_limit = output_limit
 
     # --- input ------------------------------------------------------------------
 
@@ -169,7 +175,7 @@ class ServerSession:
                 return True
             elif self.closing:
                 return True  # CLOSE or a fatal error acted: nothing after it does
-            elif self.stream is not None:
+            elif self.stream is not None or self._out_bytes > self._out_limit:
                 self._hold(items, i + 1)
                 return True
         return bool(self._out) or partial > 0
@@ -223,7 +229,7 @@ class ServerSession:
             except ProtocolError as exc:
                 exc.fatal = True
                 self.stream = None  # the stream is over: the error closes the connection
-                self._out.append(error_reply(exc))
+                self._emit(error_reply(exc))
                 self.closing = self.closed = True
             return True
         if kind is Refuse:
@@ -242,22 +248,22 @@ class ServerSession:
         if not self._settled():
             return False
         if kind is Head:
-            self._out.append(ok(backend.head()))
+            self._emit(ok(backend.head()))
         elif kind is Stats:
-            self._out.append(stats_reply(backend.stats()))
+            self._emit(stats_reply(backend.stats()))
         elif kind is Read or kind is Replicate:
             self._start(item)  # type: ignore[arg-type]
         elif kind is Close:
-            self._out.append(OK_EMPTY)
+            self._emit(OK_EMPTY)
             self.closing = self.closed = True
         elif kind is Hangup:
             self.closed = True
         elif kind is Ack:  # not on a REPLICATE stream: a peer that cannot be trusted to frame either
-            self._out.append(error_reply(ProtocolError("ACK is only valid on a running REPLICATE stream")))
+            self._emit(error_reply(ProtocolError("ACK is only valid on a running REPLICATE stream")))
             self.closing = self.closed = True
         else:  # a ProtocolError from the parser
             err: ProtocolError = item  # type: ignore[assignment]
-            self._out.append(error_reply(err))
+            self._emit(error_reply(err))
             if err.fatal:
                 self.closing = self.closed = True
         return True
@@ -266,19 +272,23 @@ class ServerSession:
         try:
             self._backend.start_stream(cmd)
         except ServerError as exc:
-            self._out.append(error_reply(exc))
+            self._emit(error_reply(exc))
             if isinstance(exc, DivergedError):  # protocol.md 3.3: DIVERGED closes
                 self.closing = self.closed = True
             return
         # The backend writes the stream after this OK (and after every reply before it).
-        self._out.append(OK_EMPTY)
+        self._emit(OK_EMPTY)
         self.stream = cmd
 
     def _reply(self, data: bytes) -> None:
         if self._replies:
             self._replies.append(data)
         else:
-            self._out.append(data)
+            self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
 
     def _settled(self) -> bool:
         """Move the replies now known to the output; True if none is still unknown."""
@@ -300,7 +310,7 @@ class ServerSession:
     def _run_waiting(self) -> None:
         """Act on waiting commands in order until one must wait (or a stream starts)."""
         waiting = self._waiting
-        while waiting and self.stream is None and not self.closed:
+        while waiting and self.stream is None and not self.closed and self._out_bytes <= self._out_limit:
             item = waiting[0]
             if not self._act(item):
                 return
@@ -310,8 +320,13 @@ class ServerSession:
 
     # --- output -------------------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
-        """Every reply now known, in order, as one bytes object (b"" when none)."""
+    def data_to_send(self, act: bool = True) -> bytes:
+        """Every reply now known, in order, as one bytes object (b"" when none).
+
+        With ``act``, commands that waited for earlier replies (or for output
+        to be taken) act first, up to the output limit; the caller passes
+        False while its peer is not reading what it was sent.
+        """
         replies = self._replies
         out = self._out
         while replies:  # `_settled`, inlined: this runs once per acknowledged MSG
@@ -325,13 +340,19 @@ class ServerSession:
                 out.append(reply)
                 self.inflight_bytes -= first.nbytes  # type: ignore[union-attr]
             replies.popleft()
-        if self._waiting and self.stream is None:
+        if act and self._waiting and self.stream is None:
             self._run_waiting()
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._out_bytes = 0
         return data
+
+    @property
+    def backlog(self) -> bool:
+        """Commands wait their turn with no stream running: read no more until they have acted."""
+        return bool(self._waiting) and self.stream is None
 
     @property
     def idle(self) -> bool:
