@@ -93,11 +93,11 @@ def main() -> None:
 @option("max-connections", default=10_000, type=int, help="Connections beyond this get ERR BUSY.")
 @option("conn-input-bytes", default=str(64 << 20), type=SIZE,
         help="Per connection: bytes of commands received and not yet answered before it is not read.")
-@option("conn-output-bytes", default=str(4 << 20), type=SIZE,
+@option("conn-output-bytes", default=str(2 << 20), type=SIZE,
         help="Per connection: unsent reply and stream bytes before it is not read (a stream waits).")
-@option("server-input-bytes", default=str(1 << 30), type=SIZE,
+@option("server-input-bytes", default=str(512 << 20), type=SIZE,
         help="All connections: partial MSGs and commands waiting their turn before reading stops.")
-@option("server-output-bytes", default=str(1 << 30), type=SIZE,
+@option("server-output-bytes", default=str(256 << 20), type=SIZE,
         help="All connections: unsent output before streams wait and reading stops.")
 @option("tail-stall-timeout", default=60.0, type=float,
         help="Drop a READ/REPLICATE stream (ERR BUSY) whose output has not drained for this many seconds.")

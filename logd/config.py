@@ -43,10 +43,10 @@ class Config:
     # Per connection, commands received and not yet answered (waiting their
     # turn, or MSG bodies not yet acknowledged), and unsent output:
     conn_input_bytes: int = 64 << 20
-    conn_output_bytes: int = 4 << 20
+    conn_output_bytes: int = 2 << 20
     # All connections together: partial MSGs, commands waiting, unsent output.
-    server_input_bytes: int = 1 << 30
-    server_output_bytes: int = 1 << 30
+    server_input_bytes: int = 512 << 20
+    server_output_bytes: int = 256 << 20
     tail_stall_timeout: float = 60.0  # a stream whose output does not drain this long is dropped
     replica_of: str | None = None
     min_replicas: int = 0

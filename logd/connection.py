@@ -152,8 +152,10 @@ class Connection(asyncio.Protocol):
     # --- the stream's Sink ---------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        tr = self.transport
+        if tr is not None:
+            tr.write(data)
+            self.server.budgets.output_changed(self, tr.get_write_buffer_size())
 
     def closing(self) -> bool:
         return self.session.closing

@@ -30,7 +30,7 @@ from .errors import (
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
 from .storage import Log, watermark
-from .streams import ParkedStreams, Stream
+from .streams import STREAM_CHUNK, ParkedStreams, Stream
 
 log = structlog.get_logger("logd.server")
 
@@ -68,6 +68,7 @@ class LogServer:
         self.replica_streams: set[Stream] = set()
         self.stalled: set[Connection] = set()  # write-paused: their peer does not read
         self.budgets = Budgets(config, self.queue, self._room)
+        self.stream_chunk = max(64 << 10, min(STREAM_CHUNK, config.conn_output_bytes // 2))
         self._in_room = False
         self.read_only = False
         self.failure: str | None = None  # fail-stop: why this server no longer appends

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("logd.streams")
 
-STREAM_CHUNK = 1 << 20  # most bytes per pread + write
+STREAM_CHUNK = 1 << 20  # most bytes per pread + write (at most half the connection's output budget)
 
 
 class Sink(Protocol):
@@ -94,7 +94,7 @@ class Stream:
             if self.left and self.left < count:
                 count = self.left
             try:
-                span = lg.span(self.next, count, STREAM_CHUNK)
+                span = lg.span(self.next, count, srv.stream_chunk)
                 if span is None:
                     srv.park(self)
                     return
