@@ -95,12 +95,12 @@ class SyncThread:
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
 
-    def stop(self) -> None:
-        """Finish the requests made so far, then end the thread."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the requests made so far, then end the thread (a daemon: a hung disk cannot keep us)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join()
+        self._thread.join(timeout)
 
 
 def _report(dones: list[SyncDone], error: BaseException | None) -> None:

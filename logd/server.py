@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -132,25 +132,37 @@ class LogServer:
         self.replication.close()
         for task in self._tasks:
             task.cancel()
+        deadline = time.monotonic() + self.config.shutdown_timeout
         for conn in list(self.connections):
             conn.flush()  # stops reading (stopping)
-        await self.queue.drain()
+        await self._until(self.queue.drain(), deadline, "commit what is in flight")
         self.replication.abandon("before the server stopped")
         for conn in list(self.connections):
             conn.close_for_stop()
-        await self.queue.drain()
-        deadline = time.monotonic() + self.config.shutdown_timeout
+        await self._until(self.queue.drain(), deadline, "commit what is in flight")
         # Closed transports flush their buffers before connection_lost; wait for that.
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        await self.queue.stop()
+        if not await self._until(self.queue.stop(), deadline + self.config.shutdown_timeout, "final sync"):
+            log.error("stopped_without_final_sync", head=self.log.head)
+            return  # the disk does not answer: leave the files as they are (recovery handles them)
         if self.config.min_replicas:
             self.save_watermark()
         self.log.close()
         log.info("stopped", head=self.log.head)
+
+    @staticmethod
+    async def _until(work: Awaitable[None], deadline: float, what: str) -> bool:
+        """Await ``work`` until ``deadline``: a stop must end even if the disk hangs. True if it finished."""
+        try:
+            await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+            return True
+        except TimeoutError:
+            log.error("shutdown_step_timed_out", step=what)
+            return False
 
     # --- connections --------------------------------------------------------------------
 
@@ -274,7 +286,7 @@ class LogServer:
             self.replication.release()
             self.wake_streams()
             # Replicas cap their readers at our high watermark: tell the idle ones.
-            for s in self.replica_streams:
+            for s in list(self.replica_streams):
                 if s.parked:
                     s.send_position()
 
