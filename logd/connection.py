@@ -143,7 +143,7 @@ class Connection(asyncio.Protocol):
         if replicas.min_replicas and last_id > replicas.hw:
             replicas.hold(self, token, last_id)  # type: ignore[arg-type]  # OK once replicas hold it
         else:
-            token.resolve(protocol.ok_id(last_id))  # type: ignore[attr-defined]
+            token.reply = protocol.ok_id(last_id)  # type: ignore[attr-defined]  # AppendReply.resolve, inlined
 
     def batch_failed(self, token: object, error: LogdError) -> None:
         err = error if isinstance(error, ServerError) else UnavailableError(str(error))
@@ -195,7 +195,9 @@ class Connection(asyncio.Protocol):
                 break
         budgets = self.server.budgets
         if wrote or self.unsent:
-            budgets.output_changed(self, tr.get_write_buffer_size())
+            unsent = tr.get_write_buffer_size()
+            if unsent != self.unsent:
+                budgets.output_changed(self, unsent)
         # The common case (a MSG waiting for its commit, nothing held back) needs no more.
         if (
             self.read_paused
