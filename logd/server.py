@@ -61,6 +61,7 @@ class LogServer:
         # Leader epochs and a REFUSE in force (protocol.md 2 and 3.4); the file
         # is read after the log is opened, so the data dir's lock guards it.
         self.epochs = Epochs.load(self.log.directory)
+        self.retention_passes = 0  # for STATS: tests wait for a pass instead of sleeping
         self.fenced_by: int | None = None  # the newer epoch a replica told us of, after we stepped down
         # A restarted leader shows what it last saved as visible, no more
         # than it holds (a torn tail may have gone), until replicas confirm more.
@@ -445,6 +446,7 @@ class LogServer:
                 "fsync_p50_us": p50,
                 "fsync_p99_us": p99,
                 "uptime_s": int(time.monotonic() - self.started),
+                "retention_passes": self.retention_passes,
             }
         )
         if self.failure is not None:
@@ -499,6 +501,7 @@ class LogServer:
         while True:
             await asyncio.sleep(1.0)
             deleted = self.log.apply_retention()
+            self.retention_passes += 1
             if deleted:
                 log.info("retention_deleted", segments=deleted, first=self.log.first)
 

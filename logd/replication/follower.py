@@ -34,6 +34,7 @@ log = structlog.get_logger("logd.replication")
 
 EXIT_REPLICATION_FAILED = 4  # a follower that must not go on (DIVERGED, NOT_FOUND, misaligned segments)
 LINK_HIGH_WATER = 16 * 1024 * 1024  # bytes received but not yet applied before we stop reading
+FLOOR_SAVE_S = 0.2  # how often a grown acknowledged floor is saved (HIGH_WATERMARK)
 
 
 class LinkLost(LogdError):
@@ -135,10 +136,13 @@ class Follower:
         self._task: asyncio.Task[None] | None = None
         self._link: _Link | None = None
         self._committer: asyncio.Task[None] | None = None
+        self._saver: asyncio.Task[None] | None = None
         self._uncommitted = [0, 0]  # messages and bytes written, not yet in a commit round
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="logd-follower")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="logd-follower")
+        self._saver = loop.create_task(self._save_floor(), name="logd-follower-floor")
 
     def cancel(self) -> None:
         """Stop following now (promotion): the loop applies nothing after this call."""
@@ -146,6 +150,8 @@ class Follower:
             self._link.close()
         if self._task is not None:
             self._task.cancel()
+        if self._saver is not None:
+            self._saver.cancel()
         self.state = "stopped"
 
     async def stop(self) -> None:
@@ -176,6 +182,19 @@ class Follower:
             log.error("replication_failed", leader=self.leader, error=str(exc), head=self.server.log.head)
             self.state = "failed"
             self.server.fail(EXIT_REPLICATION_FAILED, "replication_failed")
+
+    async def _save_floor(self) -> None:
+        """Keep ``acked_floor`` in ``HIGH_WATERMARK`` (as a leader keeps its high watermark), so a
+        restarted follower still refuses to cut acknowledged records."""
+        saved = self.acked_floor
+        while True:
+            await asyncio.sleep(FLOOR_SAVE_S)
+            if self.acked_floor > saved:
+                try:
+                    watermark.save(self.server.log.directory, self.acked_floor)
+                    saved = self.acked_floor
+                except OSError as exc:
+                    log.warning("watermark_not_saved", error=str(exc))
 
     def _before_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
