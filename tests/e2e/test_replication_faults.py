@@ -5,7 +5,8 @@ proxies; a writer keeps writing while the links are delayed, cut in the middle
 of a record and partitioned one way or both, while C is killed (-9) and
 restarted, and then A itself is killed. The most advanced follower is promoted
 (``logd promote --next-id``), the other is re-pointed at it through its proxy,
-A comes back first as a stale leader (fenced) and then as a follower. Every
+A comes back first as a stale leader (fenced) and then as a follower.
+Before that, A is also killed and restarted in place once (same epoch). Every
 step waits for a condition (writes acknowledged, a reconnection), so the test
 bounds itself.
 
@@ -68,10 +69,11 @@ def test_faults_kills_and_failover_lose_nothing_acknowledged(start_server) -> No
         b = start_server("--replica-of", to_b.address)
         c = start_server("--replica-of", to_c.address)
         wait_for(lambda: stats(a)["replicas_in_sync"] == "2", what="both replicas in sync")
-        writer = Writer(a, b"w", window=16)
-        writer.start()
+        writers = [Writer(a, b"w", window=16)]
+        writers[0].start()
 
         def progress(what: str) -> None:
+            writer = writers[-1]
             target = len(writer.acked) + STEP
             wait_for(lambda: len(writer.acked) >= target or not writer.is_alive(), what=what)
             assert writer.is_alive(), f"writer stopped during: {what}: {writer.failure}"
@@ -98,11 +100,20 @@ def test_faults_kills_and_failover_lose_nothing_acknowledged(start_server) -> No
             progress("writes with C killed")
             c.start()
             progress("writes after C restarted")
-            a.kill()  # the leader dies with writes in flight
+            a.kill()  # the leader dies with writes in flight, and restarts in place
+            writers[-1].finish()
+            a.start()
+            wait_for(lambda: stats(a)["replicas_in_sync"] == "2", what="followers back on the restarted leader")
+            assert stats(a)["epoch"] == "0"  # a restart is not a new leader
+            writers.append(Writer(a, b"r", window=16))
+            writers[-1].start()
+            progress("writes after the leader restarted")
+            a.kill()  # and dies again: this time the followers take over
         finally:
-            writer.finish()
-        acked.update(writer.acked)
-        assert len(acked) >= 8 * STEP
+            for writer in writers:
+                writer.finish()
+                acked.update(writer.acked)
+        assert len(acked) >= 9 * STEP
 
         # Fail over to the follower that holds the most (it holds every acknowledged id).
         b_head, c_head = (int(stats(srv)["log_head"]) for srv in (b, c))

@@ -46,6 +46,10 @@ def test_old_leader_coming_back_is_fenced(start_server) -> None:  # type: ignore
         assert send_msgs(b, [b"b-51"]) == 51
         wait_for(lambda: head(c) == 51, what="C follows B")
         assert stats(c)["epoch"] == "1" and stats(b)["epoch"] == "1"
+        # The new leader shows each replica's lag in ids and in seconds.
+        s = stats(b)
+        lag = {k.rsplit("_", 2)[-2] + "_" + k.rsplit("_", 1)[-1]: v for k, v in s.items() if "_lag_" in k}
+        assert s["role"] == "leader" and set(lag) == {"lag_messages", "lag_s"}, s
 
         # A restarts by itself as a leader, and C is mis-pointed back at it.
         a2 = start_server("--min-replicas", "1", "--replica-timeout", "2", data_dir=a.data_dir)
