@@ -192,9 +192,12 @@ def _send_admin(address: str, verb: bytes, timeout: float) -> None:
 @main.command()
 @click.argument("address", metavar="HOST:PORT")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the server.")
-def promote(address: str, timeout: float) -> None:
-    """Make the server at HOST:PORT a leader (ACCEPT): it stops following and accepts MSG."""
-    _send_admin(address, b"ACCEPT", timeout)
+@click.option("--next-id", default=None, type=click.IntRange(min=1),
+              help="Promote only if the server's next id is this (its log_head + 1 in STATS), "
+                   "so the replica you checked is the one promoted.")
+def promote(address: str, timeout: float, next_id: int | None) -> None:
+    """Make the server at HOST:PORT a leader (ACCEPT): it stops following, starts a new epoch and accepts MSG."""
+    _send_admin(address, b"ACCEPT" if next_id is None else b"ACCEPT %d" % next_id, timeout)
     click.echo(f"{address} accepts writes")
 
 

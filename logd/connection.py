@@ -114,11 +114,12 @@ class Connection(asyncio.Protocol):
     def stats(self) -> dict[str, object]:
         return self.server.stats()
 
-    def start_stream(self, cmd: protocol.Read | protocol.Replicate) -> None:
-        self.server.check_stream_start(cmd)
+    def start_stream(self, cmd: protocol.Read | protocol.Replicate) -> bytes | None:
+        answer = self.server.check_stream_start(cmd, self.peer)
         self.stream = Stream(self.server, self, cmd)
         self._stream_fresh = True
         self.server.stream_started(self.stream)
+        return answer
 
     def ack(self, id: int) -> None:
         assert self.stream is not None and self.stream.replica
@@ -127,8 +128,8 @@ class Connection(asyncio.Protocol):
     def refuse(self) -> None:
         self.server.refuse_writes(self.peer)
 
-    def accept(self) -> None:
-        self.server.accept_writes(self.peer)
+    def accept(self, next_id: int | None) -> None:
+        self.server.accept_writes(self.peer, next_id)
 
     def shutdown(self) -> ServerError | None:
         if not self.server.config.allow_shutdown:

@@ -130,6 +130,20 @@ class DivergedError(ServerError):
     code = "DIVERGED"
 
 
+class FencedError(ServerError):
+    """A REPLICATE from a replica that has seen a newer leader epoch: this leader is stale."""
+
+    code = "FENCED"
+
+
+class HandshakeAnswer(LogdError):
+    """A REPLICATE answered with where the replica must cut its log: ``reply`` is sent, no stream follows."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__(reply.decode("ascii", "replace").strip())
+        self.reply = reply
+
+
 class IdleTimeoutError(ServerError):
     """The connection was idle for longer than the server allows."""
 
@@ -149,6 +163,7 @@ ERROR_CLASSES: dict[str, type[ServerError]] = {
         BusyError,
         ReadOnlyError,
         DivergedError,
+        FencedError,
         IdleTimeoutError,
     )
 }

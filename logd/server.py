@@ -21,7 +21,10 @@ from .config import Config
 from .connection import Connection
 from .errors import (
     BusyError,
+    DeniedError,
     DivergedError,
+    FencedError,
+    HandshakeAnswer,
     IdleTimeoutError,
     ReadOnlyError,
     ServerError,
@@ -29,7 +32,9 @@ from .errors import (
 )
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
+from .replication.leader import replicate_handshake
 from .storage import Log, watermark
+from .storage.epochs import Epochs
 from .streams import STREAM_CHUNK, ParkedStreams, Stream
 
 log = structlog.get_logger("logd.server")
@@ -53,6 +58,11 @@ class LogServer:
         self.queue = AppendQueue(
             self.log, on_failure=self.fail_stop, backlog_bytes=config.server_input_bytes // 2, on_backlog=self._backlog
         )
+        # Leader epochs and a REFUSE in force (protocol.md 2 and 3.4); the file
+        # is read after the log is opened, so the data dir's lock guards it.
+        self.epochs = Epochs.load(self.log.directory)
+        self.retention_passes = 0  # for STATS: tests wait for a pass instead of sleeping
+        self.fenced_by: int | None = None  # the newer epoch a replica told us of, after we stepped down
         # A restarted leader shows what it last saved as visible, no more
         # than it holds (a torn tail may have gone), until replicas confirm more.
         saved_hw = min(watermark.load(config.data_dir), self.log.head)
@@ -101,6 +111,10 @@ class LogServer:
             self.leader_address = self.config.replica_of
             self.follower = Follower(self, self.config.replica_of)
             self.follower.start()
+        elif self.epochs.refused:
+            # REFUSE (or a step-down) outlives a restart: only ACCEPT undoes it.
+            self.read_only = True
+            log.warning("starting_read_only", epoch=self.epochs.current, epoch_seen=self.epochs.seen)
         log.info(
             "listening",
             host=host,
@@ -228,11 +242,22 @@ class LogServer:
             return self.replication.refusal()
         return None
 
-    def check_stream_start(self, cmd: protocol.Read | protocol.Replicate) -> None:
-        """Raise the error a READ/REPLICATE is answered with instead of its stream, if any."""
+    def check_stream_start(self, cmd: protocol.Read | protocol.Replicate, peer: str = "-") -> bytes | None:
+        """Raise the error a READ/REPLICATE is answered with instead of its stream, if any.
+
+        A REPLICATE with epochs gets the epoch exchange first (protocol.md
+        3.4): returns its ``OK`` line, or raises `HandshakeAnswer` when the
+        replica must cut its log before it can stream.
+        """
+        answer = None
+        if type(cmd) is protocol.Replicate and cmd.epoch is not None:
+            answer, streams = self.replica_handshake(cmd, peer)
+            if not streams:
+                raise HandshakeAnswer(answer)
         self.log.check_retained(cmd.start)
         if type(cmd) is protocol.Replicate:
             self.check_replica_start(cmd.start, cmd.prev_crc)
+        return answer
 
     def stream_started(self, stream: Stream) -> None:
         self.streams.add(stream)
@@ -291,21 +316,78 @@ class LogServer:
                     s.send_position()
 
     def refuse_writes(self, peer: str = "-") -> None:
-        """REFUSE: stop accepting MSG (failover: the old leader steps down); reads go on."""
+        """REFUSE: stop accepting MSG (failover: the old leader steps down); reads go on.
+
+        Recorded in the data dir first, so a restart stays read-only until ACCEPT.
+        """
+        try:
+            self.epochs.see(self.epochs.seen, refused=True)
+        except OSError as exc:
+            raise UnavailableError(f"cannot record REFUSE: {exc}") from None
         if not self.read_only:
             log.warning("writes_refused", head=self.log.head, peer=peer)
         self.read_only = True
 
-    def accept_writes(self, peer: str = "-") -> None:
-        """ACCEPT: stop following (if we were) and accept MSG from the next id."""
+    def accept_writes(self, peer: str = "-", next_id: int | None = None) -> None:
+        """ACCEPT [next_id]: stop following (if we were) and accept MSG from the next id.
+
+        A server that was not writable starts a new epoch (the highest seen +
+        1) at its next id, durably, before it takes any MSG. With ``next_id``
+        it refuses (`DeniedError`) unless that is its next id, so an operator
+        promotes exactly the replica they checked.
+        """
+        nxt = self.log.written + 1
+        if next_id is not None and next_id != nxt:
+            raise DeniedError(f"ACCEPT {next_id}: this server's next id is {nxt} (nothing changed)")
+        if self.follower is None and not self.read_only:
+            return  # already a leader: same epoch
+        epoch = max(self.epochs.seen, self.epochs.current) + 1
+        try:
+            self.epochs.start(epoch, nxt, refused=False)
+        except OSError as exc:
+            raise UnavailableError(f"cannot record the new epoch: {exc}") from None
         follower, self.follower = self.follower, None
         if follower is not None:
             # What the old leader's readers could see stays visible here.
             self.replication.hw = max(self.replication.hw, follower.leader_visible)
             follower.cancel()
-            log.warning("promoted", former_leader=follower.leader, head=self.log.head, peer=peer)
+        log.warning("promoted", former_leader=follower.leader if follower else None, head=self.log.head,
+                    epoch=epoch, first_id=nxt, peer=peer)
         self.read_only = False
+        self.fenced_by = None
         self.leader_address = None
+
+    def step_down(self, epoch: int, replica: str) -> None:
+        """A replica has seen a newer epoch than ours: a newer leader exists, so stop taking writes
+        (as a Raft leader on a higher term). Durable, like REFUSE; held MSG replies fail."""
+        if epoch <= self.epochs.current:
+            return
+        try:
+            self.epochs.see(epoch, refused=True if self.follower is None else None)
+        except OSError as exc:
+            log.error("step_down_not_recorded", error=str(exc))
+        if self.follower is None:
+            if not self.read_only or self.fenced_by is None:
+                log.warning("stepped_down", epoch=self.epochs.current, newer_epoch=epoch, replica=replica,
+                            head=self.log.head)
+            self.read_only = True
+            self.fenced_by = epoch
+            self.replication.abandon("before this leader stepped down (a newer epoch exists)")
+
+    def replica_handshake(self, cmd: protocol.Replicate, peer: str) -> tuple[bytes, bool]:
+        """A REPLICATE with epochs: the OK line, and whether records follow it (else close after it).
+
+        Raises `FencedError` (after stepping down) when the replica has seen
+        a newer epoch than ours.
+        """
+        assert cmd.seen is not None
+        if max(cmd.seen, cmd.epoch or 0) > self.epochs.current:
+            self.step_down(max(cmd.seen, cmd.epoch or 0), peer)
+            raise FencedError(
+                f"this server's epoch {self.epochs.current} is older than epoch {cmd.seen} "
+                f"the replica has seen; it no longer accepts writes"
+            )
+        return replicate_handshake(self.epochs, cmd, self.log.head + 1, self.replication.min_replicas)
 
     def fail(self, exit_code: int, reason: str) -> None:
         """Stop the server with a non-zero exit status (e.g. a follower that diverged)."""
@@ -339,7 +421,14 @@ class LogServer:
         """STATS figures, all from counters: O(1) in the number of connections and streams."""
         p50, p99 = self.queue.fsync_percentiles()
         role = "follower" if self.follower is not None else "readonly" if self.read_only else "leader"
-        figures: dict[str, object] = {"version": __version__, "role": role}
+        figures: dict[str, object] = {
+            "version": __version__,
+            "role": role,
+            "epoch": self.epochs.current,
+            "epoch_seen": self.epochs.seen,
+        }
+        if self.fenced_by is not None:
+            figures["fenced_by_epoch"] = self.fenced_by
         figures.update(self.log.stats())
         figures.update(
             {
@@ -357,6 +446,7 @@ class LogServer:
                 "fsync_p50_us": p50,
                 "fsync_p99_us": p99,
                 "uptime_s": int(time.monotonic() - self.started),
+                "retention_passes": self.retention_passes,
             }
         )
         if self.failure is not None:
@@ -411,6 +501,7 @@ class LogServer:
         while True:
             await asyncio.sleep(1.0)
             deleted = self.log.apply_retention()
+            self.retention_passes += 1
             if deleted:
                 log.info("retention_deleted", segments=deleted, first=self.log.first)
 

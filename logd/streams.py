@@ -17,7 +17,7 @@ import structlog
 
 from . import protocol
 from .errors import CorruptRecordError, NotFoundError, ProtocolError, ServerError, UnavailableError
-from .protocol.replica import position_marker, segment_marker
+from .protocol.replica import epoch_marker, position_marker, segment_marker
 
 if TYPE_CHECKING:
     from .server import LogServer
@@ -43,7 +43,9 @@ class Sink(Protocol):
 class Stream:
     """One READ (``limit`` records, 0 = forever) or REPLICATE stream."""
 
-    __slots__ = ("server", "sink", "replica", "next", "left", "segment", "position", "sent", "acked", "parked")
+    __slots__ = (
+        "server", "sink", "replica", "next", "left", "segment", "position", "sent", "acked", "parked", "epoch",
+    )
 
     def __init__(self, server: LogServer, sink: Sink, cmd: protocol.Read | protocol.Replicate) -> None:
         self.server = server
@@ -58,6 +60,8 @@ class Stream:
         self.sent = cmd.start - 1
         self.acked = -1  # the replica's highest ACK; -1 until its first one
         self.parked = 0  # the id it waits for in ParkedStreams, 0 when not parked
+        # REPLICATE with epochs (protocol.md 3.4): the epoch last announced with +EPOCH; None: older form.
+        self.epoch: int | None = -1 if type(cmd) is protocol.Replicate and cmd.epoch is not None else None
 
     @property
     def peer(self) -> str:
@@ -93,6 +97,11 @@ class Stream:
             count = limit - self.next + 1
             if self.left and self.left < count:
                 count = self.left
+            epoch = -1
+            if self.epoch is not None:  # a span never crosses into another epoch
+                epoch, epoch_end = srv.epochs.epoch_of(self.next)
+                if epoch_end is not None:
+                    count = min(count, epoch_end - self.next)
             try:
                 span = lg.span(self.next, count, srv.stream_chunk)
                 if span is None:
@@ -113,6 +122,9 @@ class Stream:
                 return
             if self.replica:
                 self.send_position()
+                if self.epoch is not None and epoch != self.epoch:
+                    self.epoch = epoch
+                    sink.write(epoch_marker(epoch, self.next))
                 seg = lg.segment_of(span.first_id)
                 if seg != self.segment:
                     self.segment = seg

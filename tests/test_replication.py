@@ -5,18 +5,24 @@ from __future__ import annotations
 import pytest
 
 from logd.errors import CorruptRecordError, ProtocolError
+from logd.protocol import Replicate
 from logd.protocol.replica import (
     Chunk,
+    EpochStart,
     LeaderPosition,
     ReplicaStreamParser,
     SegmentStart,
     StreamEnd,
     StreamError,
     StreamOk,
+    epoch_marker,
+    handshake_reply,
     position_marker,
     segment_marker,
 )
 from logd.replication import ReplicaSet
+from logd.replication.leader import replicate_handshake
+from logd.storage.epochs import Epochs
 from logd.storage.record import encode_record
 
 BODIES = [b"hello", b"", b"with\r\nCRLF", b"x" * 3000, b"+1 2 3\r\n"] + [b"m%d" % i for i in range(5, 15)]
@@ -104,3 +110,28 @@ def test_replica_set_high_watermark_and_in_sync() -> None:
     assert rs.hw == 7 and "1 replicas in sync" in str(rs.refusal())
     asynchronous = ReplicaSet(min_replicas=0, timeout=5.0, head=3)
     assert asynchronous.on_commit(4) is True and asynchronous.hw == 4 and asynchronous.refusal() is None
+
+
+def test_epoch_handshake_and_markers_parse() -> None:
+    data = b"OK 3 2 101 1\r\n" + epoch_marker(3, 7) + encode_record(7, b"x") + b"+EPOCH 4 8\r\n"
+    events = ReplicaStreamParser(7).feed(data)
+    assert events[0] == StreamOk(3, 2, 101, 1)
+    assert events[1] == EpochStart(3, 7)
+    assert isinstance(events[2], Chunk) and events[2].count == 1
+    assert events[3] == EpochStart(4, 8)
+    assert handshake_reply(3, 2, 101, 1) == b"OK 3 2 101 1\r\n"
+    with pytest.raises(ProtocolError):
+        ReplicaStreamParser(1).feed(b"OK\r\n+EPOCH x 1\r\n")
+
+
+def test_leader_answers_where_the_replica_epoch_ends(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    epochs = Epochs(str(tmp_path), entries=[(0, 1), (2, 101), (4, 201)])
+    # The replica's epoch is the leader's and runs past its start: stream.
+    assert replicate_handshake(epochs, Replicate(150, 0, 2, 2), 300, 1) == (b"OK 4 2 201 1\r\n", True)
+    assert replicate_handshake(epochs, Replicate(201, 0, 2, 4), 300, 0) == (b"OK 4 2 201 0\r\n", True)
+    # The replica holds epoch 0 past where the leader's epoch 0 ended: cut at 101 first.
+    assert replicate_handshake(epochs, Replicate(120, 0, 0, 0), 300, 0) == (b"OK 4 0 101 0\r\n", False)
+    # The leader never had epoch 3: it answers with epoch 2, and the replica cuts where its 3 began.
+    assert replicate_handshake(epochs, Replicate(190, 0, 3, 3), 300, 0) == (b"OK 4 2 201 0\r\n", False)
+    # Ahead of the leader in its newest epoch (a leader that lost an unsynced tail).
+    assert replicate_handshake(epochs, Replicate(310, 0, 4, 4), 300, 0) == (b"OK 4 4 300 0\r\n", False)

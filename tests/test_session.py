@@ -49,10 +49,11 @@ class ModelBackend:
     def stats(self) -> dict[str, object]:
         return {"head": len(self.log)}
 
-    def start_stream(self, cmd: protocol.Read | protocol.Replicate) -> None:
+    def start_stream(self, cmd: protocol.Read | protocol.Replicate) -> bytes | None:
         self.stream_next = cmd.start
         self.stream_left = cmd.limit if isinstance(cmd, protocol.Read) else 0
         self.sent = cmd.start - 1
+        return None
 
     def ack(self, id: int) -> None:
         if id > self.sent:
@@ -62,7 +63,7 @@ class ModelBackend:
     def refuse(self) -> None:
         self.read_only = True
 
-    def accept(self) -> None:
+    def accept(self, next_id: int | None) -> None:
         self.read_only = False
 
     def shutdown(self) -> ServerError | None:

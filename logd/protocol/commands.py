@@ -38,19 +38,29 @@ class Read:
 
 @dataclass(frozen=True, slots=True)
 class Replicate:
-    """``REPLICATE <start> [<prev_crc>]``: tail from ``start`` for a replica.
+    """``REPLICATE <start> [<prev_crc> [<epoch> <seen>]]``: tail from ``start`` for a replica.
 
-    ``prev_crc`` is the CRC the replica holds for id ``start - 1`` (None: not sent).
+    ``prev_crc`` is the CRC the replica holds for id ``start - 1`` (None: not
+    sent). ``epoch`` is the epoch of the replica's newest epoch entry, which
+    ends at ``start`` in its history, and ``seen`` the highest epoch it has
+    heard of (both None in the older form, which gets no epoch exchange).
     """
 
     start: int
     prev_crc: int | None = None
+    epoch: int | None = None
+    seen: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.start <= MAX_ID:
             raise ValueError(f"bad REPLICATE start {self.start}")
         if self.prev_crc is not None and not 0 <= self.prev_crc <= 0xFFFFFFFF:
             raise ValueError(f"bad REPLICATE prev_crc {self.prev_crc}")
+        if (self.epoch is None) != (self.seen is None) or (self.epoch is not None and self.prev_crc is None):
+            raise ValueError("REPLICATE takes <epoch> and <seen> together, after <prev_crc>")
+        for value in (self.epoch, self.seen):
+            if value is not None and not 0 <= value <= MAX_ID:
+                raise ValueError(f"bad REPLICATE epoch {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +109,13 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    """``ACCEPT``: promote a follower to leader."""
+    """``ACCEPT [<next_id>]``: promote a follower to leader (only if its next id is ``next_id``, if given)."""
+
+    next_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.next_id is not None and not 1 <= self.next_id <= MAX_ID:
+            raise ValueError(f"bad ACCEPT next id {self.next_id}")
 
 
 Command = Msg | Read | Replicate | Head | Ping | Stats | Close | Shutdown | Ack | Refuse | Accept
@@ -146,7 +162,11 @@ def encode_command(cmd: Command) -> bytes:
     if isinstance(cmd, Replicate):
         if cmd.prev_crc is None:
             return b"REPLICATE %d\r\n" % cmd.start
+        if cmd.epoch is not None and cmd.seen is not None:
+            return b"REPLICATE %d %08x %d %d\r\n" % (cmd.start, cmd.prev_crc, cmd.epoch, cmd.seen)
         return b"REPLICATE %d %08x\r\n" % (cmd.start, cmd.prev_crc)
+    if isinstance(cmd, Accept) and cmd.next_id is not None:
+        return b"ACCEPT %d\r\n" % cmd.next_id
     if isinstance(cmd, Ack):
         return b"ACK %d\r\n" % cmd.id
     return _NO_ARGS_BYTES[type(cmd)]

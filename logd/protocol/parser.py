@@ -9,7 +9,7 @@ from logd.errors import (
 )
 from logd.hot import ext
 
-from .commands import _NO_ARGS, MAX_ID, Ack, Command, Msg, Read, Replicate, _new, _set_msg_bodies
+from .commands import _NO_ARGS, MAX_ID, Accept, Ack, Command, Msg, Read, Replicate, _new, _set_msg_bodies
 
 
 def _show(token: bytes) -> str:
@@ -43,20 +43,30 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
                 raise ProtocolError("READ start must be >= 1")
             return Read(start, _number(args[1], "READ limit") if len(args) == 2 else 0)
         if name == b"REPLICATE":
-            if not 1 <= len(args) <= 2:
-                raise ProtocolError("REPLICATE takes <start> [<prev_crc>]")
+            if len(args) not in (1, 2, 4):
+                raise ProtocolError("REPLICATE takes <start> [<prev_crc> [<epoch> <seen>]]")
             start = _number(args[0], "REPLICATE start")
             if start < 1:
                 raise ProtocolError("REPLICATE start must be >= 1")
             if len(args) == 1:
                 return Replicate(start, None)
             crc = args[1]
+            epochs: tuple[int | None, int | None] = (None, None)
+            if len(args) == 4:
+                epochs = (_number(args[2], "REPLICATE epoch"), _number(args[3], "REPLICATE seen"))
             if crc == b"0":
-                return Replicate(start, 0)
+                return Replicate(start, 0, *epochs)
             # Exactly 8 hex digits; int(x, 16) alone would also take "0x", "+" or "_".
             if len(crc) != 8 or crc.strip(b"0123456789abcdefABCDEF"):
                 raise ProtocolError(f"REPLICATE prev_crc must be 8 hex digits, not {_show(crc)}")
-            return Replicate(start, int(crc, 16))
+            return Replicate(start, int(crc, 16), *epochs)
+        if name == b"ACCEPT" and args:
+            if len(args) != 1:
+                raise ProtocolError("ACCEPT takes [<next_id>]")
+            next_id = _number(args[0], "ACCEPT next id")
+            if next_id < 1:
+                raise ProtocolError("ACCEPT next id must be >= 1")
+            return Accept(next_id)
         if name == b"ACK":
             if len(args) != 1:
                 raise ProtocolError("ACK takes <id>")

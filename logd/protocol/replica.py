@@ -31,6 +31,16 @@ def position_marker(head: int, visible: int) -> bytes:
     return b"+HEAD %d %d\r\n" % (head, visible)
 
 
+def epoch_marker(epoch: int, first_id: int) -> bytes:
+    """``+EPOCH <epoch> <first_id>``: the records from ``first_id`` on were written in ``epoch``."""
+    return b"+EPOCH %d %d\r\n" % (epoch, first_id)
+
+
+def handshake_reply(leader_epoch: int, epoch: int, end: int, min_replicas: int) -> bytes:
+    """The leader's ``OK`` to a REPLICATE with epochs: its epoch, and where the replica's epoch ends here."""
+    return b"OK %d %d %d %d\r\n" % (leader_epoch, epoch, end, min_replicas)
+
+
 # --- the follower's stream parser (sans-IO) -------------------------------------------
 
 
@@ -61,7 +71,25 @@ class LeaderPosition:
 
 @dataclass(frozen=True, slots=True)
 class StreamOk:
-    """The leader accepted the REPLICATE."""
+    """The leader's ``OK`` to a REPLICATE; with epochs, ``OK <leader_epoch> <epoch> <end> <min_replicas>``.
+
+    ``epoch`` is the leader's largest epoch not above the replica's, ``end``
+    the first id past it in the leader's history. -1 when the leader sent a
+    bare ``OK`` (the older form).
+    """
+
+    leader_epoch: int = -1
+    epoch: int = -1
+    end: int = -1
+    min_replicas: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EpochStart:
+    """``+EPOCH <epoch> <first_id>``."""
+
+    epoch: int
+    first_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +105,7 @@ class StreamError:
     message: str
 
 
-Event = Chunk | SegmentStart | LeaderPosition | StreamOk | StreamEnd | StreamError
+Event = Chunk | SegmentStart | EpochStart | LeaderPosition | StreamOk | StreamEnd | StreamError
 
 
 class ReplicaStreamParser:
@@ -146,12 +174,21 @@ class ReplicaStreamParser:
             if line == b"OK":
                 self._started = True
                 return StreamOk()
+            if line[:3] == b"OK ":
+                parts = line[3:].split(b" ")
+                if len(parts) == 4:
+                    self._started = True
+                    return StreamOk(*(self._int(x, line) for x in parts))
         elif line[:5] == b"+SEG ":
             return SegmentStart(self._int(line[5:], line))
         elif line[:6] == b"+HEAD ":
             parts = line[6:].split(b" ")
             if len(parts) == 2:
                 return LeaderPosition(self._int(parts[0], line), self._int(parts[1], line))
+        elif line[:7] == b"+EPOCH ":
+            parts = line[7:].split(b" ")
+            if len(parts) == 2:
+                return EpochStart(self._int(parts[0], line), self._int(parts[1], line))
         elif line == b"+EOF":
             return StreamEnd()
         if line[:4] == b"ERR ":

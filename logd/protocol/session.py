@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-from logd.errors import DivergedError, ProtocolError, ServerError
+from logd.errors import DivergedError, FencedError, HandshakeAnswer, ProtocolError, ServerError
 
 from .commands import Accept, Ack, Close, Command, Head, Msg, Ping, Read, Refuse, Replicate, Shutdown, Stats
 from .parser import CommandParser
@@ -81,17 +81,18 @@ class Backend(Protocol):
     def stats(self) -> dict[str, object]:
         """The STATS figures."""
 
-    def start_stream(self, cmd: Read | Replicate) -> None:
-        """Start a READ/REPLICATE stream (after its ``OK``), or raise the `ServerError` to answer."""
+    def start_stream(self, cmd: Read | Replicate) -> bytes | None:
+        """Start a READ/REPLICATE stream after its ``OK`` line (returned when it is not a bare ``OK``);
+        or raise the `ServerError` to answer, or `HandshakeAnswer` (its reply, then close)."""
 
     def ack(self, id: int) -> None:
         """A replica's ACK on this connection's REPLICATE stream; raise `ProtocolError` if it is not honest."""
 
     def refuse(self) -> None:
-        """REFUSE: stop accepting MSG."""
+        """REFUSE: stop accepting MSG, or raise the `ServerError` to answer."""
 
-    def accept(self) -> None:
-        """ACCEPT: accept MSG (a follower stops following)."""
+    def accept(self, next_id: int | None) -> None:
+        """ACCEPT [next_id]: accept MSG (a follower stops following), or raise the `ServerError` to answer."""
 
     def shutdown(self) -> ServerError | None:
         """SHUTDOWN: ask the server to stop, or say why not."""
@@ -232,13 +233,16 @@ class ServerSession:
                 self._emit(error_reply(exc))
                 self.closing = self.closed = True
             return True
-        if kind is Refuse:
-            backend.refuse()
-            self._reply(OK_EMPTY)
-            return True
-        if kind is Accept:
-            backend.accept()
-            self._reply(OK_EMPTY)
+        if kind is Refuse or kind is Accept:
+            try:
+                if kind is Refuse:
+                    backend.refuse()
+                else:
+                    backend.accept(item.next_id)  # type: ignore[union-attr]
+            except ServerError as exc:
+                self._reply(error_reply(exc))
+            else:
+                self._reply(OK_EMPTY)
             return True
         if kind is Shutdown:
             refusal = backend.shutdown()
@@ -270,14 +274,18 @@ class ServerSession:
 
     def _start(self, cmd: Read | Replicate) -> None:
         try:
-            self._backend.start_stream(cmd)
+            answer = self._backend.start_stream(cmd)
+        except HandshakeAnswer as exc:  # protocol.md 3.4: the replica must cut its log first
+            self._emit(exc.reply)
+            self.closing = self.closed = True
+            return
         except ServerError as exc:
             self._emit(error_reply(exc))
-            if isinstance(exc, DivergedError):  # protocol.md 3.3: DIVERGED closes
+            if isinstance(exc, DivergedError | FencedError):  # protocol.md 3.3: DIVERGED and FENCED close
                 self.closing = self.closed = True
             return
         # The backend writes the stream after this OK (and after every reply before it).
-        self._emit(OK_EMPTY)
+        self._emit(answer or OK_EMPTY)
         self.stream = cmd
 
     def _reply(self, data: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -10,10 +11,11 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from ..config import parse_address
-from ..errors import CorruptRecordError, LogdError, ProtocolError, UnavailableError
+from ..errors import CorruptRecordError, LogdError, NotFoundError, ProtocolError, UnavailableError
 from ..protocol.commands import Ack, encode_command
 from ..protocol.replica import (
     Chunk,
+    EpochStart,
     Event,
     LeaderPosition,
     ReplicaStreamParser,
@@ -22,6 +24,8 @@ from ..protocol.replica import (
     StreamError,
     StreamOk,
 )
+from ..storage import watermark
+from ..storage.truncate import dropped_name
 
 if TYPE_CHECKING:
     from ..server import LogServer
@@ -30,6 +34,7 @@ log = structlog.get_logger("logd.replication")
 
 EXIT_REPLICATION_FAILED = 4  # a follower that must not go on (DIVERGED, NOT_FOUND, misaligned segments)
 LINK_HIGH_WATER = 16 * 1024 * 1024  # bytes received but not yet applied before we stop reading
+FLOOR_SAVE_S = 0.2  # how often a grown acknowledged floor is saved (HIGH_WATERMARK)
 
 
 class LinkLost(LogdError):
@@ -120,14 +125,24 @@ class Follower:
         # Until the first +HEAD, what this server already held.
         self.leader_visible = server.log.head
         self.behind_since: float | None = time.monotonic()
+        # The highest id known to be acknowledged to clients under --min-replicas:
+        # what this server saved as a leader, or its leader's high watermark when
+        # that leader runs with --min-replicas. Cutting the log below it would
+        # lose an acknowledged message, so that stops the follower instead.
+        self.acked_floor = min(watermark.load(server.log.directory), server.log.head)
+        self.leader_min_replicas = 0
+        self.dropped = 0  # records moved aside by truncations in this process
         self.sessions = 0
         self._task: asyncio.Task[None] | None = None
         self._link: _Link | None = None
         self._committer: asyncio.Task[None] | None = None
+        self._saver: asyncio.Task[None] | None = None
         self._uncommitted = [0, 0]  # messages and bytes written, not yet in a commit round
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="logd-follower")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="logd-follower")
+        self._saver = loop.create_task(self._save_floor(), name="logd-follower-floor")
 
     def cancel(self) -> None:
         """Stop following now (promotion): the loop applies nothing after this call."""
@@ -135,6 +150,8 @@ class Follower:
             self._link.close()
         if self._task is not None:
             self._task.cancel()
+        if self._saver is not None:
+            self._saver.cancel()
         self.state = "stopped"
 
     async def stop(self) -> None:
@@ -166,6 +183,19 @@ class Follower:
             self.state = "failed"
             self.server.fail(EXIT_REPLICATION_FAILED, "replication_failed")
 
+    async def _save_floor(self) -> None:
+        """Keep ``acked_floor`` in ``HIGH_WATERMARK`` (as a leader keeps its high watermark), so a
+        restarted follower still refuses to cut acknowledged records."""
+        saved = self.acked_floor
+        while True:
+            await asyncio.sleep(FLOOR_SAVE_S)
+            if self.acked_floor > saved:
+                try:
+                    watermark.save(self.server.log.directory, self.acked_floor)
+                    saved = self.acked_floor
+                except OSError as exc:
+                    log.warning("watermark_not_saved", error=str(exc))
+
     def _before_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
@@ -190,7 +220,8 @@ class Follower:
         try:
             start = lg.written + 1
             prev_crc = lg.crc_of(start - 1) if start > 1 else 0
-            link.write(b"REPLICATE %d %08x\r\n" % (start, prev_crc))
+            epochs = srv.epochs
+            link.write(b"REPLICATE %d %08x %d %d\r\n" % (start, prev_crc, epochs.current, epochs.seen))
             parser = ReplicaStreamParser(start)
             started = False
             self._uncommitted = [0, 0]
@@ -222,10 +253,16 @@ class Follower:
                         nbytes += len(ev.data)
                     elif type(ev) is SegmentStart:
                         self._segment(ev.id)
+                    elif type(ev) is EpochStart:
+                        self._epoch(ev)
                     elif type(ev) is LeaderPosition:
                         self.leader_head = ev.head
                         self._set_visible(ev.visible)
+                        if self.leader_min_replicas:
+                            self.acked_floor = max(self.acked_floor, min(ev.visible, lg.written))
                     elif type(ev) is StreamOk:
+                        if not self._handshake(ev, start):
+                            return  # the log was cut to where the leader's history agrees: again from there
                         started = True
                         self.sessions += 1
                         self.state = "streaming"
@@ -238,6 +275,10 @@ class Follower:
                         log.warning("leader_stopping", leader=self.leader, head=lg.head)
                         return
                     elif type(ev) is StreamError:
+                        if ev.code == "FENCED":
+                            self.state = "fenced"
+                            log.error("leader_fenced", leader=self.leader, error=ev.message)
+                            raise LinkLost(f"leader {self.leader} is stale: {ev.message}")
                         if ev.code in ("DIVERGED", "NOT_FOUND"):
                             raise ReplicationFailed(f"leader {self.leader} refused: {ev.code} {ev.message}")
                         raise LinkLost(f"leader {self.leader}: {ev.code} {ev.message}")
@@ -251,6 +292,64 @@ class Follower:
             self._link = None
             if self.state == "streaming":
                 self.state = "connecting"
+
+    def _handshake(self, ok: StreamOk, start: int) -> bool:
+        """Check the leader's answer to REPLICATE; False if the log had to be cut (reconnect now).
+
+        Fencing: a leader whose epoch is older than one we have seen is stale.
+        Truncation (Kafka's OffsetsForLeaderEpoch): the leader said where our
+        newest epoch ends in its history; what we hold past that was never
+        the leader's.
+        """
+        if ok.leader_epoch < 0:
+            return True  # an older leader: no epochs
+        epochs = self.server.epochs
+        if ok.leader_epoch < epochs.seen:
+            self.state = "fenced"
+            log.error("leader_fenced", leader=self.leader, leader_epoch=ok.leader_epoch, epoch_seen=epochs.seen)
+            raise LinkLost(f"leader {self.leader} is at epoch {ok.leader_epoch}, older than epoch {epochs.seen}")
+        epochs.see(ok.leader_epoch)
+        self.leader_min_replicas = ok.min_replicas
+        if ok.epoch == epochs.current and ok.end >= start:
+            return True
+        _found, own_end = epochs.end_of(ok.epoch, start)
+        self._truncate(min(ok.end, own_end), ok)
+        return False
+
+    def _truncate(self, cut: int, ok: StreamOk) -> None:
+        """Drop our records from ``cut`` on (moved to a file first) and our epochs that start there."""
+        lg = self.server.log
+        epochs = self.server.epochs
+        if cut <= min(self.acked_floor, lg.written):
+            raise ReplicationFailed(
+                f"leader {self.leader} lacks id {cut}, which was acknowledged under --min-replicas "
+                f"(acknowledged up to {self.acked_floor}); not cutting the log"
+            )
+        epoch_of_cut = epochs.epoch_of(cut)[0]
+        epochs.truncate_after(cut - 1)
+        if cut > lg.written:
+            log.info("epochs_cut", leader=self.leader, after=cut - 1, epoch=epochs.current)
+            return
+        path = os.path.join(lg.directory, dropped_name(epoch_of_cut, cut))
+        try:
+            n = lg.truncate_after(cut - 1, path)
+        except NotFoundError as exc:
+            raise ReplicationFailed(f"cannot cut the log to follow {self.leader}: {exc}") from None
+        self.dropped += n
+        self.leader_visible = min(self.leader_visible, lg.head)
+        self.leader_head = ok.end - 1
+        log.warning("diverged_records_dropped", leader=self.leader, first_id=cut, count=n, file=path,
+                    epoch=epoch_of_cut, leader_epoch=ok.leader_epoch)
+
+    def _epoch(self, ev: EpochStart) -> None:
+        """``+EPOCH``: record a newer epoch durably before any of its records is written."""
+        epochs = self.server.epochs
+        if ev.epoch <= epochs.current:
+            return
+        nxt = self.server.log.written + 1
+        if ev.first_id != nxt:
+            raise LinkLost(f"leader {self.leader} starts epoch {ev.epoch} at {ev.first_id}, our next id is {nxt}")
+        epochs.start(ev.epoch, nxt)
 
     def _segment(self, first_id: int) -> None:
         lg = self.server.log
@@ -318,4 +417,5 @@ class Follower:
             "leader_head": self.leader_head,
             "lag_messages": max(0, self.leader_head - self.server.log.head),
             "lag_s": round(lag_s, 3),
+            "dropped_records": self.dropped,
         }

@@ -10,9 +10,26 @@ from typing import Any
 
 from .. import protocol
 from ..errors import ServerError, UnavailableError
+from ..protocol.replica import handshake_reply
 from ..protocol.session import AppendReply
+from ..storage.epochs import Epochs
 
 COMMIT_SAMPLES = 1 << 16  # (commit point, time) pairs kept for replica lag in seconds
+
+
+def replicate_handshake(epochs: Epochs, cmd: protocol.Replicate, next_id: int, min_replicas: int) -> tuple[bytes, bool]:
+    """Answer a REPLICATE that carries the replica's epoch: where that epoch ends here.
+
+    Returns the ``OK <leader_epoch> <epoch> <end> <min_replicas>`` line and
+    whether the stream follows: only if this history holds the replica's
+    epoch and it does not end before the replica's ``start`` (``next_id`` is
+    this leader's commit point + 1). Otherwise the replica must cut its log
+    first (protocol.md 3.4) and the leader closes after the line.
+    """
+    assert cmd.epoch is not None
+    found, end = epochs.end_of(cmd.epoch, next_id)
+    reply = handshake_reply(epochs.current, found, end, min_replicas)
+    return reply, found == cmd.epoch and end >= cmd.start
 
 
 class ReplicaSet:

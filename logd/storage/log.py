@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from ..errors import NotFoundError, StorageError, UnavailableError
 from ..hot import ext
+from . import truncate
 from .lock import take_lock
 from .policy import FsyncPolicy
 from .reads import Record, Span
@@ -288,11 +289,7 @@ class Log:
                 return self._committed
 
     def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.directory)
 
     def _check_failed(self) -> None:
         if self._failed is not None:
@@ -382,6 +379,37 @@ class Log:
         self.check_retained(id)
         return self._segment_for(id).read_record(id).crc
 
+    # --- truncation (a follower repairing divergence) ------------------------------
+
+    def truncate_after(self, last_id: int, dropped_path: str) -> int:
+        """Cut the log after ``last_id``, first copying the records cut into ``dropped_path``.
+
+        Returns how many records were dropped (0: nothing past ``last_id``, no
+        file written). ``last_id`` must not be older than the oldest retained
+        id - 1. Only for a follower: no MSG may be in flight.
+        """
+        self.sync()
+        if last_id >= self._head:
+            return 0
+        if last_id < self.first - 1:
+            raise NotFoundError(f"cannot cut after id {last_id}: the oldest retained id is {self.first}")
+        dropped = self._head - last_id
+        i = bisect_right(self._firsts, last_id + 1) - 1
+        cut, later = self._segments[i], self._segments[i + 1 :]
+        offset, keep = cut.offset_of(last_id + 1), last_id + 1 - cut.first_id
+        truncate.save_dropped(self.directory, self._segments[i:], last_id + 1, dropped_path)
+        fsync_dir(self.directory)
+        for seg in self._segments:
+            seg.close()
+        truncate.cut_files(self.directory, cut, offset, keep, later)
+        self._segments, _cut = open_segments(self.directory)
+        self._segments[-1].sync_data()
+        with self._lock:
+            self._firsts = [s.first_id for s in self._segments]
+            self._rolled = []
+            self._head = self._committed = self._synced = self._segments[-1].last_id
+        return dropped
+
     # --- retention --------------------------------------------------------------
 
     def apply_retention(self, now: float | None = None) -> list[int]:
@@ -395,6 +423,11 @@ class Log:
             oldest = self._segments[0]
             if oldest in self._rolled:
                 break  # not yet synced; wait for the next sync
+            if oldest.last_id >= self._head:
+                # It holds the last record (the active segment is empty, as on a
+                # follower told +SEG before the records): its CRC is what
+                # resuming replication needs (protocol.md 3.4).
+                break
             too_big = self.retention_bytes is not None and total > self.retention_bytes
             too_old = False
             if self.retention_ms is not None:
@@ -422,6 +455,15 @@ class Log:
 
 
 __all__ = ["FsyncPolicy", "Log", "Record", "Span", "StorageError"]
+
+
+def fsync_dir(directory: str) -> None:
+    """fsync a directory, so renames, creations and deletions in it are durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rebase(offsets: Sequence[int], base: int) -> array:

@@ -226,26 +226,38 @@ def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # ty
     wait_for(lambda: head(b) >= last_acked, what="survivor holds every acked id")
     on_b = dict(read_all(b, 1, last_acked))
     assert all(on_b[i] == body for i, body in acked.items())
-    # Promote the survivor; writes continue there from the next id. (Until now its
-    # readers saw only up to a's last high watermark; what it holds past that,
-    # received but never acknowledged by a, becomes visible as it takes over.)
-    assert logd_cli("promote", f"{b.host}:{b.port}").returncode == 0
-    wait_for(lambda: stats(b)["role"] == "leader", what="promotion")
+    # Promote the survivor, checking it is the one we looked at; writes continue
+    # there from the next id. (Until now its readers saw only up to a's last high
+    # watermark; what it holds past that, received but never acknowledged by a,
+    # becomes visible as it takes over.)
     b_head = int(stats(b)["log_head"])
+    refused = logd_cli("promote", "--next-id", str(b_head + 5), f"{b.host}:{b.port}")
+    assert refused.returncode != 0 and f"next id is {b_head + 1}" in refused.stderr
+    assert stats(b)["role"] == "follower"
+    assert logd_cli("promote", "--next-id", str(b_head + 1), f"{b.host}:{b.port}").returncode == 0
+    wait_for(lambda: stats(b)["role"] == "leader", what="promotion")
+    assert stats(b)["epoch"] == "1"
     assert last_acked <= b_head < a_head and head(b) == b_head
     assert send_msgs(b, [b"after-1"]) == b_head + 1
     assert send_msgs(b, [b"after-%d" % i for i in range(2, a_head - b_head + 3)]) > a_head
-    # The old leader holds id a_head, which b never got: as b's follower it is refused.
-    old = ServerProcess(a.data_dir, ["--replica-of", f"{b.host}:{b.port}"]).start()
-    try:
-        assert old.proc is not None
-        assert old.proc.wait(timeout=30) != 0
-        assert "DIVERGED" in old.stderr()
-    finally:
-        old.kill()
+    b_last = head(b)
+    # The old leader holds ids b never got (b_head+1 .. a_head, never acknowledged):
+    # restarted as b's follower it moves them to a file named by epoch and first
+    # id, cuts its log there and follows b, ending byte-identical.
+    old = start_server("--replica-of", f"{b.host}:{b.port}", "--max-message-bytes", "64MiB", data_dir=a.data_dir)
+    wait_for(lambda: head(old) == b_last, what="old leader caught up as a follower")
+    dropped = a.data_dir / f"dropped-e0-{b_head + 1:020d}.dropped"
+    assert dropped.exists()
+    assert dropped.read_bytes().startswith(b"+%d " % (b_head + 1))
+    assert dropped.stat().st_size > big  # the big message b never got is kept there
+    assert stats(old)["dropped_records"] == str(a_head - b_head)
+    assert "diverged_records_dropped" in old.stderr() and f"count={a_head - b_head}" in old.stderr()
+    assert stats(old)["epoch"] == "1"
+    assert read_all(old, b_head + 1, 1) == [(b_head + 1, b"after-1")]
+    assert old.terminate() == 0 and b.terminate() == 0
+    closed_segments_identical([a.data_dir, b.data_dir])
     out = logd_cli("check", "--diverge", str(a.data_dir), str(b.data_dir))
-    assert out.returncode == 1 and "diverged at id" in out.stdout
-    assert last_acked < int(out.stdout.split()[-1]) <= a_head
+    assert out.returncode == 0, out.stdout
 
 
 def test_paused_follower_catches_up(start_server) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,134 @@
+"""Leader epochs on disk (storage/epochs.py) and cutting a log back (Log.truncate_after)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from logd.errors import NotFoundError, StorageError
+from logd.storage import Log
+from logd.storage.epochs import FILE, Epochs
+from logd.storage.record import decode_record
+from logd.storage.truncate import dropped_name
+
+
+def test_missing_file_is_epoch_zero_and_writable(tmp_path: Path) -> None:
+    e = Epochs.load(str(tmp_path))
+    assert e.entries == [(0, 1)] and e.current == 0 and e.seen == 0 and not e.refused
+    assert not (tmp_path / FILE).exists()  # nothing written until something changes
+
+
+def test_changes_survive_a_reload(tmp_path: Path) -> None:
+    e = Epochs.load(str(tmp_path))
+    e.start(1, 101, refused=False)
+    e.see(5, refused=True)
+    again = Epochs.load(str(tmp_path))
+    assert again.entries == [(0, 1), (1, 101)] and again.seen == 5 and again.refused
+    assert (tmp_path / FILE).read_text() == "0 1\n1 101\nseen 5\nrefused\n"
+    assert not (tmp_path / (FILE + ".tmp")).exists()
+
+
+def test_epochs_must_move_forward(tmp_path: Path) -> None:
+    e = Epochs.load(str(tmp_path))
+    e.start(2, 50)
+    with pytest.raises(ValueError):
+        e.start(2, 60)  # same epoch again
+    with pytest.raises(ValueError):
+        e.start(3, 40)  # starting before the previous one
+    (tmp_path / FILE).write_text("0 1\n3 10\n2 20\n")
+    with pytest.raises(StorageError, match="must increase"):
+        Epochs.load(str(tmp_path))
+    (tmp_path / FILE).write_text("0 1\nbogus\n")
+    with pytest.raises(StorageError, match="cannot parse"):
+        Epochs.load(str(tmp_path))
+
+
+def test_end_of_answers_like_offsets_for_leader_epoch(tmp_path: Path) -> None:
+    e = Epochs(str(tmp_path), entries=[(0, 1), (2, 101), (3, 101), (5, 300)])
+    assert e.end_of(0, 400) == (0, 101)
+    assert e.end_of(1, 400) == (0, 101)  # unknown here: the largest epoch below it, and its end
+    assert e.end_of(2, 400) == (2, 101)  # an epoch that holds no record ends where it starts
+    assert e.end_of(4, 400) == (3, 300)
+    assert e.end_of(5, 400) == (5, 400)  # the newest runs to the next id
+    assert e.end_of(9, 400) == (5, 400)
+    assert e.epoch_of(100) == (0, 101)
+    assert e.epoch_of(101) == (3, 300)
+    assert e.epoch_of(350) == (5, None)
+
+
+def test_truncate_after_keeps_seen(tmp_path: Path) -> None:
+    e = Epochs.load(str(tmp_path))
+    e.start(1, 11)
+    e.start(2, 21)
+    e.truncate_after(15)
+    assert e.entries == [(0, 1), (1, 11)] and e.seen == 2
+    assert Epochs.load(str(tmp_path)).entries == [(0, 1), (1, 11)]
+    e.truncate_after(0)
+    assert e.entries == [(0, 1)] and Epochs.load(str(tmp_path)).seen == 2
+
+
+def _fill(lg: Log, n: int, start: int = 1) -> None:
+    for i in range(start, start + n):
+        lg.append([b"m%05d" % i])
+    lg.sync()
+
+
+def test_log_truncate_after_moves_records_to_a_file(tmp_path: Path) -> None:
+    lg = Log(str(tmp_path), segment_bytes=200)  # a few records per segment
+    _fill(lg, 40)
+    before = lg.segment_count
+    path = str(tmp_path / dropped_name(3, 23))
+    assert lg.truncate_after(22, path) == 18
+    assert lg.head == lg.written == 22 and lg.segment_count < before
+    # The dropped records, as stored, one after another.
+    data = Path(path).read_bytes()
+    pos, ids = 0, []
+    while pos < len(data):
+        rec = decode_record(data, pos, 23 + len(ids))
+        ids.append(rec.id)
+        assert rec.body == b"m%05d" % rec.id
+        pos += rec.size
+    assert ids == list(range(23, 41))
+    # The log goes on from 23, and survives a reopen.
+    _fill(lg, 5, start=23)
+    lg.close()
+    again = Log(str(tmp_path), segment_bytes=200)
+    assert again.head == 27
+    assert [r.body for r in again.read(20, 10)] == [b"m%05d" % i for i in range(20, 28)]
+    assert again.truncate_after(30, path) == 0  # nothing past 30
+    again.close()
+
+
+def test_log_truncate_at_a_segment_boundary(tmp_path: Path) -> None:
+    lg = Log(str(tmp_path), segment_bytes=200)
+    _fill(lg, 30)
+    firsts = [s.first_id for s in lg._segments]
+    boundary = firsts[2]
+    lg.truncate_after(boundary - 1, str(tmp_path / "x.log"))
+    assert lg.head == boundary - 1
+    assert [s.first_id for s in lg._segments] == firsts[:2]
+    lg.close()
+
+
+def test_log_truncate_below_retention_is_refused(tmp_path: Path) -> None:
+    lg = Log(str(tmp_path), segment_bytes=200, retention_bytes=300)
+    _fill(lg, 30)
+    assert lg.apply_retention()
+    with pytest.raises(NotFoundError):
+        lg.truncate_after(lg.first - 2, str(tmp_path / "x.log"))
+    lg.close()
+
+
+def test_retention_keeps_the_segment_holding_the_last_record(tmp_path: Path) -> None:
+    # A follower told +SEG 11 before record 11 arrived: its active segment is empty.
+    lg = Log(str(tmp_path), fsync="interval:20", retention_bytes=10)
+    _fill(lg, 10)
+    lg.start_segment(11)
+    lg.sync()
+    assert lg.apply_retention() == []  # size is over the limit, but id 10's CRC is needed to resume
+    assert lg.crc_of(10)
+    lg.append([b"eleven"])
+    lg.sync()
+    assert lg.apply_retention() == [1]
+    lg.close()
