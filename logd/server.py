@@ -12,10 +12,11 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import structlog
 
-from . import __version__, protocol
+from . import __version__, protocol, systemd
 from .budgets import Budgets
 from .config import Config
 from .connection import Connection
@@ -27,6 +28,7 @@ from .errors import (
     ServerError,
     UnavailableError,
 )
+from .logging import configure_logging
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
 from .storage import Log, watermark
@@ -120,7 +122,20 @@ class LogServer:
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()
+        systemd.notify("STOPPING=1")
         await self.shutdown()
+
+    def reload(self, read_config: Callable[[], Config]) -> None:
+        """SIGHUP: read the configuration again and apply what can change while running (log level)."""
+        try:
+            new = read_config()
+        except ValueError as exc:  # a bad edit to the file: keep running as before
+            log.error("reload_failed", error=str(exc))
+            return
+        if new.log_level != self.config.log_level:
+            configure_logging(self.config.log_format, new.log_level)
+            self.config = replace(self.config, log_level=new.log_level)
+        log.warning("config_reloaded", log_level=self.config.log_level)
 
     async def shutdown(self) -> None:
         """Stop accepting, commit what is in flight, close streams with +EOF, close the log."""
@@ -415,8 +430,16 @@ class LogServer:
                 log.info("retention_deleted", segments=deleted, first=self.log.first)
 
 
-async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> int:
-    """Run a server until it is asked to stop (signal or SHUTDOWN); return the exit status."""
+async def serve(
+    config: Config,
+    ready: Callable[[str, int], None] | None = None,
+    reload: Callable[[], Config] | None = None,
+) -> int:
+    """Run a server until it is asked to stop (signal or SHUTDOWN); return the exit status.
+
+    ``reload`` (SIGHUP) returns the configuration read afresh; its reloadable
+    parts (the log level) are applied.
+    """
     server = LogServer(config)
     host, port = await server.start()
     loop = asyncio.get_running_loop()
@@ -434,14 +457,24 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    if reload is not None:
+        try:
+            loop.add_signal_handler(signal.SIGHUP, server.reload, reload)
+        except (NotImplementedError, RuntimeError):
+            pass
     if ready is not None:
         ready(host, port)
+    systemd.notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")
     await server.wait_stopped()
     return server.exit_code
 
 
-def run(config: Config, ready: Callable[[str, int], None] | None = None) -> int:
+def run(
+    config: Config,
+    ready: Callable[[str, int], None] | None = None,
+    reload: Callable[[], Config] | None = None,
+) -> int:
     """Blocking entry point for the CLI: uvloop, then `serve`; returns the exit status."""
     import uvloop
 
-    return uvloop.run(serve(config, ready))
+    return uvloop.run(serve(config, ready, reload))

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .. import errors
+from .. import defaults, errors
 from ..protocol import ErrorReply, Head, Msg, Read, Record, Reply
 from .aio_connection import AsyncConnection
 from .commands import (
@@ -50,8 +50,8 @@ class AsyncClient:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         *,
-        timeout: float | None = 10.0,
-        connect_timeout: float = 5.0,
+        timeout: float | None = defaults.CLIENT_TIMEOUT,
+        connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
     ) -> None:
         self.address = (host, port)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import defaults
 from .commands import DEFAULT_URL, Record, Retry
 from .sync import Client
 
@@ -143,7 +144,7 @@ class Consumer:
         *,
         max_batch: int = 1000,
         follow: bool = True,
-        timeout: float | None = 10.0,
+        timeout: float | None = defaults.CLIENT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
     ) -> None:
         if max_batch < 1:

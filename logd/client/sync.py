@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from .. import errors
+from .. import defaults, errors
 from ..protocol import ClientProtocol, Command, EndOfStream, ErrorReply, Head, Msg, OkReply, Read, Record, Reply
 from .commands import (
     CLOSING_CODES,
@@ -121,8 +121,8 @@ class Client:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         *,
-        timeout: float | None = 10.0,
-        connect_timeout: float = 5.0,
+        timeout: float | None = defaults.CLIENT_TIMEOUT,
+        connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
     ) -> None:
         self.address = (host, port)

@@ -6,7 +6,7 @@ from collections import deque
 
 from crc32c import crc32c
 
-from logd import errors
+from logd import defaults, errors
 from logd.errors import (
     CorruptRecordError,
     LogdError,
@@ -65,7 +65,12 @@ class ClientProtocol:
         "_closed",
     )
 
-    def __init__(self, *, max_line_bytes: int = 65536, max_record_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = defaults.MAX_LINE_BYTES,
+        max_record_bytes: int = defaults.MAX_RECORD_BYTES,
+    ) -> None:
         self._max_line = max_line_bytes
         # A header claiming more than this is taken as corrupt rather than waited for.
         self._max_record = max_record_bytes

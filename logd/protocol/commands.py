@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from logd import defaults
+
 # Ids are 1 <= id < 2^63 (protocol.md section 1); numbers in commands are
 # bounded the same way so nothing downstream meets an unbounded int.
 MAX_ID = (1 << 63) - 1
-DEFAULT_PORT = 1774  # protocol.md section 3: the server's default, the client's too
+DEFAULT_PORT = defaults.PORT  # protocol.md section 3: the server's default, the client's too
 
 
 # --- commands (client -> server) ---------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from logd import defaults
 from logd.errors import (
     ProtocolError,
     TooLargeError,
@@ -100,10 +101,10 @@ class CommandParser:
     def __init__(
         self,
         *,
-        max_line_bytes: int = 65536,
-        max_message_bytes: int = 1 << 20,
-        max_batch: int = 10000,
-        max_batch_bytes: int = 64 << 20,
+        max_line_bytes: int = defaults.MAX_LINE_BYTES,
+        max_message_bytes: int = defaults.MAX_MESSAGE_BYTES,
+        max_batch: int = defaults.MAX_BATCH,
+        max_batch_bytes: int = defaults.MAX_BATCH_BYTES,
     ) -> None:
         self._max_line = max_line_bytes
         self._max_message = max_message_bytes

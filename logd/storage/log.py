@@ -20,6 +20,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
 
+from .. import defaults
 from ..errors import NotFoundError, StorageError, UnavailableError
 from ..hot import ext
 from .lock import take_lock
@@ -29,7 +30,7 @@ from .record import MAX_HEADER_BYTES, Decoded, encode_batch
 from .recovery import open_segments
 from .segment import Segment
 
-DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
+DEFAULT_SEGMENT_BYTES = defaults.SEGMENT_BYTES
 # Zeros kept written ahead of the data when preallocating (see segment.py).
 # A batch bigger than a quarter of it grows the file itself: its sync is
 # dominated by its own bytes, and zeros written for it would only be overwritten.
