@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_client import append, consume, head, ping, read, stats
+from .cli_client import append, consume, cursors, head, ping, read, stats
 from .config import (
     CONFIG_ENV,
     DEFAULTS,
@@ -210,7 +210,7 @@ def demote(address: str, timeout: float) -> None:
 # `python -m logd.cli` this file is __main__, and an import of logd.cli from
 # there would build a second `main` group.
 
-for _command in (append, read, consume, head, ping, stats):
+for _command in (append, read, consume, head, ping, stats, cursors):
     main.add_command(_command)
 
 

@@ -130,6 +130,12 @@ class DivergedError(ServerError):
     code = "DIVERGED"
 
 
+class StaleCursorError(ServerError):
+    """COMMIT of an id below the cursor's: a cursor only moves forward."""
+
+    code = "STALE"
+
+
 class IdleTimeoutError(ServerError):
     """The connection was idle for longer than the server allows."""
 
@@ -150,6 +156,7 @@ ERROR_CLASSES: dict[str, type[ServerError]] = {
         ReadOnlyError,
         DivergedError,
         IdleTimeoutError,
+        StaleCursorError,
     )
 }
 

@@ -263,6 +263,8 @@ class AppendQueue:
             for item in round_:
                 bodies += item[0]
                 nbytes += item[1]
+        if not bodies:
+            return True  # only cursor commits (no messages): the round's sync is all they need
         try:
             self.log.append(bodies, nbytes)
         except LogdError as exc:

@@ -20,6 +20,7 @@ from . import __version__, protocol, systemd
 from .budgets import Budgets
 from .config import Config
 from .connection import Connection
+from .cursor_commands import ServerCursors
 from .errors import (
     BusyError,
     DivergedError,
@@ -55,6 +56,7 @@ class LogServer:
         self.queue = AppendQueue(
             self.log, on_failure=self.fail_stop, backlog_bytes=config.server_input_bytes // 2, on_backlog=self._backlog
         )
+        self.cursors = ServerCursors(self)
         # A restarted leader shows what it last saved as visible, no more
         # than it holds (a torn tail may have gone), until replicas confirm more.
         saved_hw = min(watermark.load(config.data_dir), self.log.head)
@@ -167,6 +169,7 @@ class LogServer:
         if self.config.min_replicas:
             self.save_watermark()
         self.log.close()
+        self.cursors.close()
         log.info("stopped", head=self.log.head)
 
     @staticmethod
@@ -305,6 +308,12 @@ class LogServer:
                 if s.parked:
                     s.send_position()
 
+    def send_cursor_markers(self) -> None:
+        """A cursor moved: replica streams waiting for records get its ``+CURSOR`` marker now."""
+        for s in self.replica_streams:
+            if s.parked:
+                s.send_cursors()
+
     def refuse_writes(self, peer: str = "-") -> None:
         """REFUSE: stop accepting MSG (failover: the old leader steps down); reads go on."""
         if not self.read_only:
@@ -381,6 +390,7 @@ class LogServer:
         if self.follower is not None:
             figures.update(self.follower.stats())
         figures.update(self.replication.stats())
+        figures.update(self.cursors.stats(figures["head"]))  # type: ignore[arg-type]
         return figures
 
     # --- housekeeping ---------------------------------------------------------------------
@@ -425,9 +435,13 @@ class LogServer:
     async def _retention_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            deleted = self.log.apply_retention()
+            keep = self.cursors.keep_from() if self.config.retention_keep_cursors else None
+            deleted = self.log.apply_retention(keep_from=keep, cap_bytes=self.config.retention_cap_bytes)
             if deleted:
                 log.info("retention_deleted", segments=deleted, first=self.log.first)
+            if self.log.forced:
+                log.warning("retention_dropped_for_cursors", segments=self.log.forced, first=self.log.first,
+                            needed_from=keep, cap_bytes=self.config.retention_cap_bytes)
 
 
 async def serve(

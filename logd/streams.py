@@ -43,7 +43,8 @@ class Sink(Protocol):
 class Stream:
     """One READ (``limit`` records, 0 = forever) or REPLICATE stream."""
 
-    __slots__ = ("server", "sink", "replica", "next", "left", "segment", "position", "sent", "acked", "parked")
+    __slots__ = ("server", "sink", "replica", "next", "left", "segment", "position", "sent", "acked", "parked",
+                 "cursors")
 
     def __init__(self, server: LogServer, sink: Sink, cmd: protocol.Read | protocol.Replicate) -> None:
         self.server = server
@@ -58,6 +59,7 @@ class Stream:
         self.sent = cmd.start - 1
         self.acked = -1  # the replica's highest ACK; -1 until its first one
         self.parked = 0  # the id it waits for in ParkedStreams, 0 when not parked
+        self.cursors = server.cursors.feed() if self.replica else None  # REPLICATE: +CURSOR markers sent
 
     @property
     def peer(self) -> str:
@@ -73,6 +75,13 @@ class Stream:
         """Right after the stream's OK: a replica learns the leader's position first."""
         if self.replica:
             self.send_position()
+
+    def send_cursors(self) -> None:
+        """REPLICATE: ``+CURSOR`` markers for cursors that moved, up to the last id sent (cursor_commands.py)."""
+        if self.cursors is not None:
+            markers = self.cursors.markers(self.sent)
+            if markers:
+                self.sink.write(markers)
 
     def pump(self) -> None:
         """Send committed records until the socket is full, the reader is caught up, or the stream ends."""
@@ -120,6 +129,8 @@ class Stream:
             sink.write(data)
             self.sent = span.last_id
             self.next = span.last_id + 1
+            if self.replica:
+                self.send_cursors()
             if self.left:
                 self.left -= span.last_id - span.first_id + 1
                 if self.left == 0:
@@ -133,6 +144,7 @@ class Stream:
         if pos != self.position:
             self.position = pos
             self.sink.write(position_marker(*pos))
+        self.send_cursors()
 
     def ack(self, id: int) -> None:
         """The replica holds everything up to ``id``; an id it was never sent is a lie."""

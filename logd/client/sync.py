@@ -12,6 +12,7 @@ from .. import defaults, errors
 from ..protocol import ClientProtocol, Command, EndOfStream, ErrorReply, Head, Msg, OkReply, Read, Record, Reply
 from .commands import (
     CLOSING_CODES,
+    CURSORS,
     DEFAULT_PORT,
     DEFAULT_URL,
     HEAD,
@@ -25,6 +26,8 @@ from .commands import (
     as_bytes,
     checked,
     clamp,
+    commit_call,
+    cursor_call,
     deadline_after,
     id_of,
     msg_call,
@@ -210,6 +213,18 @@ class Client:
     def stats(self, *, timeout: float | None = None) -> dict[str, str]:
         """The server's figures, name -> value (see protocol.md, STATS)."""
         return self._execute(STATS, timeout)
+
+    def commit(self, name: str, id: int, *, timeout: float | None = None) -> None:
+        """Move the named cursor forward to ``id`` (StaleCursorError if it is past that already)."""
+        self._execute(commit_call(name, id), timeout)
+
+    def cursor(self, name: str, *, timeout: float | None = None) -> int:
+        """The named cursor's id (0 if it was never committed)."""
+        return self._execute(cursor_call(name), timeout)
+
+    def cursors(self, *, timeout: float | None = None) -> dict[str, int]:
+        """Every cursor on the server, name -> id."""
+        return self._execute(CURSORS, timeout)
 
     def read(
         self, start: int, limit: int = 1000, *, wait: bool = False, timeout: float | None = None

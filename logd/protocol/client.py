@@ -14,7 +14,7 @@ from logd.errors import (
 )
 from logd.hot import ext
 
-from .commands import Ack, Command, Ping, Read, Replicate, Stats, _new, encode_command
+from .commands import Ack, Command, Cursors, Ping, Read, Replicate, Stats, _new, encode_command
 from .parser import _show
 from .replies import (
     _EOF_REPLY,
@@ -103,7 +103,7 @@ class ClientProtocol:
             self._expect.append((_STREAM, cmd.start))
         elif isinstance(cmd, Ping):
             self._expect.append((_PONG, 0))
-        elif isinstance(cmd, Stats):
+        elif isinstance(cmd, Stats | Cursors):
             self._expect.append((_STATS, 0))
         elif not isinstance(cmd, Ack):
             self._expect.append((_LINE, 0))

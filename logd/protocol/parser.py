@@ -9,8 +9,9 @@ from logd.errors import (
     UnknownCommandError,
 )
 from logd.hot import ext
+from logd.storage.cursors import valid_name
 
-from .commands import _NO_ARGS, MAX_ID, Ack, Command, Msg, Read, Replicate, _new, _set_msg_bodies
+from .commands import _NO_ARGS, MAX_ID, Ack, Command, Commit, Cursor, Msg, Read, Replicate, _new, _set_msg_bodies
 
 
 def _show(token: bytes) -> str:
@@ -29,6 +30,14 @@ def _number(token: bytes, what: str) -> int:
     if value > MAX_ID:
         raise ProtocolError(f"{what} is out of range")
     return value
+
+
+def _cursor_name(token: bytes) -> str:
+    """A cursor name (1 to 64 of A-Z a-z 0-9 . _ -), or ProtocolError."""
+    name = token.decode("latin-1")
+    if not valid_name(name):
+        raise ProtocolError(f"bad cursor name {_show(token)}: 1 to 64 of A-Z a-z 0-9 . _ -")
+    return name
 
 
 def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError:
@@ -62,6 +71,14 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
             if len(args) != 1:
                 raise ProtocolError("ACK takes <id>")
             return Ack(_number(args[0], "ACK id"))
+        if name == b"COMMIT":
+            if len(args) != 2:
+                raise ProtocolError("COMMIT takes <name> <id>")
+            return Commit(_cursor_name(args[0]), _number(args[1], "COMMIT id"))
+        if name == b"CURSOR":
+            if len(args) != 1:
+                raise ProtocolError("CURSOR takes <name>")
+            return Cursor(_cursor_name(args[0]))
         command = _NO_ARGS.get(name)
         if command is None:
             return UnknownCommandError(f"unknown command {_show(verb)}")

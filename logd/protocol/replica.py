@@ -16,6 +16,7 @@ from crc32c import crc32c
 
 from logd.errors import CorruptRecordError, ProtocolError
 from logd.hot import ext
+from logd.storage.cursors import valid_name
 from logd.storage.record import MAX_HEADER_BYTES
 
 MAX_RECORD_BYTES = 1 << 30  # a header claiming more is taken as corrupt rather than waited for
@@ -24,6 +25,11 @@ MAX_RECORD_BYTES = 1 << 30  # a header claiming more is taken as corrupt rather 
 def segment_marker(first_id: int) -> bytes:
     """``+SEG <id>``: the records that follow belong to the segment named ``id``."""
     return b"+SEG %d\r\n" % first_id
+
+
+def cursor_marker(name: str, id: int) -> bytes:
+    """``+CURSOR <name> <id>``: the leader committed cursor ``name`` at ``id``."""
+    return b"+CURSOR %s %d\r\n" % (name.encode("ascii"), id)
 
 
 def position_marker(head: int, visible: int) -> bytes:
@@ -60,6 +66,14 @@ class LeaderPosition:
 
 
 @dataclass(frozen=True, slots=True)
+class CursorCommit:
+    """``+CURSOR <name> <id>``."""
+
+    name: str
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
 class StreamOk:
     """The leader accepted the REPLICATE."""
 
@@ -77,7 +91,7 @@ class StreamError:
     message: str
 
 
-Event = Chunk | SegmentStart | LeaderPosition | StreamOk | StreamEnd | StreamError
+Event = Chunk | SegmentStart | LeaderPosition | CursorCommit | StreamOk | StreamEnd | StreamError
 
 
 class ReplicaStreamParser:
@@ -152,6 +166,10 @@ class ReplicaStreamParser:
             parts = line[6:].split(b" ")
             if len(parts) == 2:
                 return LeaderPosition(self._int(parts[0], line), self._int(parts[1], line))
+        elif line[:8] == b"+CURSOR ":
+            parts = line[8:].split(b" ")
+            if len(parts) == 2 and valid_name(parts[0].decode("latin-1")):
+                return CursorCommit(parts[0].decode("ascii"), self._int(parts[1], line))
         elif line == b"+EOF":
             return StreamEnd()
         if line[:4] == b"ERR ":

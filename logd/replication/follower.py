@@ -14,6 +14,7 @@ from ..errors import CorruptRecordError, LogdError, ProtocolError, UnavailableEr
 from ..protocol.commands import Ack, encode_command
 from ..protocol.replica import (
     Chunk,
+    CursorCommit,
     Event,
     LeaderPosition,
     ReplicaStreamParser,
@@ -222,6 +223,8 @@ class Follower:
                         nbytes += len(ev.data)
                     elif type(ev) is SegmentStart:
                         self._segment(ev.id)
+                    elif type(ev) is CursorCommit:
+                        srv.cursors.replicated(ev.name, ev.id)
                     elif type(ev) is LeaderPosition:
                         self.leader_head = ev.head
                         self._set_visible(ev.visible)
