@@ -110,11 +110,15 @@ def serve(config_file: str | None, **flags: Any) -> None:
         click.echo(f"logd listening on {host}:{port}")
         sys.stdout.flush()
 
+    def metrics_ready(host: str, port: int) -> None:
+        click.echo(f"logd metrics on http://{host}:{port}/metrics")
+        sys.stdout.flush()
+
     def reload() -> Config:
         return resolve(flags, environment(), resolved.config_file).config
 
     try:
-        status = run(config, ready, reload)
+        status = run(config, ready, reload, metrics_ready)
     except (OSError, LogdError) as exc:  # port taken, data dir locked or unreadable, ...
         click.echo(f"logd: cannot start: {exc}", err=True)
         sys.exit(EXIT_STARTUP_FAILED)

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -34,6 +35,9 @@ from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
 from .storage import Log, watermark
 from .streams import STREAM_CHUNK, ParkedStreams, Stream
+
+if TYPE_CHECKING:
+    from .metrics import MetricsEndpoint
 
 log = structlog.get_logger("logd.server")
 
@@ -82,6 +86,7 @@ class LogServer:
         self._stop = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics: MetricsEndpoint | None = None  # --metrics-port
         self.queue.add_listener(self._on_commit)
 
     # --- running ------------------------------------------------------------------
@@ -95,6 +100,10 @@ class LogServer:
         )
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
+        if self.config.metrics_port is not None:
+            from .metrics import MetricsEndpoint  # prometheus_client is loaded only when asked for
+
+            self.metrics = MetricsEndpoint(self, self.config.metrics_host, self.config.metrics_port)
         self._tasks.append(loop.create_task(self._sweeper()))
         if self.config.retention_bytes is not None or self.config.retention_ms is not None:
             self._tasks.append(loop.create_task(self._retention_loop()))
@@ -163,6 +172,8 @@ class LogServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self.metrics is not None:
+            self.metrics.close()
         if not await self._until(self.queue.stop(), deadline + self.config.shutdown_timeout, "final sync"):
             log.error("stopped_without_final_sync", head=self.log.head)
             return  # the disk does not answer: leave the files as they are (recovery handles them)
@@ -448,11 +459,13 @@ async def serve(
     config: Config,
     ready: Callable[[str, int], None] | None = None,
     reload: Callable[[], Config] | None = None,
+    metrics_ready: Callable[[str, int], None] | None = None,
 ) -> int:
     """Run a server until it is asked to stop (signal or SHUTDOWN); return the exit status.
 
-    ``reload`` (SIGHUP) returns the configuration read afresh; its reloadable
-    parts (the log level) are applied.
+    ``ready`` and ``metrics_ready`` are told where the server and its metrics
+    endpoint listen. ``reload`` (SIGHUP) returns the configuration read
+    afresh; its reloadable parts (the log level) are applied.
     """
     server = LogServer(config)
     host, port = await server.start()
@@ -478,6 +491,8 @@ async def serve(
             pass
     if ready is not None:
         ready(host, port)
+    if metrics_ready is not None and server.metrics is not None:
+        metrics_ready(*server.metrics.address)
     systemd.notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")
     await server.wait_stopped()
     return server.exit_code
@@ -487,8 +502,9 @@ def run(
     config: Config,
     ready: Callable[[str, int], None] | None = None,
     reload: Callable[[], Config] | None = None,
+    metrics_ready: Callable[[str, int], None] | None = None,
 ) -> int:
     """Blocking entry point for the CLI: uvloop, then `serve`; returns the exit status."""
     import uvloop
 
-    return uvloop.run(serve(config, ready, reload))
+    return uvloop.run(serve(config, ready, reload, metrics_ready))
