@@ -288,12 +288,13 @@ def cursors(as_json: bool, url: str, timeout: float) -> None:
     click.echo(_table([("cursor", "id", "lag")] + [(n, str(r["id"]), str(r["lag"])) for n, r in rows.items()]))
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
-    """Rows as left-aligned columns (numbers right-aligned), the first row a header."""
+def _table(rows: list[tuple[str, ...]], numbers_right: bool = True) -> str:
+    """Rows as aligned columns, the first row a header; numbers right-aligned unless ``numbers_right`` is False."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
-        cells = [cell.rjust(w) if cell.isdigit() else cell.ljust(w) for cell, w in zip(row, widths, strict=True)]
+        cells = [cell.rjust(w) if numbers_right and cell.isdigit() else cell.ljust(w)
+                 for cell, w in zip(row, widths, strict=True)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -329,7 +330,8 @@ def stats(as_json: bool, as_table: bool | None, url: str, timeout: float) -> Non
 
         click.echo(json.dumps({k: int(v) if v.isdigit() else v for k, v in figures.items()}))
     elif as_table or (as_table is None and sys.stdout.isatty()):
-        click.echo(_table([("figure", "value")] + [(name, _readable(name, v)) for name, v in figures.items()]))
+        rows = [(name, _readable(name, v)) for name, v in figures.items()]
+        click.echo(_table([("figure", "value"), *rows], numbers_right=False))
     else:
         for name, value in figures.items():
             click.echo(f"{name} {value}")
