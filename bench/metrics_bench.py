@@ -3,7 +3,7 @@
     python -m bench.metrics_bench [--rounds 3] [--out bench/metrics_results.json]
 
 Each run starts a fresh `logd serve` (``--metrics-port 0`` when on, with a
-thread scraping /metrics every 0.2 s, far more often than a Prometheus
+process scraping /metrics every 0.2 s, far more often than a Prometheus
 would) and runs two loads, counting only what the server acknowledged:
 
 - pipelined: pre-encoded MSGs of 1000 x 100-byte messages from one
@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,8 +53,7 @@ def server(root: Path, fsync: str, metrics: bool) -> Iterator[tuple[str, int]]:
          "--log-level", "warning", *args],
         cwd=REPO, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
-    stop = threading.Event()
-    scraper = None
+    scraper: subprocess.Popen[bytes] | None = None
     try:
         assert proc.stdout is not None
         m = LISTEN.search(proc.stdout.readline())
@@ -64,22 +62,25 @@ def server(root: Path, fsync: str, metrics: bool) -> Iterator[tuple[str, int]]:
         if metrics:
             url = METRICS.search(proc.stdout.readline())
             assert url is not None
-            scraper = threading.Thread(target=scrape_until, args=(url.group(1).decode(), stop), daemon=True)
-            scraper.start()
+            # In its own process, so it takes no CPU time from the load generator's threads.
+            scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url.group(1).decode()])
         yield m.group(1).decode(), int(m.group(2))
     finally:
-        stop.set()
         if scraper is not None:
-            scraper.join()
+            scraper.terminate()
+            scraper.wait(30)
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(data, ignore_errors=True)
 
 
-def scrape_until(url: str, stop: threading.Event) -> None:
-    while not stop.wait(0.2):
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            resp.read()
+SCRAPER = """
+import sys, time, urllib.request
+while True:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as resp:
+        resp.read()
+    time.sleep(0.2)
+"""
 
 
 def pipelined(addr: tuple[str, int], n: int) -> float:
