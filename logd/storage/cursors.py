@@ -63,15 +63,16 @@ def decode_lines(data: bytes) -> tuple[dict[str, int], int]:
 class CursorStore:
     """The cursors of a data directory: read at open, appended to on commit, synced with the log.
 
-    `set` runs on the server's loop thread; `sync` may run on the log's sync
-    thread at the same time (`_lock` keeps the file descriptor from being
-    swapped by a compaction under it).
+    `set` runs on the server's loop thread and never waits for a sync;
+    `sync` may run on the log's sync thread at the same time. `_sync_lock`
+    is held across the fdatasync and by a compaction (rare) while it swaps
+    the file descriptor, so a sync never meets a closed descriptor.
     """
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.path = os.path.join(directory, FILE)
-        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
         self._cursors: dict[str, int] = {}
         self._dirty = False
         self.version = 0  # bumped on every change, so a replica feed can tell nothing moved
@@ -121,10 +122,9 @@ class CursorStore:
         The caller has checked that it only moves forward. Raises OSError if the write fails.
         """
         line = encode_line(name, id)
-        with self._lock:
-            os.write(self._fd, line)
-            self._size += len(line)
-            self._dirty = True
+        os.write(self._fd, line)
+        self._size += len(line)
+        self._dirty = True  # after the write: a sync that sees it set starts after the line is in the file
         self._cursors[name] = id
         self.version += 1
         if self._size > COMPACT_MIN_BYTES and self._size > 4 * self._live_bytes():
@@ -137,7 +137,7 @@ class CursorStore:
 
     def sync(self) -> None:
         """Make every committed line durable (fdatasync), if any was written since the last sync."""
-        with self._lock:
+        with self._sync_lock:
             if not self._dirty:
                 return
             self._dirty = False  # before the sync: a line written during it makes the file dirty again
@@ -163,7 +163,7 @@ class CursorStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        with self._lock:
+        with self._sync_lock:
             os.replace(tmp, self.path)
             dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
