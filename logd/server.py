@@ -321,7 +321,7 @@ class LogServer:
 
     def send_cursor_markers(self) -> None:
         """A cursor moved: replica streams waiting for records get its ``+CURSOR`` marker now."""
-        for s in self.replica_streams:
+        for s in list(self.replica_streams):  # a copy: a write may drop a stream (budgets)
             if s.parked:
                 s.send_cursors()
 
