@@ -5,7 +5,8 @@ Click commands only; the work is in the library. The client commands
 the group here.
 
 Every `serve` flag can also be given as an environment variable LOGD_<NAME>
-(e.g. LOGD_PORT, LOGD_DATA_DIR); flags win over the environment.
+(e.g. LOGD_PORT, LOGD_DATA_DIR) or in a TOML file (--config); flags win over
+the environment, which wins over the file (see `config.resolve`).
 """
 
 from __future__ import annotations
@@ -17,55 +18,70 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_client import append, consume, head, ping, read, stats
-from .config import DEFAULT_PORT, Config
+from .cli_client import append, consume, cursors, head, ping, read, stats
+from .config import (
+    CONFIG_ENV,
+    DEFAULTS,
+    SETTINGS,
+    Config,
+    ConfigError,
+    Resolved,
+    Setting,
+    describe,
+    environment,
+    resolve,
+)
 from .errors import LogdError
-from .storage.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
 
 EXIT_STARTUP_FAILED = 3  # distinct from 1 (runtime error) and 2 (usage)
 
 
-def _env(name: str) -> str:
-    return "LOGD_" + name.upper().replace("-", "_")
+class SettingType(click.ParamType):
+    """A click type that parses a flag as `config.SETTINGS` says (the same parser as env and file)."""
+
+    def __init__(self, setting: Setting) -> None:
+        self.setting = setting
+        self.name = setting.name
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.setting.from_text(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
-def option(name: str, **kw: Any) -> Callable[[Any], Any]:
-    """A click option named --NAME that also reads LOGD_NAME, default shown in --help."""
-    kw.setdefault("show_default", True)
-    kw.setdefault("show_envvar", True)
-    return click.option(f"--{name}", envvar=_env(name), **kw)
+def _help(setting: Setting) -> str:
+    default = getattr(DEFAULTS, setting.name)
+    shown = "not set" if default is None else str(default)
+    return f"{setting.help}  [env: {setting.env}; default: {shown}]"
 
 
-def _fsync_type(value: str) -> FsyncPolicy:
+def server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--config and one flag per server setting (config.SETTINGS); a flag not given is None.
+
+    Defaults are not click's: `config.resolve` applies them last, after the
+    environment and the config file, and says where each value came from.
+    """
+    for setting in reversed(SETTINGS.values()):
+        if setting.flag_only:
+            opt = click.option(f"--{setting.flag}/--no-{setting.flag}", setting.name, default=None,
+                               help=_help(setting))
+        else:
+            metavar = setting.choices and "|".join(setting.choices) or setting.name.rsplit("_", 1)[-1].upper()
+            opt = click.option(f"--{setting.flag}", setting.name, default=None, type=SettingType(setting),
+                               metavar=metavar, help=_help(setting))
+        fn = opt(fn)
+    return click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+                        help=f"A TOML file of settings (keys as the flags).  [env: {CONFIG_ENV}]")(fn)
+
+
+def _resolve(flags: dict[str, Any], config_file: str | None) -> Resolved:
     try:
-        return FsyncPolicy.parse(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _size(value: str | int) -> int:
-    """Parse a byte size: 1048576, 64KiB, 128MiB, 1GiB (also K/M/G/KB/MB/GB)."""
-    if isinstance(value, int):
-        return value
-    text = value.strip().lower().replace(" ", "")
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-             "kb": 1000, "mb": 10**6, "gb": 10**9, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
-    for suffix, mult in units.items():
-        if text.endswith(suffix) and text[: -len(suffix)].isdigit():
-            return int(text[: -len(suffix)]) * mult
-    if text.isdigit():
-        return int(text)
-    raise click.BadParameter(f"not a size: {value!r} (try 1048576, 64KiB, 128MiB)")
-
-
-class SizeType(click.ParamType):
-    name = "size"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        return _size(value)
-
-
-SIZE = SizeType()
+        return resolve(flags, environment(), config_file)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,65 +91,50 @@ def main() -> None:
 
 
 @main.command()
-@option("host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for every interface).")
-@option("port", default=DEFAULT_PORT, type=int, help="TCP port; 0 picks a free one and prints it.")
-@option("data-dir", default="./logd-data", help="Directory holding the segments.")
-@option("fsync", default="always", callback=lambda c, p, v: _fsync_type(v),
-        help="Durability: always (group commit), interval:<ms>, or never.")
-@option("segment-bytes", default=str(DEFAULT_SEGMENT_BYTES), type=SIZE, help="Roll segments at this size.")
-@option("retention-bytes", default=None, type=SIZE, help="Delete oldest segments above this total size.")
-@option("retention-ms", default=None, type=int, help="Delete segments whose newest write is older than this.")
-@click.option("--preallocate/--no-preallocate", default=None, envvar=_env("preallocate"), show_envvar=True,
-              help="Keep zeros written ahead of the data, so an fdatasync need not change the file's size "
-                   "(about half the cost here). [default: on with fsync=always]")
-@option("max-message-bytes", default=1 << 20, type=SIZE, help="Largest message body.")
-@option("max-line-bytes", default=64 * 1024, type=SIZE, help="Longest command line.")
-@option("max-batch", default=10_000, type=int, help="Most messages in one MSG.")
-@option("max-batch-bytes", default=str(64 << 20), type=SIZE, help="Most body bytes in one MSG.")
-@option("max-connections", default=10_000, type=int, help="Connections beyond this get ERR BUSY.")
-@option("conn-input-bytes", default=str(64 << 20), type=SIZE,
-        help="Per connection: bytes of commands received and not yet answered before it is not read.")
-@option("conn-output-bytes", default=str(2 << 20), type=SIZE,
-        help="Per connection: unsent reply and stream bytes before it is not read (a stream waits).")
-@option("server-input-bytes", default=str(512 << 20), type=SIZE,
-        help="All connections: partial MSGs and commands waiting their turn before reading stops.")
-@option("server-output-bytes", default=str(256 << 20), type=SIZE,
-        help="All connections: unsent output before streams wait and reading stops.")
-@option("tail-stall-timeout", default=60.0, type=float,
-        help="Drop a READ/REPLICATE stream (ERR BUSY) whose output has not drained for this many seconds.")
-@option("idle-timeout", default=None, type=float, help="Close connections idle this many seconds (not tails).")
-@option("allow-shutdown", is_flag=True, default=False, help="Let clients stop the server with SHUTDOWN.")
-@option("log-format", default="console", type=click.Choice(["console", "json"]), help="Log output format.")
-@option("log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level.")
-@option("replica-of", default=None, metavar="HOST:PORT",
-        help="Run as a follower of this leader (read-only until promoted with ACCEPT).")
-@option("min-replicas", default=0, type=int,
-        help="Acknowledge a MSG only once this many replicas have committed it (0: asynchronous).")
-@option("replica-timeout", default=5.0, type=float,
-        help="Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.")
-def serve(**flags: Any) -> None:
-    """Run the logd server."""
+@server_options
+def serve(config_file: str | None, **flags: Any) -> None:
+    """Run the logd server.
+
+    Settings come from flags, then LOGD_* environment variables, then the
+    --config file, then the defaults (`logd config` shows the result).
+    SIGHUP rereads the config file and applies its log level.
+    """
     from .logging import configure_logging
     from .server import run
 
-    configure_logging(flags["log_format"], flags["log_level"])
-    try:
-        config = Config(**flags)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    resolved = _resolve(flags, config_file)
+    config = resolved.config
+    configure_logging(config.log_format, config.log_level)
 
     def ready(host: str, port: int) -> None:
         click.echo(f"logd listening on {host}:{port}")
         sys.stdout.flush()
 
+    def metrics_ready(host: str, port: int) -> None:
+        click.echo(f"logd metrics on http://{host}:{port}/metrics")
+        sys.stdout.flush()
+
+    def reload() -> Config:
+        return resolve(flags, environment(), resolved.config_file).config
+
     try:
-        status = run(config, ready)
+        status = run(config, ready, reload, metrics_ready)
     except (OSError, LogdError) as exc:  # port taken, data dir locked or unreadable, ...
         click.echo(f"logd: cannot start: {exc}", err=True)
         sys.exit(EXIT_STARTUP_FAILED)
     if status:
         click.echo(f"logd: stopped with status {status} (see the log above)", err=True)
         sys.exit(status)
+
+
+@main.command("config")
+@server_options
+def show_config(config_file: str | None, **flags: Any) -> None:
+    """Print the configuration `logd serve` would run with, and where each value comes from.
+
+    The output is TOML: save it as a config file to start from.
+    """
+    click.echo(describe(_resolve(flags, config_file)), nl=False)
 
 
 @main.command()
@@ -210,13 +211,13 @@ def demote(address: str, timeout: float) -> None:
     click.echo(f"{address} refuses writes")
 
 
-# --- client commands: append, read, consume, head, ping, stats -----------------------
+# --- client commands: append, read, consume, head, ping, stats, cursors -----------------------
 #
 # Defined in cli_client, which imports nothing from this module: under
 # `python -m logd.cli` this file is __main__, and an import of logd.cli from
 # there would build a second `main` group.
 
-for _command in (append, read, consume, head, ping, stats):
+for _command in (append, read, consume, head, ping, stats, cursors):
     main.add_command(_command)
 
 

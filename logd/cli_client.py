@@ -18,7 +18,7 @@ import click
 from .client.commands import DEFAULT_URL
 from .errors import LogdError
 
-__all__ = ["append", "consume", "head", "ping", "read", "stats"]
+__all__ = ["append", "consume", "cursors", "head", "ping", "read", "stats"]
 
 EXIT_FAILED = 1
 
@@ -210,16 +210,18 @@ def read(start: tuple[str, int], count: int | None, follow: bool, fmt: str | Non
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
               help="File keeping the id of the last message processed (created if missing).")
+@click.option("--cursor", default=None, metavar="NAME",
+              help="Instead of --checkpoint: keep it on the server as the named cursor NAME.")
 @click.option("--batch", "max_batch", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Most messages per run of COMMAND.")
 @click.option("--follow/--no-follow", default=True, show_default=True,
               help="Keep waiting for new messages, or stop once caught up with the log's head at start.")
 @click.argument("command", nargs=-1, required=True)
 @client_options
-def consume(checkpoint: str, max_batch: int, follow: bool, command: tuple[str, ...], url: str,
-            timeout: float) -> None:
+def consume(checkpoint: str | None, cursor: str | None, max_batch: int, follow: bool, command: tuple[str, ...],
+            url: str, timeout: float) -> None:
     """Pipe each batch of messages (newline-separated) to COMMAND's stdin, from the checkpoint on.
 
     The checkpoint advances only after COMMAND exits 0 (at-least-once: a
@@ -229,14 +231,29 @@ def consume(checkpoint: str, max_batch: int, follow: bool, command: tuple[str, .
 
     \b
         logd consume --checkpoint app.ckpt -- ./handle.sh
+        logd consume --cursor app -- ./handle.sh
     """
     import os
     import subprocess
 
-    from .client import Consumer, FileCheckpoint, Retry
+    from .client import Checkpoint, Consumer, FileCheckpoint, Retry, ServerCursor
 
-    consumer = Consumer(url, FileCheckpoint(checkpoint), max_batch=max_batch, follow=follow, timeout=timeout,
-                        retry=Retry(attempts=12))
+    if (checkpoint is None) == (cursor is None):
+        raise click.UsageError("give one of --checkpoint FILE or --cursor NAME")
+    store: Checkpoint
+    if cursor is not None:
+        try:
+            store = ServerCursor(cursor, url, timeout=timeout, retry=Retry(attempts=12))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--cursor") from None
+    else:
+        assert checkpoint is not None
+        store = FileCheckpoint(checkpoint)
+    try:
+        consumer = Consumer(url, store, max_batch=max_batch, follow=follow, timeout=timeout,
+                            retry=Retry(attempts=12))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from None
     with _Quiet():
         for batch in consumer:
             env = dict(os.environ, LOGD_FIRST_ID=str(batch[0].id), LOGD_LAST_ID=str(batch[-1].id))
@@ -252,6 +269,34 @@ def consume(checkpoint: str, max_batch: int, follow: bool, command: tuple[str, .
                            f"checkpoint stays at {consumer.checkpoint.load()}", err=True)
                 sys.exit(code)
             consumer.commit()
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object {name: {\"id\": .., \"lag\": ..}}.")
+@client_options
+def cursors(as_json: bool, url: str, timeout: float) -> None:
+    """Print the server's named cursors: name, id, and lag (messages behind the head)."""
+    with _Quiet(), _client(url, timeout) as client:
+        found = client.cursors()
+        head_id = client.head() if found else 0
+    rows = {name: {"id": id, "lag": max(0, head_id - id)} for name, id in found.items()}
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows))
+        return
+    click.echo(_table([("cursor", "id", "lag")] + [(n, str(r["id"]), str(r["lag"])) for n, r in rows.items()]))
+
+
+def _table(rows: list[tuple[str, ...]], numbers_right: bool = True) -> str:
+    """Rows as aligned columns, the first row a header; numbers right-aligned unless ``numbers_right`` is False."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if numbers_right and cell.isdigit() else cell.ljust(w)
+                 for cell, w in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 @click.command()
@@ -273,15 +318,31 @@ def ping(url: str, timeout: float) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (numbers as numbers).")
+@click.option("--table/--lines", "as_table", default=None,
+              help="An aligned table, or one \"name value\" per line.  [default: a table on a terminal]")
 @client_options
-def stats(as_json: bool, url: str, timeout: float) -> None:
-    """Print the server's figures, one "name value" per line."""
+def stats(as_json: bool, as_table: bool | None, url: str, timeout: float) -> None:
+    """Print the server's figures: a table on a terminal, "name value" lines in a pipe, or JSON."""
     with _Quiet(), _client(url, timeout) as client:
         figures = client.stats()
     if as_json:
         import json
 
         click.echo(json.dumps({k: int(v) if v.isdigit() else v for k, v in figures.items()}))
+    elif as_table or (as_table is None and sys.stdout.isatty()):
+        rows = [(name, _readable(name, v)) for name, v in figures.items()]
+        click.echo(_table([("figure", "value"), *rows], numbers_right=False))
     else:
         for name, value in figures.items():
             click.echo(f"{name} {value}")
+
+
+def _readable(name: str, value: str) -> str:
+    """A figure for people: byte counts with a unit beside them (the exact number stays)."""
+    if name.endswith("bytes") and value.isdigit() and int(value) >= 1024:
+        units = ("KiB", "MiB", "GiB", "TiB")
+        n, i = int(value) / 1024, 0
+        while n >= 1024 and i < len(units) - 1:
+            n, i = n / 1024, i + 1
+        return f"{value} ({n:.1f} {units[i]})"
+    return value

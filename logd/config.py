@@ -1,11 +1,30 @@
-"""One typed settings object for the server; the CLI builds it (flags > LOGD_* env > defaults)."""
+"""One typed settings object for the server, and where each value comes from.
+
+`Config` holds everything `logd serve` can be told; its defaults come from
+`defaults`. `SETTINGS` describes each setting once (type, help, whether
+SIGHUP reloads it); the CLI builds its flags from it, and `resolve` applies
+the layers: flags > ``LOGD_*`` environment > config file (TOML) > defaults,
+remembering the source of every value for `logd config`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
-from .protocol import DEFAULT_PORT
-from .storage.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
+from . import defaults
+from .storage.policy import FsyncPolicy
+
+ENV_PREFIX = "LOGD_"
+CONFIG_ENV = "LOGD_CONFIG"  # the config file, when --config is not given
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names where it came from."""
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -16,45 +35,178 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_size(value: str | int) -> int:
+    """A byte size: 1048576, 64KiB, 128MiB, 1GiB (also K/M/G/KB/MB/GB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower().replace(" ", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+             "kb": 1000, "mb": 10**6, "gb": 10**9, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
+    for suffix, mult in units.items():
+        if text.endswith(suffix) and text[: -len(suffix)].isdigit():
+            return int(text[: -len(suffix)]) * mult
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"not a size: {value!r} (try 1048576, 64KiB, 128MiB)")
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (an environment variable's way of saying a flag)."""
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {text!r}")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its parser from text (flags, env), help, and the TOML types it takes."""
+
+    name: str  # the Config field; the flag is --name-with-dashes, the env LOGD_NAME
+    parse: Callable[[str], Any]
+    help: str
+    toml_types: tuple[type, ...] = (str,)
+    choices: tuple[str, ...] = ()
+    reloadable: bool = False  # SIGHUP applies it to a running server
+    flag_only: bool = False  # a boolean flag (--x/--no-x)
+
+    @property
+    def flag(self) -> str:
+        return self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def from_text(self, text: str) -> Any:
+        value = self.parse(text)
+        if self.choices and value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(self.choices)}, not {text!r}")
+        return value
+
+    def from_toml(self, value: Any) -> Any:
+        """A value read from the config file: a string is parsed as a flag would be."""
+        if isinstance(value, str):
+            return self.from_text(value)
+        ok = isinstance(value, self.toml_types) and isinstance(value, bool) == (bool in self.toml_types)
+        if not ok:
+            raise ValueError(f"expected {' or '.join(t.__name__ for t in self.toml_types)}, not {value!r}")
+        return float(value) if float in self.toml_types else value
+
+
+def _word(text: str) -> str:
+    return text.strip().lower()
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("host", str, "Address to listen on (0.0.0.0 for every interface)."),
+    Setting("port", _int, "TCP port; 0 picks a free one and prints it.", (int,)),
+    Setting("data_dir", str, "Directory holding the segments."),
+    Setting("fsync", FsyncPolicy.parse, "Durability: always (group commit), interval:<ms>, or never."),
+    Setting("segment_bytes", parse_size, "Roll segments at this size.", (int, str)),
+    Setting("retention_bytes", parse_size, "Delete oldest segments above this total size.", (int, str)),
+    Setting("retention_ms", _int, "Delete segments whose newest write is older than this.", (int,)),
+    Setting("retention_keep_cursors", parse_bool,
+            "Retention keeps the segments a named cursor still needs (up to --retention-cap-bytes).",
+            (bool,), flag_only=True),
+    Setting("retention_cap_bytes", parse_size,
+            "With --retention-keep-cursors: above this total size segments go even if a cursor needs them.",
+            (int, str)),
+    Setting("preallocate", parse_bool,
+            "Keep zeros written ahead of the data, so an fdatasync need not change the file's size "
+            "(default: on with fsync=always).", (bool,), flag_only=True),
+    Setting("max_message_bytes", parse_size, "Largest message body.", (int, str)),
+    Setting("max_line_bytes", parse_size, "Longest command line.", (int, str)),
+    Setting("max_batch", _int, "Most messages in one MSG.", (int,)),
+    Setting("max_batch_bytes", parse_size, "Most body bytes in one MSG.", (int, str)),
+    Setting("max_connections", _int, "Connections beyond this get ERR BUSY.", (int,)),
+    Setting("conn_input_bytes", parse_size,
+            "Per connection: bytes of commands received and not yet answered before it is not read.", (int, str)),
+    Setting("conn_output_bytes", parse_size,
+            "Per connection: unsent reply and stream bytes before it is not read (a stream waits).", (int, str)),
+    Setting("server_input_bytes", parse_size,
+            "All connections: partial MSGs and commands waiting their turn before reading stops.", (int, str)),
+    Setting("server_output_bytes", parse_size,
+            "All connections: unsent output before streams wait and reading stops.", (int, str)),
+    Setting("tail_stall_timeout", _float,
+            "Drop a READ/REPLICATE stream (ERR BUSY) whose output has not drained for this many seconds.",
+            (float, int)),
+    Setting("idle_timeout", _float, "Close connections idle this many seconds (not tails).", (float, int)),
+    Setting("allow_shutdown", parse_bool, "Let clients stop the server with SHUTDOWN.", (bool,), flag_only=True),
+    Setting("shutdown_timeout", _float, "Seconds to let connections finish on a graceful stop.", (float, int)),
+    Setting("log_format", _word, "Log output format.", choices=("console", "json")),
+    Setting("log_level", _word, "Log level (SIGHUP rereads it from the config file).",
+            choices=("debug", "info", "warning", "error"), reloadable=True),
+    Setting("replica_of", str, "Run as a follower of this leader HOST:PORT (read-only until promoted)."),
+    Setting("min_replicas", _int, "Acknowledge a MSG only once this many replicas have committed it.", (int,)),
+    Setting("replica_timeout", _float,
+            "Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.", (float, int)),
+    Setting("metrics_port", _int, "Serve Prometheus metrics on this port (0: any free one; unset: off).", (int,)),
+    Setting("metrics_host", str, "Address the metrics endpoint listens on."),
+)}
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything `logd serve` can be told. Sizes in bytes, times in seconds unless named _ms."""
 
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    data_dir: str = "./logd-data"
-    fsync: FsyncPolicy = FsyncPolicy("always")
-    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    host: str = defaults.HOST
+    port: int = defaults.PORT
+    data_dir: str = defaults.DATA_DIR
+    fsync: FsyncPolicy = FsyncPolicy(defaults.FSYNC)
+    segment_bytes: int = defaults.SEGMENT_BYTES
     retention_bytes: int | None = None
     retention_ms: int | None = None
+    retention_keep_cursors: bool = False
+    retention_cap_bytes: int | None = None  # None: no cap on what cursors keep
     preallocate: bool | None = None  # zeros written ahead of the data; None: on with fsync=always
-    max_message_bytes: int = 1 << 20
-    max_line_bytes: int = 64 * 1024
-    max_batch: int = 10_000
-    max_batch_bytes: int = 64 << 20  # total body bytes of one MSG
-    max_connections: int = 10_000
-    idle_timeout: float | None = None  # seconds; None = never time out
-    allow_shutdown: bool = False
-    shutdown_timeout: float = 10.0  # seconds to let connections finish on stop
-    log_format: str = "console"  # or "json"
-    log_level: str = "info"
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
+    max_line_bytes: int = defaults.MAX_LINE_BYTES
+    max_batch: int = defaults.MAX_BATCH
+    max_batch_bytes: int = defaults.MAX_BATCH_BYTES  # total body bytes of one MSG
+    max_connections: int = defaults.MAX_CONNECTIONS
     # Memory budgets (protocol.md 3.6; Redis's client-output-buffer-limit and
     # Kafka's queued.max.request.bytes): over one, the server stops reading.
     # Per connection, commands received and not yet answered (waiting their
     # turn, or MSG bodies not yet acknowledged), and unsent output:
-    conn_input_bytes: int = 64 << 20
-    conn_output_bytes: int = 2 << 20
+    conn_input_bytes: int = defaults.CONN_INPUT_BYTES
+    conn_output_bytes: int = defaults.CONN_OUTPUT_BYTES
     # All connections together: partial MSGs, commands waiting, unsent output.
-    server_input_bytes: int = 512 << 20
-    server_output_bytes: int = 256 << 20
-    tail_stall_timeout: float = 60.0  # a stream whose output does not drain this long is dropped
+    server_input_bytes: int = defaults.SERVER_INPUT_BYTES
+    server_output_bytes: int = defaults.SERVER_OUTPUT_BYTES
+    tail_stall_timeout: float = defaults.TAIL_STALL_TIMEOUT  # a stream whose output does not drain this long
+    idle_timeout: float | None = None  # seconds; None = never time out
+    allow_shutdown: bool = False
+    shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT  # seconds to let connections finish on stop
+    log_format: str = defaults.LOG_FORMAT  # or "json"
+    log_level: str = defaults.LOG_LEVEL
     replica_of: str | None = None
-    min_replicas: int = 0
-    replica_timeout: float = 5.0
+    min_replicas: int = defaults.MIN_REPLICAS
+    replica_timeout: float = defaults.REPLICA_TIMEOUT
+    metrics_port: int | None = None  # None: no metrics endpoint
+    metrics_host: str = defaults.METRICS_HOST
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics-port must be 0..65535, not {self.metrics_port}")
         positive = ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_batch_bytes",
                     "max_connections", "conn_input_bytes", "conn_output_bytes", "server_input_bytes",
                     "server_output_bytes")
@@ -67,12 +219,114 @@ class Config:
             raise ValueError("server-input-bytes must be at least max-batch-bytes (one MSG must fit)")
         if self.tail_stall_timeout <= 0:
             raise ValueError("tail-stall-timeout must be positive")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError("log-level must be debug, info, warning or error")
         if self.min_replicas < 0:
             raise ValueError("min-replicas must be 0 or more")
         if self.replica_timeout <= 0:
             raise ValueError("replica-timeout must be positive")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown-timeout must be 0 or more")
         if self.replica_of is not None:
             try:
                 parse_address(self.replica_of)
             except ValueError as exc:
                 raise ValueError(f"replica-of: {exc}") from None
+
+
+DEFAULTS = Config()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The effective configuration and, per setting, where its value came from."""
+
+    config: Config
+    sources: dict[str, str]  # name -> "default", "flag --x", "env LOGD_X" or "file PATH"
+    config_file: str | None
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """The settings of a TOML config file, parsed; keys may use dashes or underscores."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        setting = SETTINGS.get(name)
+        if setting is None:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        try:
+            values[name] = setting.from_toml(value)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from None
+    return values
+
+
+def resolve(flags: Mapping[str, Any], env: Mapping[str, str], config_file: str | None = None) -> Resolved:
+    """Apply the layers: ``flags`` (already parsed; None = not given) > ``LOGD_*`` in ``env`` > file > defaults.
+
+    ``config_file`` None: the file named by ``LOGD_CONFIG`` in ``env``, if any.
+    """
+    if config_file is None:
+        config_file = env.get(CONFIG_ENV) or None
+    from_file = load_file(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, setting in SETTINGS.items():
+        if flags.get(name) is not None:
+            values[name], sources[name] = flags[name], f"flag --{setting.flag}"
+        elif env.get(setting.env, "") != "":
+            try:
+                values[name] = setting.from_text(env[setting.env])
+            except ValueError as exc:
+                raise ConfigError(f"{setting.env}: {exc}") from None
+            sources[name] = f"env {setting.env}"
+        elif name in from_file:
+            values[name], sources[name] = from_file[name], f"file {config_file}"
+        else:
+            sources[name] = "default"
+    try:
+        config = replace(DEFAULTS, **values)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return Resolved(config, sources, config_file)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def describe(resolved: Resolved) -> str:
+    """`logd config`'s output: the effective settings as TOML, each with its source as a comment.
+
+    Unset settings are shown commented out, so the output is itself a valid config file.
+    """
+    lines = ["# logd: effective configuration (flags > LOGD_* environment > config file > defaults)"]
+    if resolved.config_file:
+        lines.append(f"# config file: {resolved.config_file}")
+    rows = []
+    for f in fields(Config):
+        setting = SETTINGS[f.name]
+        value = getattr(resolved.config, f.name)
+        text = f"# {setting.flag} (not set)" if value is None else f"{setting.flag} = {_toml_value(value)}"
+        rows.append((text, resolved.sources[f.name]))
+    width = max(len(text) for text, _ in rows)
+    lines += [f"{text:<{width}}  # {source}" for text, source in rows]
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict[str, str]:
+    """The ``LOGD_*`` variables of this process (the only part of the environment config reads)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}

@@ -137,6 +137,11 @@ class Connection(asyncio.Protocol):
         self.server.request_stop("shutdown_command")
         return None
 
+    def cursor_command(
+        self, cmd: protocol.Commit | protocol.Cursor | protocol.Cursors, reply: AppendReply
+    ) -> bytes | None:
+        return self.server.cursors.execute(cmd, reply, self)
+
     # --- the append queue's Submitter ---------------------------------------------
 
     def batch_done(self, token: object, last_id: int) -> None:

@@ -144,6 +144,12 @@ class HandshakeAnswer(LogdError):
         self.reply = reply
 
 
+class StaleCursorError(ServerError):
+    """COMMIT of an id below the cursor's: a cursor only moves forward."""
+
+    code = "STALE"
+
+
 class IdleTimeoutError(ServerError):
     """The connection was idle for longer than the server allows."""
 
@@ -165,6 +171,7 @@ ERROR_CLASSES: dict[str, type[ServerError]] = {
         DivergedError,
         FencedError,
         IdleTimeoutError,
+        StaleCursorError,
     )
 }
 

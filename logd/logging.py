@@ -9,7 +9,7 @@ import structlog
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
-    """Configure structlog once for the process."""
+    """Configure structlog for the process (again on SIGHUP, for a new level)."""
     lvl = logging.getLevelName(level.upper())
     if not isinstance(lvl, int):
         lvl = logging.INFO
@@ -27,5 +27,7 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached: SIGHUP may call this again with another level, and a
+        # cached logger would keep the old one. No log call is on a hot path.
+        cache_logger_on_first_use=False,
     )

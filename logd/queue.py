@@ -28,6 +28,7 @@ from typing import Protocol
 import structlog
 
 from .errors import LogdError, UnavailableError
+from .histogram import FSYNC_BUCKETS_S, ROUND_BUCKETS, Histogram
 from .storage import Log
 
 log = structlog.get_logger("logd.queue")
@@ -57,10 +58,13 @@ class SyncThread:
     Requests that arrive while a sync runs share the next one.
     """
 
-    def __init__(self, log_: Log, loop: asyncio.AbstractEventLoop, timings: deque[float]) -> None:
+    def __init__(
+        self, log_: Log, loop: asyncio.AbstractEventLoop, timings: deque[float], histogram: Histogram | None = None
+    ) -> None:
         self._log = log_
         self._loop = loop
         self._timings = timings
+        self._histogram = histogram
         self._cond = threading.Condition()
         self._requests: list[SyncDone] = []
         self._stopping = False
@@ -88,7 +92,10 @@ class SyncThread:
                 self._log.sync()
             except BaseException as exc:  # reported to the requesters on the loop
                 error = exc
-            self._timings.append((time.perf_counter() - t0) * 1e6)
+            elapsed = time.perf_counter() - t0
+            self._timings.append(elapsed * 1e6)
+            if self._histogram is not None:
+                self._histogram.observe(elapsed)
             self.count += 1
             try:
                 self._loop.call_soon_threadsafe(_report, dones, error)
@@ -139,13 +146,16 @@ class AppendQueue:
         self.appended_messages = 0
         self.appended_bytes = 0
         self._fsync_us: deque[float] = deque(maxlen=FSYNC_SAMPLES)
+        # For the metrics endpoint: one observation per fsync and per round, not per message.
+        self.fsync_seconds = Histogram(FSYNC_BUCKETS_S)
+        self.round_messages = Histogram(ROUND_BUCKETS)
 
     # --- life cycle -----------------------------------------------------------
 
     def start(self) -> None:
         """Start the sync thread (and the interval syncer under ``interval``)."""
         self._loop = loop = asyncio.get_running_loop()
-        self._syncer = SyncThread(self.log, loop, self._fsync_us)
+        self._syncer = SyncThread(self.log, loop, self._fsync_us, self.fsync_seconds)
         if self.log.policy.mode == "interval":
             self._sync_task = loop.create_task(self._interval_syncer(), name="logd-syncer")
 
@@ -263,6 +273,8 @@ class AppendQueue:
             for item in round_:
                 bodies += item[0]
                 nbytes += item[1]
+        if not bodies:
+            return True  # only cursor commits (no messages): the round's sync is all they need
         try:
             self.log.append(bodies, nbytes)
         except LogdError as exc:
@@ -292,6 +304,7 @@ class AppendQueue:
             who.batch_done(token, first - 1)
         self.appended_messages += messages
         self.appended_bytes += nbytes
+        self.round_messages.observe(messages)
         self._flush_all(round_)
         head = self.log.head
         for fn in self._listeners:

@@ -12,13 +12,16 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import structlog
 
-from . import __version__, protocol
+from . import __version__, protocol, systemd
 from .budgets import Budgets
 from .config import Config
 from .connection import Connection
+from .cursor_commands import ServerCursors
 from .errors import (
     BusyError,
     DeniedError,
@@ -30,12 +33,16 @@ from .errors import (
     ServerError,
     UnavailableError,
 )
+from .logging import configure_logging
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
 from .replication.leader import replicate_handshake
 from .storage import Log, watermark
 from .storage.epochs import Epochs
 from .streams import STREAM_CHUNK, ParkedStreams, Stream
+
+if TYPE_CHECKING:
+    from .metrics import MetricsEndpoint
 
 log = structlog.get_logger("logd.server")
 
@@ -63,6 +70,7 @@ class LogServer:
         self.epochs = Epochs.load(self.log.directory)
         self.retention_passes = 0  # for STATS: tests wait for a pass instead of sleeping
         self.fenced_by: int | None = None  # the newer epoch a replica told us of, after we stepped down
+        self.cursors = ServerCursors(self)
         # A restarted leader shows what it last saved as visible, no more
         # than it holds (a torn tail may have gone), until replicas confirm more.
         saved_hw = min(watermark.load(config.data_dir), self.log.head)
@@ -88,6 +96,7 @@ class LogServer:
         self._stop = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics: MetricsEndpoint | None = None  # --metrics-port
         self.queue.add_listener(self._on_commit)
 
     # --- running ------------------------------------------------------------------
@@ -101,6 +110,10 @@ class LogServer:
         )
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
+        if self.config.metrics_port is not None:
+            from .metrics import MetricsEndpoint  # prometheus_client is loaded only when asked for
+
+            self.metrics = MetricsEndpoint(self, self.config.metrics_host, self.config.metrics_port)
         self._tasks.append(loop.create_task(self._sweeper()))
         if self.config.retention_bytes is not None or self.config.retention_ms is not None:
             self._tasks.append(loop.create_task(self._retention_loop()))
@@ -134,7 +147,20 @@ class LogServer:
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()
+        systemd.notify("STOPPING=1")
         await self.shutdown()
+
+    def reload(self, read_config: Callable[[], Config]) -> None:
+        """SIGHUP: read the configuration again and apply what can change while running (log level)."""
+        try:
+            new = read_config()
+        except ValueError as exc:  # a bad edit to the file: keep running as before
+            log.error("reload_failed", error=str(exc))
+            return
+        if new.log_level != self.config.log_level:
+            configure_logging(self.config.log_format, new.log_level)
+            self.config = replace(self.config, log_level=new.log_level)
+        log.warning("config_reloaded", log_level=self.config.log_level)
 
     async def shutdown(self) -> None:
         """Stop accepting, commit what is in flight, close streams with +EOF, close the log."""
@@ -160,12 +186,15 @@ class LogServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self.metrics is not None:
+            self.metrics.close()
         if not await self._until(self.queue.stop(), deadline + self.config.shutdown_timeout, "final sync"):
             log.error("stopped_without_final_sync", head=self.log.head)
             return  # the disk does not answer: leave the files as they are (recovery handles them)
         if self.config.min_replicas:
             self.save_watermark()
         self.log.close()
+        self.cursors.close()
         log.info("stopped", head=self.log.head)
 
     @staticmethod
@@ -315,6 +344,12 @@ class LogServer:
                 if s.parked:
                     s.send_position()
 
+    def send_cursor_markers(self) -> None:
+        """A cursor moved: replica streams waiting for records get its ``+CURSOR`` marker now."""
+        for s in list(self.replica_streams):  # a copy: a write may drop a stream (budgets)
+            if s.parked:
+                s.send_cursors()
+
     def refuse_writes(self, peer: str = "-") -> None:
         """REFUSE: stop accepting MSG (failover: the old leader steps down); reads go on.
 
@@ -456,6 +491,7 @@ class LogServer:
         if self.follower is not None:
             figures.update(self.follower.stats())
         figures.update(self.replication.stats())
+        figures.update(self.cursors.stats(figures["head"]))  # type: ignore[arg-type]
         return figures
 
     # --- housekeeping ---------------------------------------------------------------------
@@ -500,14 +536,28 @@ class LogServer:
     async def _retention_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            deleted = self.log.apply_retention()
+            keep = self.cursors.keep_from() if self.config.retention_keep_cursors else None
+            deleted = self.log.apply_retention(keep_from=keep, cap_bytes=self.config.retention_cap_bytes)
             self.retention_passes += 1
             if deleted:
                 log.info("retention_deleted", segments=deleted, first=self.log.first)
+            if self.log.forced:
+                log.warning("retention_dropped_for_cursors", segments=self.log.forced, first=self.log.first,
+                            needed_from=keep, cap_bytes=self.config.retention_cap_bytes)
 
 
-async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> int:
-    """Run a server until it is asked to stop (signal or SHUTDOWN); return the exit status."""
+async def serve(
+    config: Config,
+    ready: Callable[[str, int], None] | None = None,
+    reload: Callable[[], Config] | None = None,
+    metrics_ready: Callable[[str, int], None] | None = None,
+) -> int:
+    """Run a server until it is asked to stop (signal or SHUTDOWN); return the exit status.
+
+    ``ready`` and ``metrics_ready`` are told where the server and its metrics
+    endpoint listen. ``reload`` (SIGHUP) returns the configuration read
+    afresh; its reloadable parts (the log level) are applied.
+    """
     server = LogServer(config)
     host, port = await server.start()
     loop = asyncio.get_running_loop()
@@ -525,14 +575,27 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    if reload is not None:
+        try:
+            loop.add_signal_handler(signal.SIGHUP, server.reload, reload)
+        except (NotImplementedError, RuntimeError):
+            pass
     if ready is not None:
         ready(host, port)
+    if metrics_ready is not None and server.metrics is not None:
+        metrics_ready(*server.metrics.address)
+    systemd.notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")
     await server.wait_stopped()
     return server.exit_code
 
 
-def run(config: Config, ready: Callable[[str, int], None] | None = None) -> int:
+def run(
+    config: Config,
+    ready: Callable[[str, int], None] | None = None,
+    reload: Callable[[], Config] | None = None,
+    metrics_ready: Callable[[str, int], None] | None = None,
+) -> int:
     """Blocking entry point for the CLI: uvloop, then `serve`; returns the exit status."""
     import uvloop
 
-    return uvloop.run(serve(config, ready))
+    return uvloop.run(serve(config, ready, reload, metrics_ready))

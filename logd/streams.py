@@ -45,6 +45,7 @@ class Stream:
 
     __slots__ = (
         "server", "sink", "replica", "next", "left", "segment", "position", "sent", "acked", "parked", "epoch",
+        "cursors",
     )
 
     def __init__(self, server: LogServer, sink: Sink, cmd: protocol.Read | protocol.Replicate) -> None:
@@ -62,6 +63,7 @@ class Stream:
         self.parked = 0  # the id it waits for in ParkedStreams, 0 when not parked
         # REPLICATE with epochs (protocol.md 3.4): the epoch last announced with +EPOCH; None: older form.
         self.epoch: int | None = -1 if type(cmd) is protocol.Replicate and cmd.epoch is not None else None
+        self.cursors = server.cursors.feed() if self.replica else None  # REPLICATE: +CURSOR markers sent
 
     @property
     def peer(self) -> str:
@@ -77,6 +79,13 @@ class Stream:
         """Right after the stream's OK: a replica learns the leader's position first."""
         if self.replica:
             self.send_position()
+
+    def send_cursors(self) -> None:
+        """REPLICATE: ``+CURSOR`` markers for cursors that moved, up to the last id sent (cursor_commands.py)."""
+        if self.cursors is not None:
+            markers = self.cursors.markers(self.sent)
+            if markers:
+                self.sink.write(markers)
 
     def pump(self) -> None:
         """Send committed records until the socket is full, the reader is caught up, or the stream ends."""
@@ -132,6 +141,8 @@ class Stream:
             sink.write(data)
             self.sent = span.last_id
             self.next = span.last_id + 1
+            if self.replica:
+                self.send_cursors()
             if self.left:
                 self.left -= span.last_id - span.first_id + 1
                 if self.left == 0:
@@ -145,6 +156,7 @@ class Stream:
         if pos != self.position:
             self.position = pos
             self.sink.write(position_marker(*pos))
+        self.send_cursors()
 
     def ack(self, id: int) -> None:
         """The replica holds everything up to ``id``; an id it was never sent is a lie."""

@@ -63,7 +63,7 @@ def test_usage_errors_exit_2(args: list[str], complaint: str) -> None:
 
 def test_help_lists_the_client_commands() -> None:
     out = run("--help").output
-    for name in ("append", "read", "consume", "head", "ping", "stats"):
+    for name in ("append", "read", "consume", "head", "ping", "stats", "cursors", "config"):
         assert name in out
     assert "LOGD_URL" in run("read", "--help").output
 
@@ -107,6 +107,23 @@ def test_append_read_head_stats_ping(server: ServerProcess) -> None:
     stats = json.loads(run("stats", "--url", url, "--json").stdout)
     assert stats["head"] == 6 and stats["role"] == "leader"
     assert "head 6" in run("stats", "--url", url).stdout.splitlines()
+
+
+def test_stats_table_and_cursors_json(server: ServerProcess) -> None:
+    url = url_of(server)
+    with logd.connect(url) as c:
+        c.append(*[b"x" * 600] * 3)
+        c.commit("reader", 1)
+    table = run("stats", "--url", url, "--table").stdout.splitlines()
+    assert table[0].split() == ["figure", "value"]
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in table[1:]}
+    assert rows["head"] == "3" and rows["cursor_reader_lag"] == "2"
+    assert rows["appended_bytes"] == "1800 (1.8 KiB)"  # bytes readable, the exact count kept
+    # Every value starts in the same column.
+    starts = {len(line) - len(line[len(line.split()[0]):].lstrip()) for line in table[1:]}
+    assert len(starts) == 1
+    assert json.loads(run("cursors", "--url", url, "--json").stdout) == {"reader": {"id": 1, "lag": 2}}
+    assert run("stats", "--url", url, "--lines").stdout.splitlines()[0] == "version 0.1.0"
 
 
 def test_server_errors_are_one_line(start_server: Callable[..., ServerProcess]) -> None:

@@ -29,7 +29,7 @@ Failures and retries:
 from .aio import AsyncClient, AsyncTail
 from .aio_producer import AsyncProducer
 from .commands import DEFAULT_URL, NO_RETRY, Record, Retry, parse_url
-from .consumer import CallbackCheckpoint, Checkpoint, Consumer, FileCheckpoint
+from .consumer import CallbackCheckpoint, Checkpoint, Consumer, FileCheckpoint, ServerCursor
 from .producer import Producer
 from .sync import Client, Tail, connect
 
@@ -47,6 +47,7 @@ __all__ = [
     "Producer",
     "Record",
     "Retry",
+    "ServerCursor",
     "Tail",
     "connect",
     "parse_url",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from .. import errors
+from .. import defaults, errors
 from ..protocol import Msg, Reply
 from .aio import AsyncConnection
 from .batching import Batch, BatchLimits, lost_in_flight, settle
@@ -43,7 +43,7 @@ class AsyncProducer:
         max_batch_messages: int = 1000,
         max_batch_bytes: int = 1 << 20,
         max_in_flight: int = 8,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
     ) -> None:
         self.address = parse_url(url)

@@ -18,10 +18,13 @@ from urllib.parse import urlsplit
 
 import tenacity
 
-from .. import errors
+from .. import defaults, errors
 from ..protocol import (
     DEFAULT_PORT,
     Command,
+    Commit,
+    Cursor,
+    Cursors,
     EndOfStream,
     ErrorReply,
     Head,
@@ -37,7 +40,7 @@ from ..protocol import (
     StatsReply,
 )
 
-DEFAULT_URL: str = f"logd://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_URL: str = f"logd://{defaults.HOST}:{DEFAULT_PORT}"
 RECV_BYTES = 1 << 20
 # The server closes the connection after these replies.
 CLOSING_CODES = frozenset({"BUSY", "TIMEOUT", "DIVERGED"})
@@ -167,6 +170,23 @@ def msg_call(bodies: Sequence[Body]) -> Call[list[int]]:
     return Call(Msg([as_bytes(b) for b in bodies]), ids, idempotent=False)
 
 
+def cursors_of(replies: list[Reply]) -> dict[str, int]:
+    values = stats_of(replies)
+    if not all(v.isdigit() for v in values.values()):
+        raise errors.ProtocolError(f"expected <name> <id> lines, got {values!r}")
+    return {name: int(v) for name, v in values.items()}
+
+
+def commit_call(name: str, id: int) -> Call[None]:
+    # Safe to resend: a cursor only moves forward, and committing its id again is OK.
+    return Call(Commit(name, id), ok_of)
+
+
+def cursor_call(name: str) -> Call[int]:
+    return Call(Cursor(name), id_of)
+
+
+CURSORS = Call(Cursors(), cursors_of)
 HEAD = Call(Head(), id_of)
 PING = Call(Ping(), pong_of)
 STATS = Call(Stats(), stats_of)

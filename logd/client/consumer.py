@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import defaults
+from ..storage.cursors import valid_name
 from .commands import DEFAULT_URL, Record, Retry
 from .sync import Client
 
-__all__ = ["CallbackCheckpoint", "Checkpoint", "Consumer", "FileCheckpoint"]
+__all__ = ["CallbackCheckpoint", "Checkpoint", "Consumer", "FileCheckpoint", "ServerCursor"]
 
 
 class Checkpoint(ABC):
@@ -118,6 +120,45 @@ class CallbackCheckpoint(Checkpoint):
         self._save_fn(id)
 
 
+class ServerCursor(Checkpoint):
+    """A checkpoint kept on the server as a named cursor (``COMMIT``/``CURSOR``, protocol.md 3.1).
+
+    The server keeps it durable under its fsync policy and passes it to its
+    replicas, shows its lag in STATS and metrics, and (with
+    ``--retention-keep-cursors``) keeps the records it still needs. ``url``
+    None: the server of the `Consumer` it is given to. Keyword arguments go
+    to the `Client`.
+    """
+
+    def __init__(self, name: str, url: str | None = None, **client_args: Any) -> None:
+        super().__init__()
+        if not valid_name(name):
+            raise ValueError(f"bad cursor name {name!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
+        self.name = name
+        self.url = url
+        self._client_args = client_args
+        self._client: Client | None = None
+
+    def __repr__(self) -> str:
+        return f"ServerCursor({self.name!r}, {self.url!r})"
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client.from_url(self.url or DEFAULT_URL, **self._client_args)
+        return self._client
+
+    def _load(self) -> int:
+        return self.client().cursor(self.name)
+
+    def _save(self, id: int) -> None:
+        self.client().commit(self.name, id)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
 class Consumer:
     """Reads the log from the checkpoint + 1 and hands the records over in batches.
 
@@ -143,12 +184,14 @@ class Consumer:
         *,
         max_batch: int = 1000,
         follow: bool = True,
-        timeout: float | None = 10.0,
+        timeout: float | None = defaults.CLIENT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.url = url or DEFAULT_URL
+        if isinstance(checkpoint, ServerCursor) and checkpoint.url is None:
+            checkpoint.url = self.url
         self.checkpoint = checkpoint
         self.max_batch = max_batch
         self.follow = follow

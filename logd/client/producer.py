@@ -37,7 +37,7 @@ from concurrent.futures._base import FINISHED as _FINISHED
 from concurrent.futures._base import PENDING as _PENDING
 from typing import Any
 
-from .. import errors
+from .. import defaults, errors
 from ..protocol import Msg, Reply
 from .batching import Batch, BatchLimits, lost_in_flight, settle
 from .commands import (
@@ -129,7 +129,7 @@ class Producer:
         max_batch_messages: int = 1000,
         max_batch_bytes: int = 1 << 20,
         max_in_flight: int = 8,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
     ) -> None:
         self.address = parse_url(url)

@@ -8,10 +8,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from .. import errors
+from .. import defaults, errors
 from ..protocol import ClientProtocol, Command, EndOfStream, ErrorReply, Head, Msg, OkReply, Read, Record, Reply
 from .commands import (
     CLOSING_CODES,
+    CURSORS,
     DEFAULT_PORT,
     DEFAULT_URL,
     HEAD,
@@ -25,6 +26,8 @@ from .commands import (
     as_bytes,
     checked,
     clamp,
+    commit_call,
+    cursor_call,
     deadline_after,
     id_of,
     msg_call,
@@ -121,8 +124,8 @@ class Client:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         *,
-        timeout: float | None = 10.0,
-        connect_timeout: float = 5.0,
+        timeout: float | None = defaults.CLIENT_TIMEOUT,
+        connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
     ) -> None:
         self.address = (host, port)
@@ -210,6 +213,18 @@ class Client:
     def stats(self, *, timeout: float | None = None) -> dict[str, str]:
         """The server's figures, name -> value (see protocol.md, STATS)."""
         return self._execute(STATS, timeout)
+
+    def commit(self, name: str, id: int, *, timeout: float | None = None) -> None:
+        """Move the named cursor forward to ``id`` (StaleCursorError if it is past that already)."""
+        self._execute(commit_call(name, id), timeout)
+
+    def cursor(self, name: str, *, timeout: float | None = None) -> int:
+        """The named cursor's id (0 if it was never committed)."""
+        return self._execute(cursor_call(name), timeout)
+
+    def cursors(self, *, timeout: float | None = None) -> dict[str, int]:
+        """Every cursor on the server, name -> id."""
+        return self._execute(CURSORS, timeout)
 
     def read(
         self, start: int, limit: int = 1000, *, wait: bool = False, timeout: float | None = None

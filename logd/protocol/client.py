@@ -6,7 +6,7 @@ from collections import deque
 
 from crc32c import crc32c
 
-from logd import errors
+from logd import defaults, errors
 from logd.errors import (
     CorruptRecordError,
     LogdError,
@@ -14,7 +14,7 @@ from logd.errors import (
 )
 from logd.hot import ext
 
-from .commands import Ack, Command, Ping, Read, Replicate, Stats, _new, encode_command
+from .commands import Ack, Command, Cursors, Ping, Read, Replicate, Stats, _new, encode_command
 from .parser import _show
 from .replies import (
     _EOF_REPLY,
@@ -65,7 +65,12 @@ class ClientProtocol:
         "_closed",
     )
 
-    def __init__(self, *, max_line_bytes: int = 65536, max_record_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = defaults.MAX_LINE_BYTES,
+        max_record_bytes: int = defaults.MAX_RECORD_BYTES,
+    ) -> None:
         self._max_line = max_line_bytes
         # A header claiming more than this is taken as corrupt rather than waited for.
         self._max_record = max_record_bytes
@@ -98,7 +103,7 @@ class ClientProtocol:
             self._expect.append((_STREAM, cmd.start))
         elif isinstance(cmd, Ping):
             self._expect.append((_PONG, 0))
-        elif isinstance(cmd, Stats):
+        elif isinstance(cmd, Stats | Cursors):
             self._expect.append((_STATS, 0))
         elif not isinstance(cmd, Ack):
             self._expect.append((_LINE, 0))

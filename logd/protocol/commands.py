@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from logd import defaults
+from logd.storage.cursors import valid_name
+
 # Ids are 1 <= id < 2^63 (protocol.md section 1); numbers in commands are
 # bounded the same way so nothing downstream meets an unbounded int.
 MAX_ID = (1 << 63) - 1
-DEFAULT_PORT = 1774  # protocol.md section 3: the server's default, the client's too
+DEFAULT_PORT = defaults.PORT  # protocol.md section 3: the server's default, the client's too
 
 
 # --- commands (client -> server) ---------------------------------------------
@@ -118,7 +121,39 @@ class Accept:
             raise ValueError(f"bad ACCEPT next id {self.next_id}")
 
 
-Command = Msg | Read | Replicate | Head | Ping | Stats | Close | Shutdown | Ack | Refuse | Accept
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """``COMMIT <name> <id>``: move the named cursor forward to ``id`` (answered ``OK``)."""
+
+    name: str
+    id: int
+
+    def __post_init__(self) -> None:
+        if not valid_name(self.name):
+            raise ValueError(f"bad cursor name {self.name[:70]!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
+        if not 0 <= self.id <= MAX_ID:
+            raise ValueError(f"bad COMMIT id {self.id}")
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """``CURSOR <name>``: the cursor's id (``OK 0`` for a name never committed)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not valid_name(self.name):
+            raise ValueError(f"bad cursor name {self.name[:70]!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
+
+
+@dataclass(frozen=True, slots=True)
+class Cursors:
+    """``CURSORS``: ``OK <n>`` and n ``<name> <id>`` lines, as STATS."""
+
+
+Command = (
+    Msg | Read | Replicate | Head | Ping | Stats | Close | Shutdown | Ack | Refuse | Accept | Commit | Cursor | Cursors
+)
 
 # Building a Msg through its slot setter skips the frozen dataclass __init__
 # (object.__setattr__ per field), which costs as much as parsing the command.
@@ -134,6 +169,7 @@ _NO_ARGS: dict[bytes, Command] = {
     b"SHUTDOWN": Shutdown(),
     b"REFUSE": Refuse(),
     b"ACCEPT": Accept(),
+    b"CURSORS": Cursors(),
 }
 
 
@@ -169,6 +205,10 @@ def encode_command(cmd: Command) -> bytes:
         return b"ACCEPT %d\r\n" % cmd.next_id
     if isinstance(cmd, Ack):
         return b"ACK %d\r\n" % cmd.id
+    if isinstance(cmd, Commit):
+        return b"COMMIT %s %d\r\n" % (cmd.name.encode("ascii"), cmd.id)
+    if isinstance(cmd, Cursor):
+        return b"CURSOR %s\r\n" % cmd.name.encode("ascii")
     return _NO_ARGS_BYTES[type(cmd)]
 
 

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from logd import defaults
 from logd.errors import (
     ProtocolError,
     TooLargeError,
     UnknownCommandError,
 )
 from logd.hot import ext
+from logd.storage.cursors import valid_name
 
-from .commands import _NO_ARGS, MAX_ID, Accept, Ack, Command, Msg, Read, Replicate, _new, _set_msg_bodies
+from .commands import (
+    _NO_ARGS,
+    MAX_ID,
+    Accept,
+    Ack,
+    Command,
+    Commit,
+    Cursor,
+    Msg,
+    Read,
+    Replicate,
+    _new,
+    _set_msg_bodies,
+)
 
 
 def _show(token: bytes) -> str:
@@ -28,6 +43,14 @@ def _number(token: bytes, what: str) -> int:
     if value > MAX_ID:
         raise ProtocolError(f"{what} is out of range")
     return value
+
+
+def _cursor_name(token: bytes) -> str:
+    """A cursor name (1 to 64 of A-Z a-z 0-9 . _ -), or ProtocolError."""
+    name = token.decode("latin-1")
+    if not valid_name(name):
+        raise ProtocolError(f"bad cursor name {_show(token)}: 1 to 64 of A-Z a-z 0-9 . _ -")
+    return name
 
 
 def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError:
@@ -71,6 +94,14 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
             if len(args) != 1:
                 raise ProtocolError("ACK takes <id>")
             return Ack(_number(args[0], "ACK id"))
+        if name == b"COMMIT":
+            if len(args) != 2:
+                raise ProtocolError("COMMIT takes <name> <id>")
+            return Commit(_cursor_name(args[0]), _number(args[1], "COMMIT id"))
+        if name == b"CURSOR":
+            if len(args) != 1:
+                raise ProtocolError("CURSOR takes <name>")
+            return Cursor(_cursor_name(args[0]))
         command = _NO_ARGS.get(name)
         if command is None:
             return UnknownCommandError(f"unknown command {_show(verb)}")
@@ -110,10 +141,10 @@ class CommandParser:
     def __init__(
         self,
         *,
-        max_line_bytes: int = 65536,
-        max_message_bytes: int = 1 << 20,
-        max_batch: int = 10000,
-        max_batch_bytes: int = 64 << 20,
+        max_line_bytes: int = defaults.MAX_LINE_BYTES,
+        max_message_bytes: int = defaults.MAX_MESSAGE_BYTES,
+        max_batch: int = defaults.MAX_BATCH,
+        max_batch_bytes: int = defaults.MAX_BATCH_BYTES,
     ) -> None:
         self._max_line = max_line_bytes
         self._max_message = max_message_bytes

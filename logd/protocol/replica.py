@@ -16,6 +16,7 @@ from crc32c import crc32c
 
 from logd.errors import CorruptRecordError, ProtocolError
 from logd.hot import ext
+from logd.storage.cursors import valid_name
 from logd.storage.record import MAX_HEADER_BYTES
 
 MAX_RECORD_BYTES = 1 << 30  # a header claiming more is taken as corrupt rather than waited for
@@ -24,6 +25,11 @@ MAX_RECORD_BYTES = 1 << 30  # a header claiming more is taken as corrupt rather 
 def segment_marker(first_id: int) -> bytes:
     """``+SEG <id>``: the records that follow belong to the segment named ``id``."""
     return b"+SEG %d\r\n" % first_id
+
+
+def cursor_marker(name: str, id: int) -> bytes:
+    """``+CURSOR <name> <id>``: the leader committed cursor ``name`` at ``id``."""
+    return b"+CURSOR %s %d\r\n" % (name.encode("ascii"), id)
 
 
 def position_marker(head: int, visible: int) -> bytes:
@@ -70,6 +76,14 @@ class LeaderPosition:
 
 
 @dataclass(frozen=True, slots=True)
+class CursorCommit:
+    """``+CURSOR <name> <id>``."""
+
+    name: str
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
 class StreamOk:
     """The leader's ``OK`` to a REPLICATE; with epochs, ``OK <leader_epoch> <epoch> <end> <min_replicas>``.
 
@@ -105,7 +119,7 @@ class StreamError:
     message: str
 
 
-Event = Chunk | SegmentStart | EpochStart | LeaderPosition | StreamOk | StreamEnd | StreamError
+Event = Chunk | SegmentStart | EpochStart | LeaderPosition | CursorCommit | StreamOk | StreamEnd | StreamError
 
 
 class ReplicaStreamParser:
@@ -189,6 +203,10 @@ class ReplicaStreamParser:
             parts = line[7:].split(b" ")
             if len(parts) == 2:
                 return EpochStart(self._int(parts[0], line), self._int(parts[1], line))
+        elif line[:8] == b"+CURSOR ":
+            parts = line[8:].split(b" ")
+            if len(parts) == 2 and valid_name(parts[0].decode("latin-1")):
+                return CursorCommit(parts[0].decode("ascii"), self._int(parts[1], line))
         elif line == b"+EOF":
             return StreamEnd()
         if line[:4] == b"ERR ":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from logd.errors import (
@@ -31,9 +32,13 @@ def ok(value: int | str | None = None) -> bytes:
 # ``OK <id>`` for a committed MSG: the hottest reply, formatted at C speed.
 ok_id = b"OK %d\r\n".__mod__
 
+# ERR replies built in this process, by code (the server's metrics: failures by error code).
+ERRORS_SENT: Counter[str] = Counter()
+
 
 def error_reply(exc: ServerError) -> bytes:
-    """``ERR <CODE> <message>`` for any server-side error."""
+    """``ERR <CODE> <message>`` for any server-side error (counted in `ERRORS_SENT`)."""
+    ERRORS_SENT[exc.code] += 1
     if not exc.message:
         return b"ERR %s\r\n" % exc.code.encode()
     return b"ERR %s %s\r\n" % (exc.code.encode(), _clean(exc.message))

@@ -31,7 +31,23 @@ from typing import Protocol
 
 from logd.errors import DivergedError, FencedError, HandshakeAnswer, ProtocolError, ServerError
 
-from .commands import Accept, Ack, Close, Command, Head, Msg, Ping, Read, Refuse, Replicate, Shutdown, Stats
+from .commands import (
+    Accept,
+    Ack,
+    Close,
+    Command,
+    Commit,
+    Cursor,
+    Cursors,
+    Head,
+    Msg,
+    Ping,
+    Read,
+    Refuse,
+    Replicate,
+    Shutdown,
+    Stats,
+)
 from .parser import CommandParser
 from .replies import PONG, error_reply, ok, stats_reply
 
@@ -96,6 +112,12 @@ class Backend(Protocol):
 
     def shutdown(self) -> ServerError | None:
         """SHUTDOWN: ask the server to stop, or say why not."""
+
+    def cursor_command(self, cmd: Commit | Cursor | Cursors, reply: AppendReply) -> bytes | None:
+        """COMMIT/CURSOR/CURSORS: the reply now, or None when ``reply`` is resolved later (after a sync).
+
+        Raises the `ServerError` to answer (a refused COMMIT).
+        """
 
 
 class ServerSession:
@@ -255,6 +277,8 @@ class ServerSession:
             self._emit(ok(backend.head()))
         elif kind is Stats:
             self._emit(stats_reply(backend.stats()))
+        elif kind is Commit or kind is Cursor or kind is Cursors:
+            self._cursor(item)  # type: ignore[arg-type]
         elif kind is Read or kind is Replicate:
             self._start(item)  # type: ignore[arg-type]
         elif kind is Close:
@@ -287,6 +311,19 @@ class ServerSession:
         # The backend writes the stream after this OK (and after every reply before it).
         self._emit(answer or OK_EMPTY)
         self.stream = cmd
+
+    def _cursor(self, cmd: Commit | Cursor | Cursors) -> None:
+        """A cursor command, after every earlier reply (so COMMIT sees the MSG before it committed)."""
+        reply = AppendReply(0)
+        try:
+            now = self._backend.cursor_command(cmd, reply)
+        except ServerError as exc:
+            self._emit(error_reply(exc))
+            return
+        if now is None:
+            self._replies.append(reply)  # answered once the sync covers it; later replies wait
+        else:
+            self._emit(now)
 
     def _reply(self, data: bytes) -> None:
         if self._replies:

@@ -15,6 +15,7 @@ from ..errors import CorruptRecordError, LogdError, NotFoundError, ProtocolError
 from ..protocol.commands import Ack, encode_command
 from ..protocol.replica import (
     Chunk,
+    CursorCommit,
     EpochStart,
     Event,
     LeaderPosition,
@@ -255,6 +256,8 @@ class Follower:
                         self._segment(ev.id)
                     elif type(ev) is EpochStart:
                         self._epoch(ev)
+                    elif type(ev) is CursorCommit:
+                        srv.cursors.replicated(ev.name, ev.id)
                     elif type(ev) is LeaderPosition:
                         self.leader_head = ev.head
                         self._set_visible(ev.visible)

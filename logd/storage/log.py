@@ -19,7 +19,9 @@ import time
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
+from typing import Protocol
 
+from .. import defaults
 from ..errors import NotFoundError, StorageError, UnavailableError
 from ..hot import ext
 from . import truncate
@@ -30,7 +32,7 @@ from .record import MAX_HEADER_BYTES, Decoded, encode_batch
 from .recovery import open_segments
 from .segment import Segment
 
-DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
+DEFAULT_SEGMENT_BYTES = defaults.SEGMENT_BYTES
 # Zeros kept written ahead of the data when preallocating (see segment.py).
 # A batch bigger than a quarter of it grows the file itself: its sync is
 # dominated by its own bytes, and zeros written for it would only be overwritten.
@@ -71,6 +73,8 @@ class Log:
         self._failed: BaseException | None = None
         self._lock_fd = -1
         self.recovered_bytes_cut = 0
+        self._companions: list[Companion] = []  # small files synced with the log (cursors)
+        self.forced: list[int] = []  # segments the last retention deleted although a cursor needed them
         self._open()
 
     # --- open / close -------------------------------------------------------
@@ -126,6 +130,13 @@ class Log:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def attach(self, companion: Companion) -> None:
+        """Sync ``companion`` (a small file kept beside the log, e.g. `CursorStore`) in every `sync`.
+
+        So under ``fsync=always`` one group commit's sync covers its writes too.
+        """
+        self._companions.append(companion)
 
     # --- positions ------------------------------------------------------------
 
@@ -255,7 +266,9 @@ class Log:
         """
         if self._rolled or self._dir_dirty:
             return True
-        return self.policy.mode != "never" and self._synced < self._head
+        if self.policy.mode == "never":
+            return False
+        return self._synced < self._head or any(c.dirty for c in self._companions)
 
     def sync(self) -> int:
         """Make everything written so far durable; return the new commit point.
@@ -278,6 +291,8 @@ class Log:
                 if dir_dirty:
                     self._fsync_dir()
                 active.sync_data()
+                for companion in self._companions:
+                    companion.sync()
             except OSError as exc:
                 self._failed = exc
                 raise UnavailableError(f"fsync failed: {os.strerror(exc.errno or 0)}") from exc
@@ -412,8 +427,17 @@ class Log:
 
     # --- retention --------------------------------------------------------------
 
-    def apply_retention(self, now: float | None = None) -> list[int]:
-        """Delete old closed segments by size and age; return their first ids."""
+    def apply_retention(
+        self, now: float | None = None, *, keep_from: int | None = None, cap_bytes: int | None = None
+    ) -> list[int]:
+        """Delete old closed segments by size and age; return their first ids.
+
+        ``keep_from`` is the oldest id a reader still needs (the lowest
+        cursor + 1): a segment holding it or a later id is kept, unless the
+        total is over ``cap_bytes`` (None: no cap). Segments deleted over a
+        cursor anyway are listed in `forced`.
+        """
+        self.forced = []
         if self.retention_bytes is None and self.retention_ms is None:
             return []
         now = time.time() if now is None else now
@@ -435,6 +459,10 @@ class Log:
                 too_old = (now - mtime) * 1000 > self.retention_ms
             if not (too_big or too_old):
                 break
+            if keep_from is not None and self._segments[1].first_id > keep_from:
+                if cap_bytes is None or total <= cap_bytes:
+                    break
+                self.forced.append(oldest.first_id)
             with self._lock:
                 self._segments.pop(0)
                 self._firsts.pop(0)
@@ -454,7 +482,16 @@ class Log:
         }
 
 
-__all__ = ["FsyncPolicy", "Log", "Record", "Span", "StorageError"]
+class Companion(Protocol):
+    """A small file synced with the log (`Log.attach`)."""
+
+    @property
+    def dirty(self) -> bool: ...
+
+    def sync(self) -> None: ...
+
+
+__all__ = ["Companion", "FsyncPolicy", "Log", "Record", "Span", "StorageError"]
 
 
 def fsync_dir(directory: str) -> None:

@@ -32,6 +32,7 @@ class ServerProcess:
     port: int = 0
     stderr_path: Path = field(default_factory=Path)
     preexec: Callable[[], None] | None = None  # runs in the child before exec (limits)
+    output: bytes = b""  # stdout read so far (the "listening" line, and whatever came with it)
 
     def start(self) -> ServerProcess:
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}.stderr"
@@ -43,6 +44,7 @@ class ServerProcess:
         )
         err.close()
         line = _readline_with_deadline(self.proc, START_TIMEOUT)
+        self.output = line
         m = LISTENING.search(line)
         if not m:
             self.proc.kill()

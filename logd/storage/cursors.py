@@ -1,0 +1,187 @@
+"""Named cursors on disk: the ``CURSORS`` file of a data directory (protocol.md section 2).
+
+A cursor is a name and the id of the last record its consumer has
+processed. Each commit appends one line ``<name> <id> <crc>\\n`` to
+``CURSORS``, where ``crc`` is the CRC-32C of ``<name> <id>`` in 8 lowercase
+hex digits. The file is synced with the log (`Log.attach`): under
+``fsync=always`` a commit is acknowledged only after the group commit's
+sync covered its line. When the file has grown well past its live content
+it is rewritten (one line per cursor) to a temporary file, synced and
+renamed over.
+
+At open every line is checked; a bad or cut-off line (a torn tail after a
+crash, or zeros) is skipped, and if there was one the file is rewritten
+without it. Cursors only move forward, so the highest id read for a name
+is its value whatever order the lines are in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+from crc32c import crc32c
+
+FILE = "CURSORS"
+MAX_NAME = 64
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Rewrite the file once it is over this size and over 4 times its live content.
+COMPACT_MIN_BYTES = 64 * 1024
+_LINE = re.compile(rb"([A-Za-z0-9._-]{1,64}) ([0-9]{1,19}) ([0-9a-f]{8})")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` is a cursor name: 1 to 64 of ``A-Z a-z 0-9 . _ -``."""
+    return NAME.fullmatch(name) is not None
+
+
+def encode_line(name: str, id: int) -> bytes:
+    """One line of the ``CURSORS`` file."""
+    text = b"%s %d" % (name.encode("ascii"), id)
+    return b"%s %08x\n" % (text, crc32c(text))
+
+
+def decode_lines(data: bytes) -> tuple[dict[str, int], int]:
+    """The cursors held in ``data`` (the highest id per name) and the number of bad lines skipped."""
+    cursors: dict[str, int] = {}
+    bad = 0
+    lines = data.split(b"\n")
+    if lines[-1]:
+        bad += 1  # a last line without its LF: cut off by a crash
+    for line in lines[:-1]:
+        m = _LINE.fullmatch(line)
+        if m is None or int(m.group(3), 16) != crc32c(b"%s %s" % (m.group(1), m.group(2))):
+            bad += 1
+            continue
+        name, id = m.group(1).decode("ascii"), int(m.group(2))
+        if id > cursors.get(name, -1):
+            cursors[name] = id
+    return cursors, bad
+
+
+class CursorStore:
+    """The cursors of a data directory: read at open, appended to on commit, synced with the log.
+
+    `set` runs on the server's loop thread and never waits for a sync;
+    `sync` may run on the log's sync thread at the same time. `_sync_lock`
+    is held across the fdatasync and by a compaction (rare) while it swaps
+    the file descriptor, so a sync never meets a closed descriptor.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, FILE)
+        self._sync_lock = threading.Lock()
+        self._cursors: dict[str, int] = {}
+        self._dirty = False
+        self.version = 0  # bumped on every change, so a replica feed can tell nothing moved
+        self.bad_lines_skipped = 0
+        self._size = 0
+        self._fd = -1
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = None
+        if data is None:
+            self._rewrite({})  # create it, durably, so a later append has a file to go to
+            return
+        self._cursors, self.bad_lines_skipped = decode_lines(data)
+        if self.bad_lines_skipped:
+            self._rewrite(self._cursors)
+        else:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._size = len(data)
+
+    # --- reading ------------------------------------------------------------
+
+    def get(self, name: str) -> int:
+        """The cursor's id (0 when it was never committed)."""
+        return self._cursors.get(name, 0)
+
+    def items(self) -> dict[str, int]:
+        """Every cursor, name -> id (a copy, sorted by name)."""
+        return dict(sorted(self._cursors.items()))
+
+    def __len__(self) -> int:
+        return len(self._cursors)
+
+    def lowest(self) -> int | None:
+        """The lowest cursor id, or None without cursors (what retention must keep past)."""
+        return min(self._cursors.values()) if self._cursors else None
+
+    # --- writing ------------------------------------------------------------
+
+    def set(self, name: str, id: int) -> None:
+        """Move cursor ``name`` to ``id`` (written to the OS; durable at the next `sync`).
+
+        The caller has checked that it only moves forward. Raises OSError if the write fails.
+        """
+        line = encode_line(name, id)
+        os.write(self._fd, line)
+        self._size += len(line)
+        self._dirty = True  # after the write: a sync that sees it set starts after the line is in the file
+        self._cursors[name] = id
+        self.version += 1
+        if self._size > COMPACT_MIN_BYTES and self._size > 4 * self._live_bytes():
+            self.compact()
+
+    @property
+    def dirty(self) -> bool:
+        """Whether something was written since the last `sync`."""
+        return self._dirty
+
+    def sync(self) -> None:
+        """Make every committed line durable (fdatasync), if any was written since the last sync."""
+        with self._sync_lock:
+            if not self._dirty:
+                return
+            self._dirty = False  # before the sync: a line written during it makes the file dirty again
+            try:
+                os.fdatasync(self._fd)
+            except OSError:
+                self._dirty = True
+                raise
+
+    def compact(self) -> None:
+        """Rewrite the file with one line per cursor (temporary file, fsync, rename, fsync of the directory)."""
+        self._rewrite(self._cursors)
+
+    def _live_bytes(self) -> int:
+        return sum(len(name) + 30 for name in self._cursors)
+
+    def _rewrite(self, cursors: dict[str, int]) -> None:
+        data = b"".join(encode_line(name, id) for name, id in sorted(cursors.items()))
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._sync_lock:
+            os.replace(tmp, self.path)
+            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            old, self._fd = self._fd, os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            if old >= 0:
+                os.close(old)
+            self._size = len(data)
+            self._dirty = False  # the new file was synced whole
+
+    def close(self) -> None:
+        """Sync and close the file."""
+        if self._fd < 0:
+            return
+        try:
+            self.sync()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
