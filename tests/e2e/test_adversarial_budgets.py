@@ -1,0 +1,160 @@
+"""Issue 12, findings 4-7: memory budgets of a real `logd serve` under clients that never finish or never read.
+
+Memory is the server's VmRSS (/proc/<pid>/status), measured against a
+baseline taken after start; bounds are what the budget flags guarantee plus
+generous slack (Python's allocator keeps memory; page cache is not RSS).
+Clients that stop reading get a small receive window, so what they leave
+unread stays in the server rather than in the kernel.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from .adversary import (
+    MiB,
+    connect_small_window,
+    peek_reply,
+    push_until_stalled,
+    raise_nofile,
+    read_stream,
+    rss,
+    stats,
+)
+from .conftest import RawConn, ServerProcess, wait_for
+
+SLACK = 48 * MiB  # allocator, parser and transport buffers, code paged in by the first requests
+
+
+@pytest.fixture
+def hold() -> Iterator[list[socket.socket]]:
+    """Sockets closed when the test ends, pass or fail, before its servers are stopped
+    (a server stopping with unread tails waits for them)."""
+    socks: list[socket.socket] = []
+    yield socks
+    for sock in socks:
+        sock.close()
+
+
+def fill_log(srv: ServerProcess, messages: int) -> RawConn:
+    """Append ``messages`` 1 MiB messages in one MSG; return the (open) writer connection."""
+    w = srv.connect()
+    w.send(b"MSG " + b" ".join([b"%d" % MiB] * messages) + b"\r\n" + (b"r" * MiB + b"\r\n") * messages)
+    assert w.line() == b"OK %d" % messages
+    return w
+
+
+def warm_baseline(srv: ServerProcess, conn: RawConn) -> int:
+    """RSS after a few round trips have paged in the paths the test exercises."""
+    stats(conn)
+    conn.send(b"PING\r\n")
+    assert conn.line() == b"PONG"
+    return rss(srv.pid)
+
+
+def test_msgs_behind_a_waiting_read_stop_being_read(start_server, hold) -> None:  # type: ignore[no-untyped-def]
+    """Finding 4: 1 MiB MSGs pipelined behind `READ 1000000000` were buffered without limit."""
+    srv = start_server("--conn-input-bytes", "16MiB")
+    other = srv.connect()
+    base = warm_baseline(srv, other)
+    c = srv.connect()
+    hold.append(c.sock)
+    c.send(b"READ 1000000000\r\n")
+    assert c.line() == b"OK"
+    msg = b"MSG %d\r\n" % MiB + b"m" * MiB + b"\r\n"
+    offered = 400 * len(msg)
+    [sent] = push_until_stalled([c.sock], msg, [offered])
+    growth = rss(srv.pid) - base
+    assert growth < 100 * MiB, f"server RSS grew by {growth / MiB:.0f} MiB for {sent / MiB:.0f} MiB of queued MSGs"
+    assert sent < offered, "the server never stopped reading the connection"
+    other.send(b"PING\r\nHEAD\r\n")  # the others are served; nothing behind the READ was appended
+    assert other.line() == b"PONG"
+    assert other.line() == b"OK 0"
+
+
+def test_closed_tails_count_against_max_connections_until_flushed(start_server, hold) -> None:  # type: ignore[no-untyped-def]
+    """Finding 5: a tail that sent CLOSE and never read left the count but kept its buffer."""
+    raise_nofile()
+    srv = start_server("--fsync", "never", "--max-connections", "20", "--conn-output-bytes", "1MiB")
+    writer = fill_log(srv, 8)  # stays open: it is one of the 20
+    base = warm_baseline(srv, writer)
+    accepted, refused = [], []
+    for _ in range(40):
+        sock = connect_small_window(srv)
+        hold.append(sock)
+        try:
+            sock.sendall(b"READ 1\r\n")
+        except OSError:
+            pass  # refused and already closed: its ERR BUSY is still there to read
+        first = peek_reply(sock)
+        if first == b"OK":
+            sock.sendall(b"CLOSE\r\n")  # the tail is running: end it, then never read
+            accepted.append(sock)
+        else:
+            refused.append((sock, first))
+    growth = rss(srv.pid) - base
+    assert len(accepted) == 19, (
+        f"{len(accepted)} tails accepted with --max-connections 20 and 1 writer (RSS grew {growth / MiB:.0f} MiB)"
+    )
+    assert all(first.startswith(b"ERR BUSY ") for _, first in refused), [first for _, first in refused]
+    bound = 20 * (1 * MiB + MiB) + SLACK  # output budget + one read chunk each
+    assert growth < bound, f"server RSS grew by {growth / MiB:.0f} MiB"
+    writer.send(b"PING\r\n")
+    assert writer.line() == b"PONG"
+
+
+def test_partial_msgs_are_bounded_server_wide(start_server, hold) -> None:  # type: ignore[no-untyped-def]
+    """Finding 6: partial MSGs were capped per connection only (~61 MiB each)."""
+    clients, size = 12, 24 * MiB
+    srv = start_server("--max-message-bytes", "24MiB", "--max-batch-bytes", "24MiB", "--server-input-bytes", "64MiB")
+    other = srv.connect()
+    base = warm_baseline(srv, other)
+    socks = [srv.connect().sock for _ in range(clients)]
+    hold.extend(socks)
+    for sock in socks:
+        sock.sendall(b"MSG %d\r\n" % size)
+    # Each sends all but the last MiB of its body, and never the rest.
+    sent = push_until_stalled(socks, b"p" * MiB, [size - MiB] * clients)
+    growth = rss(srv.pid) - base
+    bound = 64 * MiB + clients * MiB + SLACK  # the server-wide budget + one read chunk each
+    assert growth < bound, f"server RSS grew by {growth / MiB:.0f} MiB holding {sum(sent) / MiB:.0f} MiB of bodies"
+    assert sum(sent) < clients * (size - MiB), "the server read every partial body"
+    other.send(b"PING\r\nHEAD\r\n")
+    assert other.line() == b"PONG"
+    assert other.line() == b"OK 0"
+
+
+def test_stalled_tails_hold_their_budget_then_are_dropped(start_server, hold) -> None:  # type: ignore[no-untyped-def]
+    """Finding 7: tails that stop reading held ~5 MiB each and were never dropped."""
+    raise_nofile()
+    tails, budget = 100, 256 * 1024
+    srv = start_server("--fsync", "never", "--conn-output-bytes", "256KiB", "--tail-stall-timeout", "1")
+    ctl = fill_log(srv, 8)
+    base = warm_baseline(srv, ctl)
+    socks = [connect_small_window(srv) for _ in range(tails)]
+    hold.extend(socks)
+    for sock in socks:
+        sock.sendall(b"READ 1\r\n")
+    for sock in socks:
+        assert peek_reply(sock) == b"OK"
+    bound = tails * (budget + MiB) + SLACK  # output budget + one read chunk each
+    # Until the stall timeout drops them (tails 0), watch that RSS stays bounded.
+    wait_for(lambda: rss(srv.pid) - base > bound or stats(ctl)["tails"] == "0", timeout=30,
+             what="the stalled tails to be dropped")
+    growth = rss(srv.pid) - base
+    assert growth < bound, f"server RSS grew by {growth / MiB:.0f} MiB with {tails} stalled tails"
+    assert stats(ctl)["tails"] == "0"
+    # A dropped tail: whole records from id 1, then ERR BUSY after them, then the server closes.
+    sock = socks[0]
+    sock.setblocking(True)
+    sock.settimeout(20)
+    conn = RawConn(sock)
+    assert conn.line() == b"OK"
+    next_id, line = read_stream(conn, 1)
+    assert line.startswith(b"ERR BUSY "), line
+    assert next_id > 1
+    assert conn.closed_by_peer()
+    wait_for(lambda: "stall" in srv.stderr().lower(), timeout=10, what="a log line about the stalled tail")
