@@ -48,6 +48,20 @@ def connect_small_window(srv: ServerProcess, rcvbuf: int = 4096) -> socket.socke
     return sock
 
 
+def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
+    """Whether ``sock`` has bytes (or EOF) to read within ``timeout`` s (poll: any fd number)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+def writable(sock: socket.socket, timeout: float = 0.0) -> bool:
+    """Whether ``sock`` can take more bytes within ``timeout`` s."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
 def drain(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, bool]:
     """Read until the server closes or ``timeout`` s pass; return (bytes, closed by the server)."""
     sock.setblocking(False)
@@ -57,8 +71,7 @@ def drain(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, bool]:
         left = deadline - time.monotonic()
         if left <= 0:
             return bytes(data), False
-        ready, _, _ = select.select([sock], [], [], left)
-        if not ready:
+        if not readable(sock, left):
             continue
         try:
             chunk = sock.recv(1 << 20)
@@ -75,8 +88,7 @@ def peek_reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
     """The first reply line waiting on ``sock``, without consuming it (b"" if closed or reset first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        if not readable(sock, deadline - time.monotonic()):
             continue
         try:
             data = sock.recv(256, socket.MSG_PEEK)
@@ -106,9 +118,11 @@ def push_until_stalled(socks: list[socket.socket], unit: bytes, totals: list[int
         pending = [s for i, s in enumerate(socks) if sent[i] < totals[i]]
         if not pending:
             break
-        _, writable, _ = select.select([], pending, [], 0.05)
-        for s in writable:
-            i = index[s.fileno()]
+        poller = select.poll()
+        for s in pending:
+            poller.register(s, select.POLLOUT)
+        for fd, _ in poller.poll(50):
+            s, i = socks[index[fd]], index[fd]
             off = sent[i] % len(unit)
             try:
                 sent[i] += s.send(view[off : off + min(len(unit) - off, totals[i] - sent[i])])
