@@ -169,11 +169,27 @@ def test_thousands_of_far_tails_get_nothing_and_near_tails_everything(start_serv
         # The tails waiting for later ids have nothing yet.
         for t in waiting[i:]:
             assert not readable(t.sock) and not t.buf
+    # One commit of ids 21..30 wakes every tail waiting inside it, several per id too.
+    later = {}
+    for start, limit in ((22, 1), (22, 1), (25, 3), (30, 1), (31, 1)):
+        t = srv.connect()
+        t.send(b"READ %d %d\r\n" % (start, limit))
+        assert t.line() == b"OK"
+        later[t] = (start, limit)
+    bodies = [b"b%d" % i for i in range(21, 31)]
+    ctl.send(b"MSG " + b" ".join(b"%d" % len(b) for b in bodies) + b"\r\n" + b"".join(b + b"\r\n" for b in bodies))
+    assert ctl.line() == b"OK 30"
+    for i in range(21, 31):
+        assert near.record() == (i, b"b%d" % i)
+    for t, (start, limit) in later.items():
+        if start <= 30:
+            expected = [(i, b"b%d" % i) for i in range(start, start + limit)]
+            assert [t.record() for _ in range(limit + 1)] == [*expected, None]
     for sock in far:
         sock.setblocking(False)
         assert sock.recv(4096) == b"OK\r\n"
-    assert stats(ctl)["tails"] == str(far_count + 1)
+    t31 = next(t for t, (start, _) in later.items() if start == 31)
+    assert not readable(t31.sock) and not t31.buf
+    assert stats(ctl)["tails"] == str(far_count + 2)  # the far ones, the near one, the one waiting for 31
     for sock in far:
         sock.close()
-    for c in waiting:
-        c.close()
