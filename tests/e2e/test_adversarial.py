@@ -110,3 +110,13 @@ def test_accept_waits_for_its_turn_behind_a_waiting_read(server: ServerProcess) 
     assert closed
     w.send(b"MSG 1\r\nz\r\n")
     assert w.line() == b"OK 2"
+
+
+def test_close_ends_a_replicate_stream_queued_in_the_same_packet(server: ServerProcess) -> None:
+    w = server.connect()
+    w.send(b"MSG 1\r\nw\r\n")
+    assert w.line() == b"OK 1"
+    c = server.connect()
+    c.sock.sendall(b"REPLICATE 1 0\r\nCLOSE\r\n")
+    # OK, the position, the segment, what is committed, then +EOF and CLOSE's OK (protocol.md 3.4).
+    assert drain(c.sock) == (b"OK\r\n+HEAD 1 1\r\n+SEG 1\r\n" + record(1, b"w") + b"+EOF\r\nOK\r\n", True)

@@ -21,18 +21,20 @@ def parse_stats_replies(data: bytes) -> tuple[list[dict[bytes, bytes]], bytes]:
     """Complete STATS replies at the start of ``data``, and the bytes after them."""
     out = []
     p = 0
-    while True:
-        eol = data.find(b"\r\n", p)
-        if eol < 0:
-            break
+    while (eol := data.find(b"\r\n", p)) >= 0:
         head = data[p:eol]
         assert head.startswith(b"OK "), head
-        n = int(head[3:])
-        lines = data[eol + 2 :].split(b"\r\n", n)
-        if len(lines) <= n:
-            break
-        out.append(dict(line.split(b" ", 1) for line in lines[:n]))
-        p = eol + 2 + sum(len(line) + 2 for line in lines[:n])
+        fields = {}
+        q = eol + 2
+        for _ in range(int(head[3:])):
+            end = data.find(b"\r\n", q)
+            if end < 0:
+                return out, data[p:]
+            name, value = data[q:end].split(b" ", 1)
+            fields[name] = value
+            q = end + 2
+        out.append(fields)
+        p = q
     return out, data[p:]
 
 
@@ -59,7 +61,8 @@ def test_stats_flood_is_not_executed_ahead_of_other_clients(start_server) -> Non
     ctl.send(b"PING\r\nMSG 1\r\nm\r\n")
     assert ctl.line() == b"PONG"
     assert ctl.line() == b"OK 1"
-    # Now read every reply, sending the rest of the flood as the server takes it.
+    # Now read every reply (through a wider window), sending the rest of the flood as the server takes it.
+    flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MiB)
     replies: list[dict[bytes, bytes]] = []
     pending = b""
     deadline = time.monotonic() + 60
@@ -123,10 +126,16 @@ def test_connection_and_tail_counters_stay_exact_under_churn(start_server) -> No
         t.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         t.close()
     settle((60 - 10 - 15, 10))
-    for _ in range(100):  # short-lived clients, some mid-READ
+    for i in range(100):  # short-lived clients: a finite READ, or a tail that vanishes mid-stream
         c = srv.connect()
-        c.send(b"READ 1 1\r\nPING\r\n")
-        assert c.line() == b"OK" and c.record() == (1, b"r") and c.record() is None and c.line() == b"PONG"
+        if i % 2:
+            c.send(b"READ 1 1\r\nPING\r\n")
+            assert c.line() == b"OK" and c.record() == (1, b"r") and c.record() is None and c.line() == b"PONG"
+        else:
+            c.send(b"READ 1\r\n")
+            assert c.line() == b"OK" and c.record() == (1, b"r")
+            # Reset: a FIN alone leaves a parked tail open (it may be a half-close).
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
     settle((35, 10))
 
@@ -169,11 +178,27 @@ def test_thousands_of_far_tails_get_nothing_and_near_tails_everything(start_serv
         # The tails waiting for later ids have nothing yet.
         for t in waiting[i:]:
             assert not readable(t.sock) and not t.buf
+    # One commit of ids 21..30 wakes every tail waiting inside it, several per id too.
+    later = {}
+    for start, limit in ((22, 1), (22, 1), (25, 3), (30, 1), (31, 1)):
+        t = srv.connect()
+        t.send(b"READ %d %d\r\n" % (start, limit))
+        assert t.line() == b"OK"
+        later[t] = (start, limit)
+    bodies = [b"b%d" % i for i in range(21, 31)]
+    ctl.send(b"MSG " + b" ".join(b"%d" % len(b) for b in bodies) + b"\r\n" + b"".join(b + b"\r\n" for b in bodies))
+    assert ctl.line() == b"OK 30"
+    for i in range(21, 31):
+        assert near.record() == (i, b"b%d" % i)
+    for t, (start, limit) in later.items():
+        if start <= 30:
+            expected = [(i, b"b%d" % i) for i in range(start, start + limit)]
+            assert [t.record() for _ in range(limit + 1)] == [*expected, None]
     for sock in far:
         sock.setblocking(False)
         assert sock.recv(4096) == b"OK\r\n"
-    assert stats(ctl)["tails"] == str(far_count + 1)
+    t31 = next(t for t, (start, _) in later.items() if start == 31)
+    assert not readable(t31.sock) and not t31.buf
+    assert stats(ctl)["tails"] == str(far_count + 2)  # the far ones, the near one, the one waiting for 31
     for sock in far:
         sock.close()
-    for c in waiting:
-        c.close()
