@@ -36,7 +36,8 @@ class Connection(asyncio.Protocol):
         self._stream_fresh = False  # started; its OK not yet written, so not yet pumped
         self.write_paused = False
         self.read_paused = False
-        self.stalled_since = 0.0  # when writing last paused (0: not paused)
+        self.stalled_since = 0.0  # when writing paused, or its peer last read while paused (0: not paused)
+        self.stall_mark = 0  # the unsent bytes at stalled_since
         self.last_active = time.monotonic()
         self.held = 0  # input bytes counted in the server's budget
         self.granted = 0  # the declared size of the MSG in progress, once the server budget took it
@@ -89,6 +90,7 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.stalled_since = time.monotonic()
+        self.stall_mark = self.transport.get_write_buffer_size() if self.transport is not None else 0
         self.server.stalled.add(self)
         self._budget()
 

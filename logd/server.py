@@ -507,11 +507,16 @@ class LogServer:
             if self.budgets.throttled or self.budgets.output_over():
                 self.budgets.recount_output(self.connections)
             for conn in list(self.stalled):
-                if conn.stream is not None and now - conn.stalled_since > stall:
+                if conn.transport is None:
+                    continue
+                unsent = conn.transport.get_write_buffer_size()
+                if unsent < conn.stall_mark:  # its peer reads, however slowly: not stalled
+                    conn.stall_mark, conn.stalled_since = unsent, now
+                elif conn.stream is not None and now - conn.stalled_since > stall:
                     log.warning("stream_stalled", peer=conn.peer, seconds=round(now - conn.stalled_since, 1))
                     conn.drop(BusyError(f"stream output not read for {stall:g} s"))
-                elif conn.session.closed and now - conn.stalled_since > 2 * stall and conn.transport is not None:
-                    conn.transport.abort()  # closed, and its peer still reads nothing: free the buffer
+                elif conn.session.closed and now - conn.stalled_since > stall:
+                    conn.transport.abort()  # closed, and its peer has read nothing since: free the buffer
             if idle:
                 for conn in list(self.connections):
                     if conn.session.idle and not conn.session.closing and now - conn.last_active > idle:
