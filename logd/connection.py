@@ -151,7 +151,7 @@ class Connection(asyncio.Protocol):
         if replicas.min_replicas and last_id > replicas.hw:
             replicas.hold(self, token, last_id)  # type: ignore[arg-type]  # OK once replicas hold it
         else:
-            token.reply = protocol.ok_id(last_id)  # type: ignore[attr-defined]  # AppendReply.resolve, inlined
+            token.resolve(protocol.ok_id(last_id))  # type: ignore[attr-defined]
 
     def batch_failed(self, token: object, error: LogdError) -> None:
         err = error if isinstance(error, ServerError) else UnavailableError(str(error))
