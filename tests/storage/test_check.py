@@ -15,7 +15,7 @@ from logd.storage import Log
 from logd.storage.check import check_data_dir, diverge_point
 from logd.storage.record import encode_record
 
-from .helpers import first_id_of, flip_bit, layout, log_files, read_index
+from .helpers import first_id_of, flip_bit, forget_clean_close, layout, log_files, read_index
 
 SEGMENT_BYTES = 400
 COUNT = 40
@@ -79,7 +79,7 @@ def test_repair_of_a_good_dir_changes_nothing(data: Path) -> None:
     before = snapshot(data)
     code, out = run_check(data, repair=True)
     assert code == 0
-    assert "losing" not in out and "rebuilt" not in out and "truncating" not in out
+    assert "moving" not in out and "rebuilt" not in out and "truncating" not in out
     assert snapshot(data) == before
 
 
@@ -99,8 +99,15 @@ def test_flipped_bit_names_the_record_then_repair(data: Path) -> None:
     lost = path.stat().st_size - offset + sum(p.stat().st_size for p in later)
     code, out = run_check(data, repair=True)
     assert code == 1
-    assert f"losing ids {bad}..{COUNT} ({lost} bytes); deleting {len(later)} later segments" in out
+    moved = COUNT - bad  # the valid records after the bad one, kept in .broken files
+    assert (
+        f"truncating the log after id {bad - 1}: moving the bad record at id {bad} and everything after it "
+        f"({moved} valid records, {lost} bytes, {len(later)} later segments) to .broken files" in out
+    )
     assert not any(p.exists() or p.with_suffix(".idx").exists() for p in later)
+    # Nothing is deleted: the cut bytes and the later segments are kept whole.
+    assert Path(f"{path}.broken").read_bytes() == before[path.name][offset:]
+    assert all(Path(f"{p}.broken").read_bytes() == before[p.name] for p in later)
     assert path.stat().st_size == offset
     assert_log(data, bad - 1)
 
@@ -114,7 +121,7 @@ def test_flipped_bit_in_the_active_segment(data: Path) -> None:
     assert code == 1
     assert f"{path}: offset {offset}: id {bad}: bad record" in out
     code, out = run_check(data, repair=True)
-    assert f"losing id {bad} and anything after it" in out
+    assert f"moving the bad record at id {bad} and everything after it (1 valid records" in out
     assert_log(data, bad - 1)
 
 
@@ -130,7 +137,7 @@ def test_truncated_middle_segment(data: Path) -> None:
     assert f"{path}: offset {recs[-2][0]}: id {bad}: bad record: body cut off" in out
     code, out = run_check(data, repair=True)
     assert code == 1
-    assert f"truncating the log after id {bad - 1}: losing ids {bad}..{COUNT}" in out
+    assert f"truncating the log after id {bad - 1}: moving the bad record at id {bad}" in out
     assert read_index(path.with_suffix(".idx")) == [off for off, _end in recs[:-2]]
     assert log_files(data)[-1] == path
     assert_log(data, bad - 1)
@@ -158,7 +165,7 @@ def test_missing_index_is_rebuilt(data: Path, segment: int) -> None:
     assert f"{idx}: offset 0: id {first_id_of(idx)}: index missing" in out
     code, out = run_check(data, repair=True)
     assert code == 1
-    assert f"repair: {idx}: rebuilt" in out and "losing" not in out
+    assert f"repair: {idx}: rebuilt" in out and "moving" not in out
     assert idx.read_bytes() == good
     assert_log(data, COUNT)
 
@@ -195,13 +202,14 @@ def test_extra_bytes_after_a_closed_segment(data: Path) -> None:
     assert code == 1
     assert f"{path}: offset {size}: id {first_id_of(log_files(data)[1])}: 7 bytes after the segment's last id" in out
     code, out = run_check(data, repair=True)
-    assert "losing" not in out
+    assert "truncating the log" not in out
     assert path.stat().st_size == size
     assert_log(data, COUNT)
 
 
 def test_torn_tail_is_a_note_not_a_problem(data: Path) -> None:
     path, offset = record_of(data, COUNT)
+    forget_clean_close(data)  # a crash, not a clean close
     os.truncate(path, offset + 9)
     code, out = run_check(data)
     assert code == 0
@@ -227,7 +235,7 @@ def test_first_record_bad_empties_the_log(data: Path) -> None:
     flip_bit(log_files(data)[0], 0)
     code, out = run_check(data, repair=True)
     assert code == 1
-    assert f"losing ids 1..{COUNT}" in out
+    assert f"moving the bad record at id 1 and everything after it ({COUNT - 1} valid records" in out
     assert len(log_files(data)) == 1
     assert_log(data, 0)
 
