@@ -19,10 +19,12 @@ import click
 from . import __version__
 from .cli_client import append, consume, head, ping, read, stats
 from .config import DEFAULT_PORT, Config
-from .errors import LogdError
+from .errors import DamagedLogError, LogdError
 from .storage.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
 
 EXIT_STARTUP_FAILED = 3  # distinct from 1 (runtime error) and 2 (usage)
+# 4: a follower stopped (diverged); 5: stopped after a fail-stop (server.py)
+EXIT_DAMAGED = 6  # the data dir holds damage recovery must not cut away: run logd check
 
 
 def _env(name: str) -> str:
@@ -128,6 +130,9 @@ def serve(**flags: Any) -> None:
 
     try:
         status = run(config, ready)
+    except DamagedLogError as exc:
+        click.echo(f"logd: cannot start: the data dir is damaged: {exc}", err=True)
+        sys.exit(EXIT_DAMAGED)
     except (OSError, LogdError) as exc:  # port taken, data dir locked or unreadable, ...
         click.echo(f"logd: cannot start: {exc}", err=True)
         sys.exit(EXIT_STARTUP_FAILED)

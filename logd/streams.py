@@ -79,7 +79,20 @@ class Stream:
             self.send_position()
 
     def pump(self) -> None:
-        """Send committed records until the socket is full, the reader is caught up, or the stream ends."""
+        """Send committed records until the socket is full, the reader is caught up, or the stream ends.
+
+        An unexpected exception ends the stream with ``ERR UNAVAILABLE`` and
+        puts the server in fail-stop (`LogServer.fail_stop`): never a stream
+        that silently stops, nor a fault that reaches the commit path.
+        """
+        try:
+            self._pump()
+        except Exception as exc:
+            log.error("stream_failed", peer=self.sink.peer, id=self.next, exc_info=exc)
+            self.server.fail_stop("a stream failed", exc)
+            self.end(protocol.error_reply(UnavailableError(f"a stream failed: {exc!r}")))
+
+    def _pump(self) -> None:
         srv = self.server
         sink = self.sink
         lg = srv.log

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from typing import Protocol
 
 from ..errors import UnavailableError
+
+
+class _Mapped(Protocol):
+    def close_index_map(self) -> None: ...
 
 
 class ReadHandle:
@@ -53,6 +58,8 @@ class HandleCache:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self._handles: OrderedDict[str, ReadHandle] = OrderedDict()
+        # Closed segments whose index is mapped: a mapping keeps a descriptor too.
+        self._mapped: OrderedDict[int, _Mapped] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -69,10 +76,25 @@ class HandleCache:
             self._handles.popitem(last=False)
         return handle
 
+    def note_mapped(self, segment: _Mapped) -> None:
+        """A segment mapped its index; unmap the least recently mapped ones beyond ``capacity``."""
+        self._mapped[id(segment)] = segment
+        self._mapped.move_to_end(id(segment))
+        while len(self._mapped) > self.capacity:
+            _key, old = self._mapped.popitem(last=False)
+            old.close_index_map()
+
+    def forget_mapped(self, segment: _Mapped) -> None:
+        """The segment unmapped its index."""
+        self._mapped.pop(id(segment), None)
+
     def forget(self, path: str) -> None:
         """Drop the cached handle for ``path`` (its file is being deleted or rewritten)."""
         self._handles.pop(path, None)
 
     def clear(self) -> None:
-        """Drop every cached handle."""
+        """Drop every cached handle and unmap every index."""
         self._handles.clear()
+        for seg in list(self._mapped.values()):
+            seg.close_index_map()
+        self._mapped.clear()

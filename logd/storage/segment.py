@@ -262,6 +262,8 @@ class Segment:
             with open(self.idx_path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._view = memoryview(self._map).cast("Q")
+            if self.handles is not None:
+                self.handles.note_mapped(self)  # bounded: each mapping holds a descriptor
         return self._view
 
     def read_record(self, id: int) -> Decoded:
@@ -309,3 +311,5 @@ class Segment:
         if self._map is not None:
             self._map.close()
             self._map = None
+            if self.handles is not None:
+                self.handles.forget_mapped(self)
