@@ -38,7 +38,7 @@ DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
 PREALLOCATE_BYTES = 1 << 20
 # Segment read descriptors kept open for readers (see handles.py); logd's
 # descriptor budget counts them (server.py).
-READ_HANDLES = 32
+READ_HANDLES = 16
 
 
 class Log:
