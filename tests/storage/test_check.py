@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
 from array import array
 from pathlib import Path
 
 import pytest
 
-from logd.errors import LockedError, StorageError
+from logd.errors import DamagedLogError, LockedError, StorageError
 from logd.storage import Log
 from logd.storage.check import check_data_dir, diverge_point
 from logd.storage.record import encode_record
@@ -341,3 +343,34 @@ def test_diverge_point_needs_data_dirs(tmp_path: Path) -> None:
     for other in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(StorageError):
             diverge_point(str(a), str(other))
+
+
+def test_directory_named_like_a_segment_is_a_clean_error(tmp_path: Path) -> None:
+    # Issue 13, finding 6: this used to end in a traceback (IsADirectoryError).
+    d = make_log(tmp_path / "data", count=5)
+    (d / "00000000000000000006.log").mkdir()
+    result = subprocess.run([sys.executable, "-m", "logd.cli", "check", str(d)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"logd check: cannot check {d}: " in result.stdout and "Is a directory" in result.stdout
+
+
+def test_check_agrees_with_recovery_on_a_bad_record_followed_by_valid_ones(data: Path) -> None:
+    # Issue 13, finding 1: what check calls corruption, recovery refuses to cut.
+    path = log_files(data)[-1]
+    bad = first_id_of(path)  # the active segment's first record, valid ones after it
+    assert bad < COUNT
+    _, offset = record_of(data, bad)
+    flip_bit(path, offset + len(encode_record(bad, body_of(bad))) - 5)
+    path.with_suffix(".idx").write_bytes(b"")  # recovery must not need the active index
+    code, out = run_check(data)
+    assert code == 1 and f"id {bad}: bad record: crc mismatch; {COUNT - bad} valid records follow" in out
+    with pytest.raises(DamagedLogError) as caught:
+        Log(str(data))
+    assert (caught.value.path, caught.value.offset, caught.value.id) == (str(path), offset, bad)
+    assert caught.value.following == COUNT - bad
+    code, out = run_check(data, repair=True)
+    assert code == 1
+    with Log(str(data)) as log:
+        assert log.head == bad - 1
