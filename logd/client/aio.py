@@ -276,23 +276,18 @@ class AsyncTail:
         while not self._records:
             if self._conn is None:
                 policy = self._client.retry.policy(lambda e: retriable(e, True), None)
-                self._conn = await with_retry_async(policy, self._connect)
+                try:
+                    self._conn = await with_retry_async(policy, self._connect)
+                except errors.CorruptRecordError as exc:  # in the chunk that came with the OK
+                    await self._corrupt(exc)
+                    continue
             try:
                 replies = await self._conn.receive()
             except errors.ConnectionError:
                 await self.aclose()
                 continue
             except errors.CorruptRecordError as exc:
-                await self.aclose()
-                if not self._skip_corrupt or self._want is None:
-                    raise
-                # Fetch the good records before it (their chunk was lost), resume after it.
-                bad = corrupt_id_in(exc, self._want, exc.id + 1)
-                if bad > self._want:
-                    self._records.extend(
-                        await self._client.read(self._want, bad - self._want, wait=True, skip_corrupt=True)
-                    )
-                self._want = bad + 1
+                await self._corrupt(exc)
                 continue
             except errors.LogdError:  # a bad reply: nothing to resume from
                 await self.aclose()
@@ -306,6 +301,17 @@ class AsyncTail:
                 self._want = nxt
             if ended:
                 await self.aclose()
+
+    async def _corrupt(self, exc: errors.CorruptRecordError) -> None:
+        """A corrupt record: raise it, or (``skip_corrupt``) fetch the good records before it
+        (their chunk was lost) and resume after it."""
+        await self.aclose()
+        if not self._skip_corrupt or self._want is None:
+            raise exc
+        bad = corrupt_id_in(exc, self._want, exc.id + 1)
+        if bad > self._want:
+            self._records.extend(await self._client.read(self._want, bad - self._want, wait=True, skip_corrupt=True))
+        self._want = bad + 1
 
     async def _connect(self) -> AsyncConnection:
         client = self._client

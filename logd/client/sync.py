@@ -359,15 +359,16 @@ class Tail:
 
     def _fill(self, deadline: float | None) -> None:
         while not self._records:
-            if self._conn is None:
-                self._open()
             if not self._step(deadline):
                 return
 
     def _step(self, deadline: float | None) -> bool:
         """Receive once (reconnecting if the connection is lost); False if nothing came in time."""
         if self._conn is None:
-            self._open()
+            try:
+                self._open()
+            except errors.CorruptRecordError as exc:  # in the chunk that came with the OK
+                return self._corrupt(exc)
         assert self._conn is not None
         try:
             replies = self._conn.receive(deadline)
@@ -377,11 +378,7 @@ class Tail:
             self.close()
             return True
         except errors.CorruptRecordError as exc:
-            self.close()
-            if not self._skip_corrupt or self._want is None:
-                raise
-            self._skip(exc)
-            return True
+            return self._corrupt(exc)
         except BaseException:
             self.close()
             raise
@@ -394,6 +391,14 @@ class Tail:
             self._want = nxt
         if ended:
             self.close()
+        return True
+
+    def _corrupt(self, exc: errors.CorruptRecordError) -> bool:
+        """A corrupt record: raise it, or (``skip_corrupt``) skip it and go on."""
+        self.close()
+        if not self._skip_corrupt or self._want is None:
+            raise exc
+        self._skip(exc)
         return True
 
     def _skip(self, exc: errors.CorruptRecordError) -> None:
