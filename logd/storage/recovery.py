@@ -12,7 +12,7 @@ import os
 from array import array
 from itertools import islice
 
-from ..errors import DamagedLogError
+from ..errors import CorruptRecordError, DamagedLogError
 from .files import (
     SCAN_CHUNK,
     count_records,
@@ -56,7 +56,15 @@ def open_segments(directory: str, closed_head: int = 0) -> tuple[list[Segment], 
     check_tail = True
     for first, nxt in reversed(list(zip(firsts, firsts[1:], strict=False))):
         check_tail = check_tail and cut_zero_tail(Segment(directory, first).log_path)
-        closed.append(Segment.open_closed(directory, first, nxt - first))
+        try:
+            closed.append(Segment.open_closed(directory, first, nxt - first))
+        except CorruptRecordError as exc:  # its index had to be rebuilt, and the segment is bad
+            raise DamagedLogError(
+                f"{exc}; run `logd check DATA_DIR` (and --repair to move the bad bytes aside)",
+                path=exc.where,
+                offset=exc.offset,
+                id=exc.id,
+            ) from None
     closed.reverse()
     return (closed + [active] if active is not None else closed), cut_bytes
 

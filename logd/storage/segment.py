@@ -112,7 +112,8 @@ class Segment:
                 offsets.append(off)
         except BadRecord as bad:
             raise CorruptRecordError(
-                f"cannot rebuild index: {bad.reason}",
+                f"cannot rebuild the index of {self.log_path}: bad record at offset {bad.offset}, "
+                f"id {self.first_id + len(offsets)}: {bad.reason}",
                 where=self.log_path,
                 offset=bad.offset,
                 id=self.first_id + len(offsets),
@@ -121,7 +122,8 @@ class Segment:
             os.close(fd)
         if len(offsets) != self.count:
             raise CorruptRecordError(
-                f"segment holds {len(offsets)} records, expected {self.count}",
+                f"{self.log_path} holds {len(offsets)} records, expected {self.count} (ids {self.first_id}.."
+                f"{self.first_id + self.count - 1})",
                 where=self.log_path,
                 id=self.first_id + len(offsets),
             )

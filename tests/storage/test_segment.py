@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from logd.errors import CorruptRecordError
+from logd.errors import CorruptRecordError, DamagedLogError
 from logd.storage import Log
 from logd.storage.files import segment_name
 from logd.storage.record import encode_batch
@@ -213,9 +213,9 @@ def test_closed_index_rebuild_refuses_a_short_segment(template: Path, tmp_path: 
     os.truncate(path, path.stat().st_size - 10)  # the last record of a closed segment is cut
     path.with_suffix(".idx").unlink()
     for _attempt in range(2):  # the first failure must release the lock
-        with pytest.raises(CorruptRecordError) as info:
+        with pytest.raises(DamagedLogError) as info:  # refusing to start names the segment
             Log(str(d))
-        assert info.value.where == str(path)
+        assert info.value.path == str(path)
     assert not list(d.glob("*.tmp"))
 
 
