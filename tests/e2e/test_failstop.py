@@ -288,3 +288,28 @@ def test_consumer_skips_a_corrupt_record_only_when_told(start_server, tmp_path: 
     seen = [r.id for batch in lenient for r in batch]
     assert seen == [i for i in range(1, 101) if i != 10]
     assert lenient.commit() == 100
+
+
+def test_follower_over_a_corrupt_leader_record_reports_why_it_cannot_follow(start_server) -> None:  # type: ignore[no-untyped-def]
+    leader = start_server("--segment-bytes", SEGMENT)
+    fill(leader, 100)
+    follower = start_server("--replica-of", f"{leader.host}:{leader.port}")
+    with Client(follower.host, follower.port) as client:
+        wait_for(lambda: client.stats()["log_head"] == "100", 30, "the follower to catch up")
+    assert follower.terminate() == 0
+    with Client(leader.host, leader.port) as client:  # id 100 ends up in a closed segment
+        client.append(*[body_of(i) for i in range(101, 151)])
+        client.append(*[body_of(i) for i in range(151, 201)])
+    assert leader.terminate() == 0
+    path = [p for p in log_files(leader.data_dir) if int(p.name[:20]) <= 100][-1]
+    assert path != log_files(leader.data_dir)[-1]
+    flip_bit(path, record_offset(path, 100) + 40)
+    leader = start_server("--segment-bytes", SEGMENT, data_dir=leader.data_dir, port=leader.port)
+    follower = start_server("--replica-of", f"{leader.host}:{leader.port}", data_dir=follower.data_dir)
+    with Client(follower.host, follower.port) as client:
+        error = wait_for(lambda: "corrupt" in client.stats()["replication_error"] and client.stats(), 30,
+                         "the follower to report the leader's refusal")["replication_error"]
+    assert "record_100_is_corrupt" in error  # STATS values carry _ for spaces
+    assert follower.terminate() == 0 and leader.terminate() == 0
+    assert "record 100 is corrupt" in follower.stderr()  # each retry is logged, with the leader's reason
+    assert "Traceback" not in leader.stderr() + follower.stderr()
