@@ -130,7 +130,8 @@ class Stream:
                 log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
                 self.end(protocol.error_reply(UnavailableError(f"read failed at id {self.next}: {exc}")))
                 return
-            except ServerError as exc:
+            except ServerError as exc:  # e.g. the segment cannot be opened: out of descriptors
+                log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
                 self.end(protocol.error_reply(exc))
                 return
             if self.replica:

@@ -48,14 +48,15 @@ async def test_a_bug_in_the_writer_is_a_reported_fail_stop(server, capsys: pytes
     srv.log.append = injected_bug
     writer.write(b"MSG 1\r\nb\r\n")
     # Before: the writer task died silently and this MSG (and every later one) waited forever.
-    reason = b"append queue failed: RuntimeError: injected bug"
-    assert await asyncio.wait_for(reader.readline(), WAIT_S) == b"ERR UNAVAILABLE " + reason + b"\r\n"
+    reason = b"append queue failed: RuntimeError('injected bug')"
+    assert await asyncio.wait_for(reader.readline(), WAIT_S) == b"ERR UNAVAILABLE server failed: " + reason + b"\r\n"
     writer.write(b"MSG 1\r\nc\r\nPING\r\n")
-    assert await asyncio.wait_for(reader.readline(), WAIT_S) == b"ERR UNAVAILABLE " + reason + b"\r\n"
+    refused = b"ERR UNAVAILABLE server failed and accepts no writes: " + reason + b"\r\n"
+    assert await asyncio.wait_for(reader.readline(), WAIT_S) == refused
     assert await asyncio.wait_for(reader.readline(), WAIT_S) == b"PONG\r\n"
     figures = await stats(reader, writer)
     assert figures[b"state"] == b"failed"
-    assert figures[b"failed_reason"] == reason.replace(b" ", b"_")
+    assert figures[b"failure"] == reason.replace(b" ", b"_")
     writer.write(b"READ 1 1\r\n")  # what was committed before stays readable
     assert await asyncio.wait_for(reader.readexactly(len(b"OK\r\n+1 1 c1d04330\r\na\r\n+EOF\r\n")), WAIT_S) == (
         b"OK\r\n+1 1 c1d04330\r\na\r\n+EOF\r\n"
@@ -65,6 +66,7 @@ async def test_a_bug_in_the_writer_is_a_reported_fail_stop(server, capsys: pytes
     out = capsys.readouterr()
     logged = out.out + out.err
     assert "fail_stop" in logged and "Traceback" in logged and "RuntimeError: injected bug" in logged
+    assert "server_failed" in logged
     writer.close()
 
 
@@ -77,8 +79,9 @@ async def test_a_bug_in_a_stream_is_an_err_reply_and_a_fail_stop(server) -> None
     writer.write(b"READ 1 1\r\n")
     assert await asyncio.wait_for(reader.readline(), WAIT_S) == b"OK\r\n"
     line = await asyncio.wait_for(reader.readline(), WAIT_S)
-    assert line == b"ERR UNAVAILABLE a stream failed: RuntimeError: injected bug\r\n"
+    assert line == b"ERR UNAVAILABLE a stream failed: RuntimeError('injected bug')\r\n"
     writer.write(b"MSG 1\r\nb\r\n")
-    assert (await asyncio.wait_for(reader.readline(), WAIT_S)).startswith(b"ERR UNAVAILABLE a stream failed")
+    refused = await asyncio.wait_for(reader.readline(), WAIT_S)
+    assert refused.startswith(b"ERR UNAVAILABLE server failed and accepts no writes: a stream failed")
     assert (await stats(reader, writer))[b"state"] == b"failed"
     writer.close()
