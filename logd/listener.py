@@ -49,6 +49,7 @@ class Listener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resume: asyncio.TimerHandle | None = None
         self._reading = False
+        self._starting: set[asyncio.Task[None]] = set()  # held so a connection being set up is not collected
         self.refused = 0  # connections closed unserved for want of descriptors
         self._unreported = 0
         self._reported_at = 0.0
@@ -100,7 +101,9 @@ class Listener:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._loop.create_task(self._serve(conn))
+            task = self._loop.create_task(self._serve(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
         assert self._loop is not None
