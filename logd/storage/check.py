@@ -22,6 +22,7 @@ from typing import TextIO
 
 from ..errors import LockedError, StorageError
 from . import closed_head
+from .epochs import Epochs
 from .files import count_records, find_valid_record, nonzero_end, scan_records, segment_firsts, segment_name, write_all
 from .log import take_lock
 from .record import BadRecord, decode_record
@@ -333,8 +334,18 @@ def _repair(path: str, scans: list[_Scan], cut: tuple[int, int] | None, say: Cal
         saved = last + 1
     if saved > last:
         say(f"repair: accepting the loss of ids {last + 1}..{saved}: the next message gets id {last + 1}")
+    _forget_epochs_after(path, last + 1, say)
     closed_head.save(path, last)  # fsyncs the dir, making the renames above durable too
     say("repair: done; the log now holds " + (f"ids {first}..{last}" if last >= first else "no records"))
+
+
+def _forget_epochs_after(path: str, next_id: int, say: Callable[[str], None]) -> None:
+    """Leader epochs that start past the repaired log's next id no longer describe it (protocol.md 3.4)."""
+    epochs = Epochs.load(path)
+    before = list(epochs.entries)
+    epochs.truncate_after(next_id)  # keeps an epoch that starts at the next id (no record yet)
+    if epochs.entries != before:
+        say(f"repair: EPOCHS: forgot the epochs that started after id {next_id}")
 
 
 def _free_name(path: str) -> str:
