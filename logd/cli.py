@@ -31,9 +31,11 @@ from .config import (
     environment,
     resolve,
 )
-from .errors import LogdError
+from .errors import DamagedLogError, LogdError
 
 EXIT_STARTUP_FAILED = 3  # distinct from 1 (runtime error) and 2 (usage)
+# 4: a follower stopped (diverged); 5: stopped after a fail-stop (server.py)
+EXIT_DAMAGED = 6  # the data dir holds damage recovery must not cut away: run logd check
 
 
 class SettingType(click.ParamType):
@@ -119,6 +121,9 @@ def serve(config_file: str | None, **flags: Any) -> None:
 
     try:
         status = run(config, ready, reload, metrics_ready)
+    except DamagedLogError as exc:
+        click.echo(f"logd: cannot start: the data dir is damaged: {exc}", err=True)
+        sys.exit(EXIT_DAMAGED)
     except (OSError, LogdError) as exc:  # port taken, data dir locked or unreadable, ...
         click.echo(f"logd: cannot start: {exc}", err=True)
         sys.exit(EXIT_STARTUP_FAILED)

@@ -43,6 +43,24 @@ class StorageError(LogdError):
     """Base for failures of the on-disk log that are not bad client input."""
 
 
+class DamagedLogError(StorageError):
+    """The data directory holds damage that recovery must not cut away (protocol.md section 2).
+
+    A bad record followed by valid ones is corruption, not a torn tail, and a
+    log that ends before the head it was closed at lost acknowledged records:
+    either way logd refuses to start rather than drop them or hand their ids
+    out again. ``path`` names the segment, ``offset`` and ``id`` the first bad
+    record, ``following`` how many valid records come after it.
+    """
+
+    def __init__(self, message: str, *, path: str = "", offset: int = -1, id: int = -1, following: int = 0) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+        self.id = id
+        self.following = following
+
+
 class LockedError(StorageError):
     """The data directory is held by another logd process."""
 

@@ -138,6 +138,7 @@ class AppendQueue:
         self._always = log_.policy.mode == "always"
         self._scheduled = False
         self._syncing: list[Batch] | None = None  # the round whose fsync is running
+        self._taken: list[Batch] = []  # the round being written, until answered (for a fail-stop)
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._sync_task: asyncio.Task[None] | None = None
         self._syncer: SyncThread | None = None
@@ -223,7 +224,7 @@ class AppendQueue:
             elif self._syncing is None and self._pending:
                 round_ = self._take_round()
                 if self._append(round_):
-                    self._syncing = round_
+                    self._syncing, self._taken = round_, []
                     self._syncer.request(self._synced)  # type: ignore[union-attr]
         except Exception as exc:  # a bug or an unforeseen fault: stop, loudly, rather than hang
             self._fail_stop("append queue failed", exc)
@@ -247,6 +248,10 @@ class AppendQueue:
         self._check_idle()
 
     def _take_round(self) -> list[Batch]:
+        self._taken = self._take()
+        return self._taken
+
+    def _take(self) -> list[Batch]:
         pending = self._pending
         if self._pending_bytes <= MAX_ROUND_BYTES:
             round_ = list(pending)
@@ -288,6 +293,7 @@ class AppendQueue:
         return True
 
     def _fail(self, round_: list[Batch], exc: LogdError) -> None:
+        self._taken = []
         log.error("append_failed", error=str(exc), batches=len(round_))
         for _b, _n, who, token in round_:
             who.batch_failed(token, exc)
@@ -295,6 +301,7 @@ class AppendQueue:
 
     def _acknowledge(self, round_: list[Batch]) -> None:
         """Hand out the id ranges of a committed round, in submission order, and tell the listeners."""
+        self._taken = []
         messages = sum([len(item[0]) for item in round_]) if len(round_) > 1 else len(round_[0][0])
         first = self.log.head + 1 - messages
         nbytes = 0
@@ -338,7 +345,8 @@ class AppendQueue:
         if self._on_failure is not None:
             self._on_failure(what, exc)
         # Whatever was in flight will never be acknowledged: say so.
-        stuck = list(self._pending) + (self._syncing or [])
+        stuck = self._taken + list(self._pending) + (self._syncing or [])
+        self._taken = []
         self._pending.clear()
         self._pending_bytes = 0
         self._syncing = None

@@ -8,8 +8,10 @@ CLI's blocking entry point. The per-connection protocol is in `connection.py`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -24,15 +26,19 @@ from .connection import Connection
 from .cursor_commands import ServerCursors
 from .errors import (
     BusyError,
+    CorruptRecordError,
     DeniedError,
     DivergedError,
     FencedError,
     HandshakeAnswer,
     IdleTimeoutError,
+    LogdError,
     ReadOnlyError,
     ServerError,
     UnavailableError,
 )
+from .fdlimit import fit_connections
+from .listener import Listener
 from .logging import configure_logging
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
@@ -47,6 +53,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("logd.server")
 
 WATERMARK_SAVE_S = 1.0  # how often a changed high watermark is saved (--min-replicas)
+EXIT_FAIL_STOPPED = 5  # the server stopped after a fail-stop (see LogServer.fail_stop)
+STOP_GRACE_S = 5.0  # beyond shutdown_timeout, for the final commit and sync, before a signal forces the exit
 
 
 class LogServer:
@@ -94,7 +102,7 @@ class LogServer:
         self.stopping = False
         self.started = time.monotonic()
         self._stop = asyncio.Event()
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics: MetricsEndpoint | None = None  # --metrics-port
         self.queue.add_listener(self._on_commit)
@@ -104,12 +112,14 @@ class LogServer:
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound host and port."""
         loop = asyncio.get_running_loop()
+        fitting = fit_connections(self.config.max_connections)  # raises the soft RLIMIT_NOFILE too
+        if fitting != self.config.max_connections:
+            self.config = dataclasses.replace(self.config, max_connections=fitting)
         self.queue.start()
-        self._server = await loop.create_server(
-            lambda: Connection(self), self.config.host, self.config.port, backlog=1024, reuse_address=True
-        )
-        sock = self._server.sockets[0]
-        host, port = sock.getsockname()[:2]
+        # Our own accept loop: out of descriptors it refuses connections visibly (listener.py).
+        self._listener = Listener(lambda: Connection(self), self.config.host, self.config.port, backlog=1024)
+        self._listener.start()
+        host, port = self._listener.address
         if self.config.metrics_port is not None:
             from .metrics import MetricsEndpoint  # prometheus_client is loaded only when asked for
 
@@ -165,8 +175,8 @@ class LogServer:
     async def shutdown(self) -> None:
         """Stop accepting, commit what is in flight, close streams with +EOF, close the log."""
         self.stopping = True
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         if self.follower is not None:
             await self.follower.stop()
         self.replication.close()
@@ -193,7 +203,10 @@ class LogServer:
             return  # the disk does not answer: leave the files as they are (recovery handles them)
         if self.config.min_replicas:
             self.save_watermark()
-        self.log.close()
+        try:
+            self.log.close()
+        except (OSError, LogdError) as exc:  # e.g. the final fsync failed: say so, still stop
+            log.error("close_failed", error=str(exc))
         self.cursors.close()
         log.info("stopped", head=self.log.head)
 
@@ -433,7 +446,8 @@ class LogServer:
         """An unexpected fault in the commit path: append nothing more, say why, keep serving reads."""
         if self.failure is None:
             self.failure = f"{what}: {exc!r}"
-            log.error("server_failed", reason=self.failure)
+            self.exit_code = EXIT_FAIL_STOPPED  # a later stop exits non-zero: it did not end well
+            log.error("server_failed", reason=self.failure, hint="MSG is refused with ERR UNAVAILABLE; restart logd")
 
     def check_replica_start(self, start: int, prev_crc: int | None) -> None:
         """Refuse a follower whose history differs from ours (DIVERGED)."""
@@ -442,7 +456,15 @@ class LogServer:
             raise DivergedError(f"follower is ahead: it has id {prev}, this server's head is {self.log.head}")
         if prev_crc is None or prev < self.log.first or prev == 0:
             return
-        ours = self.log.crc_of(prev)
+        try:
+            ours = self.log.crc_of(prev)
+        except CorruptRecordError as exc:
+            # Our copy of the follower's last record is damaged: we cannot tell
+            # whether the histories agree. The follower backs off and retries.
+            log.error("replica_start_corrupt", id=prev, error=str(exc), hint="run logd check on this server")
+            raise UnavailableError(
+                f"cannot check prev_crc: this server's record {prev} is corrupt ({exc}); run logd check here"
+            ) from None
         if ours != prev_crc:
             raise DivergedError(f"id {prev} differs: leader crc {ours:08x}, follower crc {prev_crc:08x}")
 
@@ -469,6 +491,8 @@ class LogServer:
             {
                 "state": "failed" if self.failure is not None else "ok",
                 "connections": len(self.connections),
+                "max_connections": self.config.max_connections,
+                "refused_connections": self._listener.refused if self._listener is not None else 0,
                 "tails": len(self.streams),
                 "waiting_tails": self.readers.count + self.replicas.count,
                 "replicas": len(self.replica_streams),
@@ -574,6 +598,12 @@ async def serve(
             log.warning("forced_exit", signal=sig.name)
             os._exit(1)
         server.request_stop(sig.name)
+        # Whatever state the server is in (a stuck task, a hung disk), a
+        # signal stops the process: a thread that needs no event loop.
+        grace = config.shutdown_timeout + STOP_GRACE_S
+        watchdog = threading.Timer(grace, _force_exit, args=(sig.name, grace))
+        watchdog.daemon = True
+        watchdog.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -592,6 +622,11 @@ async def serve(
     systemd.notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")
     await server.wait_stopped()
     return server.exit_code
+
+
+def _force_exit(signal_name: str, after_s: float) -> None:
+    log.error("forced_exit", signal=signal_name, reason="graceful stop did not finish", after_s=after_s)
+    os._exit(EXIT_FAIL_STOPPED)
 
 
 def run(

@@ -88,7 +88,20 @@ class Stream:
                 self.sink.write(markers)
 
     def pump(self) -> None:
-        """Send committed records until the socket is full, the reader is caught up, or the stream ends."""
+        """Send committed records until the socket is full, the reader is caught up, or the stream ends.
+
+        An unexpected exception ends the stream with ``ERR UNAVAILABLE`` and
+        puts the server in fail-stop (`LogServer.fail_stop`): never a stream
+        that silently stops, nor a fault that reaches the commit path.
+        """
+        try:
+            self._pump()
+        except Exception as exc:
+            log.error("stream_failed", peer=self.sink.peer, id=self.next, exc_info=exc)
+            self.server.fail_stop("a stream failed", exc)
+            self.end(protocol.error_reply(UnavailableError(f"a stream failed: {exc!r}")))
+
+    def _pump(self) -> None:
         srv = self.server
         sink = self.sink
         lg = srv.log
@@ -126,7 +139,8 @@ class Stream:
                 log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
                 self.end(protocol.error_reply(UnavailableError(f"read failed at id {self.next}: {exc}")))
                 return
-            except ServerError as exc:
+            except ServerError as exc:  # e.g. the segment cannot be opened: out of descriptors
+                log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
                 self.end(protocol.error_reply(exc))
                 return
             if self.replica:

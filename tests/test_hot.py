@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import logd.hot
+from logd.errors import ProtocolError
 from logd.protocol import client as client_module
 from logd.protocol import parser as parser_module
 from logd.protocol import replica as replica_module
@@ -237,7 +238,8 @@ def test_msg_lengths_takes_18_digits_at_most(digits: int) -> None:
     assert lens == ([1, int(b"9" * digits)] if digits <= 18 else None)
     python = CommandParser._lengths(line)
     if lens is None:
-        assert isinstance(python, Exception)  # Python reports what C declined
+        # Python reports what C declined: a length no limit admits cannot be framed (protocol.md 3.3).
+        assert type(python) is ProtocolError and python.fatal
     else:
         assert python == lens
 

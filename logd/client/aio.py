@@ -27,9 +27,11 @@ from .commands import (
     checked,
     clamp,
     commit_call,
+    corrupt_id_in,
     cursor_call,
     deadline_after,
     id_of,
+    last_id_of,
     msg_call,
     parse_url,
     read_call,
@@ -162,18 +164,40 @@ class AsyncClient:
         return await self._execute(CURSORS, timeout)
 
     async def read(
-        self, start: int, limit: int = 1000, *, wait: bool = False, timeout: float | None = None
+        self,
+        start: int,
+        limit: int = 1000,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        skip_corrupt: bool = False,
     ) -> list[Record]:
-        """Up to ``limit`` records from id ``start`` (see `Client.read`)."""
+        """Up to ``limit`` records from id ``start`` (see `Client.read`, ``skip_corrupt`` included)."""
         if not wait:
             limit = clamp(start, limit, await self.head(timeout=timeout))
             if not limit:
                 return []
+        end = start + limit
+        out: list[Record] = []
+        while start < end:
+            try:
+                out.extend(await self._read_exact(start, end - start, timeout))
+                break
+            except errors.CorruptRecordError as exc:
+                if not skip_corrupt:
+                    raise
+                bad = corrupt_id_in(exc, start, end)
+                if bad > start:
+                    out.extend(await self._read_exact(start, bad - start, timeout))
+                start = bad + 1
+        return out
+
+    async def _read_exact(self, start: int, limit: int, timeout: float | None) -> list[Record]:
         return await self._execute(read_call(start, limit), timeout)
 
-    def tail(self, start: int | None = None) -> AsyncTail:
-        """Records from id ``start`` (None: only new ones) as they are committed, forever."""
-        return AsyncTail(self, start)
+    def tail(self, start: int | None = None, *, skip_corrupt: bool = False) -> AsyncTail:
+        """Records from id ``start`` (None: only new ones) as they are committed, forever (see `Client.tail`)."""
+        return AsyncTail(self, start, skip_corrupt=skip_corrupt)
 
     async def append_batches(
         self, batches: Iterable[Sequence[Body]], *, max_in_flight: int = 16, timeout: float | None = None
@@ -205,7 +229,7 @@ class AsyncClient:
     async def _acked(self, conn: AsyncConnection, n: int, limit: float | None) -> range:
         try:
             async with asyncio.timeout(limit):
-                last = id_of([await conn.reply()])
+                last = last_id_of([await conn.reply()], n)
         except TimeoutError:
             raise errors.TimeoutError(f"no reply from {where(self.address)} in time") from None
         return range(last - n + 1, last + 1)
@@ -218,10 +242,11 @@ class AsyncClient:
 class AsyncTail:
     """The asyncio twin of `Tail`: ``async for record in client.tail(start)``."""
 
-    def __init__(self, client: AsyncClient, start: int | None) -> None:
+    def __init__(self, client: AsyncClient, start: int | None, *, skip_corrupt: bool = False) -> None:
         if start is not None and start < 1:
             raise ValueError("a tail starts at an id >= 1")
         self._client = client
+        self._skip_corrupt = skip_corrupt
         self._want = start
         self._conn: AsyncConnection | None = None
         self._records: deque[Record] = deque()
@@ -266,13 +291,20 @@ class AsyncTail:
         while not self._records:
             if self._conn is None:
                 policy = self._client.retry.policy(lambda e: retriable(e, True), None)
-                self._conn = await with_retry_async(policy, self._connect)
+                try:
+                    self._conn = await with_retry_async(policy, self._connect)
+                except errors.CorruptRecordError as exc:  # in the chunk that came with the OK
+                    await self._corrupt(exc)
+                    continue
             try:
                 replies = await self._conn.receive()
             except errors.ConnectionError:
                 await self.aclose()
                 continue
-            except errors.LogdError:  # a corrupt record or reply: nothing to resume from
+            except errors.CorruptRecordError as exc:
+                await self._corrupt(exc)
+                continue
+            except errors.LogdError:  # a bad reply: nothing to resume from
                 await self.aclose()
                 raise
             try:
@@ -284,6 +316,17 @@ class AsyncTail:
                 self._want = nxt
             if ended:
                 await self.aclose()
+
+    async def _corrupt(self, exc: errors.CorruptRecordError) -> None:
+        """A corrupt record: raise it, or (``skip_corrupt``) fetch the good records before it
+        (their chunk was lost) and resume after it."""
+        await self.aclose()
+        if not self._skip_corrupt or self._want is None:
+            raise exc
+        bad = corrupt_id_in(exc, self._want, exc.id + 1)
+        if bad > self._want:
+            self._records.extend(await self._client.read(self._want, bad - self._want, wait=True, skip_corrupt=True))
+        self._want = bad + 1
 
     async def _connect(self) -> AsyncConnection:
         client = self._client

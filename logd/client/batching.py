@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from .. import errors
 from ..protocol import ErrorReply, Reply
-from .commands import id_of
+from .commands import last_id_of
 
 __all__ = ["Batch", "BatchLimits", "lost_in_flight", "settle"]
 
@@ -56,7 +56,7 @@ def settle(batch: Batch[Any], reply: Reply | errors.LogdError) -> None:
         reply = errors.error_from_reply(reply.code, reply.message)
     if not isinstance(reply, errors.LogdError):
         try:
-            first = id_of([reply]) - len(futures) + 1
+            first = last_id_of([reply], len(futures)) - len(futures) + 1
         except errors.LogdError as exc:
             reply = exc
     if isinstance(reply, errors.LogdError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
+import structlog
 import tenacity
 
 from .. import defaults, errors
@@ -39,6 +40,8 @@ from ..protocol import (
     Stats,
     StatsReply,
 )
+
+log = structlog.get_logger("logd.client")
 
 DEFAULT_URL: str = f"logd://{defaults.HOST}:{DEFAULT_PORT}"
 RECV_BYTES = 1 << 20
@@ -124,10 +127,20 @@ def checked(reply: Reply) -> Reply:
 
 
 def id_of(replies: list[Reply]) -> int:
+    """The id of an ``OK <id>`` reply: ASCII digits only (``int`` would take any Unicode digit)."""
     reply = checked(replies[0])
-    if isinstance(reply, OkReply) and reply.value is not None and reply.value.isdigit():
-        return int(reply.value)
+    value = reply.value if isinstance(reply, OkReply) else None
+    if value is not None and value.isascii() and value.isdigit() and len(value) <= 19:
+        return int(value)
     raise errors.ProtocolError(f"expected OK <id>, got {reply!r}")
+
+
+def last_id_of(replies: list[Reply], count: int) -> int:
+    """The last id of a MSG of ``count`` messages: its ``OK <id>`` must leave room for all of them."""
+    last = id_of(replies)
+    if last < count:
+        raise errors.ProtocolError(f"OK {last} cannot be the last id of {count} messages (ids start at 1)")
+    return last
 
 
 def ok_of(replies: list[Reply]) -> None:
@@ -154,6 +167,26 @@ def records_of(replies: list[Reply]) -> list[Record]:
     return [r for r in replies if isinstance(r, Record)]
 
 
+def read_call(start: int, limit: int) -> Call[list[Record]]:
+    """READ start limit: exactly ``limit`` records (the server ends with ``+EOF`` after them)."""
+
+    def records(replies: list[Reply]) -> list[Record]:
+        out = records_of(replies)
+        if len(out) != limit:
+            raise errors.ProtocolError(f"READ {start} {limit} got {len(out)} records")
+        return out
+
+    return Call(Read(start, limit), records, stream=True)
+
+
+def corrupt_id_in(exc: errors.CorruptRecordError, start: int, end: int) -> int:
+    """The id of the corrupt record, which must be in ``[start, end)`` to be skipped; else re-raise."""
+    if not start <= exc.id < end:
+        raise exc
+    log.warning("corrupt_record_skipped", id=exc.id, error=str(exc))
+    return exc.id
+
+
 def as_bytes(body: Body) -> bytes:
     return body.encode() if isinstance(body, str) else body
 
@@ -164,7 +197,7 @@ def msg_call(bodies: Sequence[Body]) -> Call[list[int]]:
     n = len(bodies)
 
     def ids(replies: list[Reply]) -> list[int]:
-        last = id_of(replies)
+        last = last_id_of(replies, n)
         return list(range(last - n + 1, last + 1))
 
     return Call(Msg([as_bytes(b) for b in bodies]), ids, idempotent=False)
@@ -191,10 +224,6 @@ HEAD = Call(Head(), id_of)
 PING = Call(Ping(), pong_of)
 STATS = Call(Stats(), stats_of)
 SHUTDOWN = Call(Shutdown(), ok_of, idempotent=False)
-
-
-def read_call(start: int, limit: int) -> Call[list[Record]]:
-    return Call(Read(start, limit), records_of, stream=True)
 
 
 def clamp(start: int, limit: int, head: int) -> int:

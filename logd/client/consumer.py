@@ -186,6 +186,7 @@ class Consumer:
         follow: bool = True,
         timeout: float | None = defaults.CLIENT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
+        skip_corrupt: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -196,6 +197,9 @@ class Consumer:
         self.max_batch = max_batch
         self.follow = follow
         self._client_args: dict[str, Any] = {"timeout": timeout, "retry": retry}
+        # A corrupt record raises CorruptRecordError (every restart stops at
+        # it); with skip_corrupt it is logged with its id and skipped.
+        self.skip_corrupt = skip_corrupt
         self._delivered = 0
 
     @property
@@ -214,7 +218,7 @@ class Consumer:
             if stop is not None and start > stop:
                 return
             last = start - 1  # the last id handed over by this iteration
-            with client.tail(start) as tail:
+            with client.tail(start, skip_corrupt=self.skip_corrupt) as tail:
                 while stop is None or last < stop:
                     size = self.max_batch if stop is None else min(self.max_batch, stop - last)
                     batch = tail.batch(size)

@@ -27,9 +27,11 @@ from .commands import (
     checked,
     clamp,
     commit_call,
+    corrupt_id_in,
     cursor_call,
     deadline_after,
     id_of,
+    last_id_of,
     msg_call,
     parse_url,
     read_call,
@@ -227,23 +229,51 @@ class Client:
         return self._execute(CURSORS, timeout)
 
     def read(
-        self, start: int, limit: int = 1000, *, wait: bool = False, timeout: float | None = None
+        self,
+        start: int,
+        limit: int = 1000,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        skip_corrupt: bool = False,
     ) -> list[Record]:
         """Up to ``limit`` records from id ``start``, those committed now.
 
         With ``wait``, exactly ``limit`` records, waiting for ones not yet
         written (until the timeout). Raises NotFoundError if ``start`` is
-        older than the oldest retained id.
+        older than the oldest retained id, and `CorruptRecordError` (with the
+        record's id) for a record whose CRC or framing is wrong; with
+        ``skip_corrupt`` such a record is left out (and logged) instead.
         """
         if not wait:
             limit = clamp(start, limit, self.head(timeout=timeout))
             if not limit:
                 return []
+        end = start + limit
+        out: list[Record] = []
+        while start < end:
+            try:
+                out.extend(self._read_exact(start, end - start, timeout))
+                break
+            except errors.CorruptRecordError as exc:
+                if not skip_corrupt:
+                    raise
+                bad = corrupt_id_in(exc, start, end)
+                if bad > start:  # the good records before it, cut short by the error
+                    out.extend(self._read_exact(start, bad - start, timeout))
+                start = bad + 1
+        return out
+
+    def _read_exact(self, start: int, limit: int, timeout: float | None) -> list[Record]:
         return self._execute(read_call(start, limit), timeout)
 
-    def tail(self, start: int | None = None) -> Tail:
-        """Records from id ``start`` (None: only new ones) as they are committed, forever."""
-        return Tail(self, start)
+    def tail(self, start: int | None = None, *, skip_corrupt: bool = False) -> Tail:
+        """Records from id ``start`` (None: only new ones) as they are committed, forever.
+
+        A corrupt record raises `CorruptRecordError`; with ``skip_corrupt`` it
+        is logged and skipped.
+        """
+        return Tail(self, start, skip_corrupt=skip_corrupt)
 
     def append_batches(
         self, batches: Iterable[Sequence[Body]], *, max_in_flight: int = 16, timeout: float | None = None
@@ -280,7 +310,7 @@ class Client:
 
     @staticmethod
     def _acked(conn: Connection, n: int, deadline: float | None) -> range:
-        last = id_of([conn.reply(deadline)])
+        last = last_id_of([conn.reply(deadline)], n)
         return range(last - n + 1, last + 1)
 
     def shutdown(self, *, timeout: float | None = None) -> None:
@@ -297,10 +327,11 @@ class Tail:
     resumes at the last id received + 1, like a NATS ordered consumer.
     """
 
-    def __init__(self, client: Client, start: int | None) -> None:
+    def __init__(self, client: Client, start: int | None, *, skip_corrupt: bool = False) -> None:
         if start is not None and start < 1:
             raise ValueError("a tail starts at an id >= 1")
         self._client = client
+        self._skip_corrupt = skip_corrupt
         self._want = start  # the next id to ask the server for; None: after the head
         self._conn: Connection | None = None
         self._records: deque[Record] = deque()
@@ -343,15 +374,16 @@ class Tail:
 
     def _fill(self, deadline: float | None) -> None:
         while not self._records:
-            if self._conn is None:
-                self._open()
             if not self._step(deadline):
                 return
 
     def _step(self, deadline: float | None) -> bool:
         """Receive once (reconnecting if the connection is lost); False if nothing came in time."""
         if self._conn is None:
-            self._open()
+            try:
+                self._open()
+            except errors.CorruptRecordError as exc:  # in the chunk that came with the OK
+                return self._corrupt(exc)
         assert self._conn is not None
         try:
             replies = self._conn.receive(deadline)
@@ -360,6 +392,8 @@ class Tail:
         except errors.ConnectionError:
             self.close()
             return True
+        except errors.CorruptRecordError as exc:
+            return self._corrupt(exc)
         except BaseException:
             self.close()
             raise
@@ -373,6 +407,22 @@ class Tail:
         if ended:
             self.close()
         return True
+
+    def _corrupt(self, exc: errors.CorruptRecordError) -> bool:
+        """A corrupt record: raise it, or (``skip_corrupt``) skip it and go on."""
+        self.close()
+        if not self._skip_corrupt or self._want is None:
+            raise exc
+        self._skip(exc)
+        return True
+
+    def _skip(self, exc: errors.CorruptRecordError) -> None:
+        """Go on after a corrupt record: fetch the good ones before it (their chunk was lost), resume after it."""
+        assert self._want is not None
+        bad = corrupt_id_in(exc, self._want, exc.id + 1)
+        if bad > self._want:
+            self._records.extend(self._client.read(self._want, bad - self._want, wait=True, skip_corrupt=True))
+        self._want = bad + 1
 
     def _open(self) -> None:
         client = self._client

@@ -143,6 +143,8 @@ class ClientProtocol:
                 if b"\n" not in data:
                     buf += data
                     if len(buf) >= self._max_line:
+                        if self._streaming:
+                            raise self._corrupt(f"no record header in {self._max_line} bytes")
                         raise ProtocolError(f"reply line over {self._max_line} bytes")
                     return out
                 scan = len(buf)
@@ -159,12 +161,16 @@ class ClientProtocol:
                     break
             else:
                 if nl == p or data[nl - 1] != 13:
+                    if self._streaming:  # stored bytes that are not a record: a damaged segment
+                        raise self._corrupt(f"not a record: {_show(data[p:nl])}")
                     raise ProtocolError(f"reply line not ended by CRLF: {_show(data[p:nl])}")
                 self._line(data[p : nl - 1], out)
                 p = nl + 1
             nl = find(b"\n", p)
         if p < size:
             if not self._need and size - p >= self._max_line:
+                if self._streaming:
+                    raise self._corrupt(f"no record header in {self._max_line} bytes")
                 raise ProtocolError(f"reply line over {self._max_line} bytes")
             buf += memoryview(data)[p:]
         return out

@@ -316,8 +316,10 @@ class CommandParser:
         if b"" in tokens or not rest.translate(None, b" ").isdigit():
             return ProtocolError(f"bad MSG length in {_show(rest)}", fatal=True)
         if max(map(len, tokens)) > 18:
-            # Not a length any server takes, nor a count of bytes one could skip.
-            return TooLargeError("MSG length out of range", fatal=True)
+            # Not a length any server takes, nor a count of bytes one could
+            # skip: the stream can no longer be framed, like a malformed
+            # length (protocol.md 3.3). TOO_LARGE always leaves it usable.
+            return ProtocolError("MSG length of 19 or more digits: the stream cannot be framed", fatal=True)
         return list(map(int, tokens))
 
     def _collect(

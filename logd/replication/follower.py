@@ -134,6 +134,9 @@ class Follower:
         self.leader_min_replicas = 0
         self.dropped = 0  # records moved aside by truncations in this process
         self.sessions = 0
+        # Why the last attempt to follow failed ("-" once streaming): an ERR from
+        # the leader (e.g. UNAVAILABLE over a corrupt record) shows in STATS.
+        self.last_error = "-"
         self._task: asyncio.Task[None] | None = None
         self._link: _Link | None = None
         self._committer: asyncio.Task[None] | None = None
@@ -199,6 +202,7 @@ class Follower:
 
     def _before_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
+        self.last_error = str(exc)
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         log.warning("leader_unreachable", leader=self.leader, error=str(exc), attempt=state.attempt_number,
                     retry_in_s=round(wait, 3))
@@ -271,6 +275,7 @@ class Follower:
                         self.state = "streaming"
                         # Count toward the leader's --min-replicas now, not only after new records.
                         link.write(encode_command(Ack(start - 1)))
+                        self.last_error = "-"
                         log.info("following", leader=self.leader, start=start)
                     elif type(ev) is StreamEnd:
                         self._commit_soon(link, count, nbytes)
@@ -421,4 +426,5 @@ class Follower:
             "lag_messages": max(0, self.leader_head - self.server.log.head),
             "lag_s": round(lag_s, 3),
             "dropped_records": self.dropped,
+            "replication_error": self.last_error,
         }

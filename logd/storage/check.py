@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from ..errors import LockedError, StorageError
-from .files import nonzero_end, scan_records, segment_firsts, segment_name, write_all
+from . import closed_head
+from .epochs import Epochs
+from .files import count_records, find_valid_record, nonzero_end, scan_records, segment_firsts, segment_name, write_all
 from .log import take_lock
 from .record import BadRecord, decode_record
 from .segment import INDEX_ENTRY
@@ -44,6 +46,9 @@ class _Scan:
     bad: str | None = None  # why the bytes at `end` are not the next record
     truncated: bool = False  # ... and whether they are a record cut off by the end of file
     zeros: int = 0  # zero bytes ending the active segment's file (written ahead of the data)
+    following: int = 0  # valid records found after the bad bytes (0: a torn tail, if active)
+    following_at: int = -1  # ... the byte offset of the first of them
+    following_id: int = 0  # ... and its id
 
     @property
     def next_id(self) -> int:
@@ -67,6 +72,8 @@ def _scan(path: str, first_id: int, limit: int | None) -> _Scan:
             s.bad, s.truncated = bad.reason, bad.truncated
             if limit is None:
                 _look_past_zeros(fd, s)
+            if s.bad is not None:
+                _look_for_valid_records(fd, s)
     finally:
         os.close(fd)
     return s
@@ -83,6 +90,15 @@ def _look_past_zeros(fd: int, s: _Scan) -> None:
         decode_record(os.pread(fd, used - s.end, s.end), 0, s.next_id)
     except BadRecord as bad:
         s.bad, s.truncated = bad.reason, bad.truncated
+
+
+def _look_for_valid_records(fd: int, s: _Scan) -> None:
+    """Count the valid records after a bad one: any at all make it corruption, not a torn tail."""
+    used = s.size - s.zeros
+    found = find_valid_record(fd, s.end, s.next_id, used)
+    if found is not None:
+        s.following_at, s.following_id = found
+        s.following, _stop = count_records(fd, s.following_at, s.following_id, used)
 
 
 def _iter_crcs(path: str) -> Iterator[tuple[int, int]]:
@@ -159,6 +175,9 @@ def check_data_dir(path: str, *, repair: bool = False, out: TextIO = sys.stdout)
         return EXIT_CANNOT_CHECK
     try:
         return _check(path, repair, say)
+    except (OSError, ValueError) as exc:  # e.g. a directory named like a segment
+        say(f"logd check: cannot check {path}: {exc}")
+        return EXIT_CANNOT_CHECK
     finally:
         os.close(lock_fd)  # drops the flock
 
@@ -179,12 +198,20 @@ def _check(path: str, repair: bool, say: Callable[[str], None]) -> int:
                 f"{s.log_path}: offset {s.size - s.zeros}: note: {s.zeros} bytes of zeros written ahead "
                 "(preallocated under fsync=always; logd cuts them at open)"
             )
-        if s.bad is not None and active and s.truncated:
+        if s.bad is not None and active and not s.following:
+            # What recovery cuts at open: a record cut off, or bytes no valid record follows.
+            what = "a cut-off record" if s.truncated else f"bytes that are not a record ({s.bad})"
             say(
-                f"{where} note: torn tail, a cut-off record of {s.size - s.zeros - s.end} bytes "
-                "(a crash during a write; logd cuts it at open)"
+                f"{where} note: torn tail, {what} of {s.size - s.zeros - s.end} bytes "
+                "that no valid record follows (a crash during a write; logd cuts it at open)"
             )
             ok = True
+        elif s.bad is not None and s.following:
+            say(
+                f"{where} bad record: {s.bad}; {s.following} valid records follow from offset "
+                f"{s.following_at} (ids {s.following_id}..{s.following_id + s.following - 1}): corruption, "
+                f"not a torn tail ({s.size - s.end} bytes from here)"
+            )
         elif s.bad is not None:
             say(f"{where} bad record: {s.bad} ({s.size - s.end} bytes from here unreadable)")
         elif not active and s.next_id < firsts[i + 1]:
@@ -204,6 +231,19 @@ def _check(path: str, repair: bool, say: Callable[[str], None]) -> int:
 
     kept = scans if cut is None else scans[: cut[0] + 1]
     last_id = kept[-1].next_id - 1
+    try:
+        saved = closed_head.load(path)
+    except ValueError as exc:
+        say(f"{exc} (logd will not start with it)")
+        saved = 0
+        problems += 1
+    if saved > last_id and cut is None:  # with a cut, the bad record is the damage reported
+        s = kept[-1]
+        say(
+            f"{s.log_path}: offset {s.end}: id {last_id + 1}: the log was closed cleanly at id {saved} but its "
+            f"records end at id {last_id}: ids {last_id + 1}..{saved} lost to damage (logd will not start)"
+        )
+        problems += 1
     ids = f"ids {firsts[0]}..{last_id}" if last_id >= firsts[0] else "no records"
     say(
         f"{len(scans)} segments, {sum(len(s.offsets) for s in kept)} records, {ids}, "
@@ -229,10 +269,14 @@ def _check_index(s: _Scan, *, complete: bool, active: bool, say: Callable[[str],
     if entries[:common] != s.offsets[:common]:
         wrong = [k for k in range(common) if entries[k] != s.offsets[k]]
         k = wrong[0]
-        say(
+        what = (
             f"{s.idx_path}: offset {k * INDEX_ENTRY}: id {s.first_id + k}: index entry says "
             f"offset {entries[k]}, the record is at {s.offsets[k]} ({len(wrong)} entries wrong)"
         )
+        if active:  # never synced, so a crash leaves garbage in it; recovery rebuilds it
+            say(f"{what.replace(' index entry', ' note: index entry', 1)} (logd fixes the active index at open)")
+            return 0
+        say(what)
         return 1
     if not complete or len(raw) == n * INDEX_ENTRY:
         return 0
@@ -246,34 +290,27 @@ def _check_index(s: _Scan, *, complete: bool, active: bool, say: Callable[[str],
 
 
 def _repair(path: str, scans: list[_Scan], cut: tuple[int, int] | None, say: Callable[[str], None]) -> None:
-    """Cut the log at ``cut``, drop later segments, make kept files match their records."""
+    """Cut the log at ``cut``, moving what follows to ``.broken`` files; make kept files match their records."""
     if cut is not None:
         i, offset = cut
         s = scans[i]
-        lost_bytes = s.size - offset + sum(t.size for t in scans[i + 1 :])
-        if i + 1 < len(scans):
-            last = max(scans[i + 1].first_id - 1, scans[-1].next_id - 1)
-            ids = f"ids {s.next_id}..{last}"
-        else:
-            ids = f"id {s.next_id} and anything after it"
+        later = scans[i + 1 :]
+        moved = s.following + sum(len(t.offsets) for t in later)
         say(
-            f"repair: truncating the log after id {s.next_id - 1}: losing {ids} "
-            f"({lost_bytes} bytes); deleting {len(scans) - i - 1} later segments"
+            f"repair: truncating the log after id {s.next_id - 1}: moving the bad record at id {s.next_id} and "
+            f"everything after it ({moved} valid records, {s.size - offset + sum(t.size for t in later)} bytes, "
+            f"{len(later)} later segments) to .broken files; they are kept, not deleted"
         )
-        for t in reversed(scans[i + 1 :]):  # newest first: a crash leaves a valid prefix
-            for p in (t.log_path, t.idx_path):
-                if os.path.exists(p):
-                    os.unlink(p)
+        for t in reversed(later):  # newest first: a crash leaves a valid prefix
+            broken = _free_name(t.log_path + ".broken")
+            say(f"repair: moving segment {t.log_path} ({len(t.offsets)} valid records) to {broken}")
+            os.replace(t.log_path, broken)
+            if os.path.exists(t.idx_path):
+                os.unlink(t.idx_path)  # derived from the segment; rebuilt if it is ever put back
         scans = scans[: i + 1]
     for s in scans:
         if s.size != s.end:
-            say(f"repair: {s.log_path}: truncating {s.size - s.end} bytes at offset {s.end}")
-            fd = os.open(s.log_path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, s.end)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _move_tail(s, say)
         want = s.offsets.tobytes()
         try:
             with open(s.idx_path, "rb") as f:
@@ -290,10 +327,57 @@ def _repair(path: str, scans: list[_Scan], cut: tuple[int, int] | None, say: Cal
             finally:
                 os.close(fd)
             os.replace(tmp, s.idx_path)
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
     first, last = scans[0].first_id, scans[-1].next_id - 1
+    try:
+        saved = closed_head.load(path)
+    except ValueError:
+        saved = last + 1
+    if saved > last:
+        say(f"repair: accepting the loss of ids {last + 1}..{saved}: the next message gets id {last + 1}")
+    _forget_epochs_after(path, last + 1, say)
+    closed_head.save(path, last)  # fsyncs the dir, making the renames above durable too
     say("repair: done; the log now holds " + (f"ids {first}..{last}" if last >= first else "no records"))
+
+
+def _forget_epochs_after(path: str, next_id: int, say: Callable[[str], None]) -> None:
+    """Leader epochs that start past the repaired log's next id no longer describe it (protocol.md 3.4)."""
+    epochs = Epochs.load(path)
+    before = list(epochs.entries)
+    epochs.truncate_after(next_id)  # keeps an epoch that starts at the next id (no record yet)
+    if epochs.entries != before:
+        say(f"repair: EPOCHS: forgot the epochs that started after id {next_id}")
+
+
+def _free_name(path: str) -> str:
+    """``path``, or ``path.2``, ``path.3``, ... if it exists (an earlier repair's file is kept)."""
+    name, n = path, 1
+    while os.path.exists(name):
+        n += 1
+        name = f"{path}.{n}"
+    return name
+
+
+def _move_tail(s: _Scan, say: Callable[[str], None]) -> None:
+    """Cut a segment after its valid records; bytes other than trailing zeros go to ``<segment>.broken`` first."""
+    fd = os.open(s.log_path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        used = nonzero_end(fd, s.end, s.size)
+        if used > s.end:
+            broken = _free_name(s.log_path + ".broken")
+            say(f"repair: {s.log_path}: moving {used - s.end} bytes from offset {s.end} to {broken}")
+            out = os.open(broken, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                pos = s.end
+                while pos < used:
+                    chunk = os.pread(fd, min(1 << 20, used - pos), pos)
+                    write_all(out, chunk)
+                    pos += len(chunk)
+                os.fsync(out)  # the copy is durable before the original is cut
+            finally:
+                os.close(out)
+        else:
+            say(f"repair: {s.log_path}: cutting {s.size - s.end} zero bytes at offset {s.end}")
+        os.ftruncate(fd, s.end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -7,9 +7,10 @@ See protocol.md section 2 for the format.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
-from .record import BadRecord, Decoded, decode_record
+from .record import MAX_HEADER_BYTES, BadRecord, Decoded, decode_record
 
 NAME_DIGITS = 20
 SCAN_CHUNK = 1 << 20  # bytes read at a time when scanning a segment
@@ -97,3 +98,54 @@ def read_whole(fd: int) -> bytes:
     """The whole file behind ``fd``."""
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0) if size else b""
+
+
+# A record header (protocol.md section 1), for finding records after a bad one.
+_HEADER = re.compile(rb"\+([1-9][0-9]{0,18}) (0|[1-9][0-9]{0,18}) [0-9a-f]{8}\r\n")
+
+
+def find_valid_record(fd: int, start: int, min_id: int, end: int) -> tuple[int, int] | None:
+    """The first ``(offset, id)`` in ``[start, end)`` where a whole valid record starts.
+
+    Its header must parse, its CRC check and its id "fit": at least
+    ``min_id`` (the id the bad record should have had) and no further on
+    than the bytes left could hold. Recovery and `logd check` use this to
+    tell corruption (valid records follow the bad bytes) from a torn tail.
+    """
+    max_id = min_id + (end - start)  # a record is well over one byte long
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(SCAN_CHUNK + MAX_HEADER_BYTES, end - pos), pos)
+        for match in _HEADER.finditer(chunk):
+            if match.start() >= SCAN_CHUNK:
+                break  # the next chunk starts here
+            rid = int(match.group(1))
+            if not min_id <= rid <= max_id:
+                continue
+            offset = pos + match.start()
+            try:
+                decode_record(chunk, match.start(), rid)
+            except BadRecord as bad:
+                if not bad.truncated:
+                    continue
+                try:  # a record running past the chunk: read it whole
+                    whole = os.pread(fd, min(end - offset, int(match.group(2)) + len(match.group(0)) + 2), offset)
+                    decode_record(whole, 0, rid)
+                except BadRecord:
+                    continue
+            return offset, rid
+        pos += SCAN_CHUNK
+    return None
+
+
+def count_records(fd: int, offset: int, first_id: int, end: int) -> tuple[int, int]:
+    """How many valid records with continuous ids start at ``offset``, and where they end."""
+    n = 0
+    stop = offset
+    try:
+        for off, rec in scan_records(fd, offset, first_id, end):
+            n += 1
+            stop = off + rec.size
+    except BadRecord:
+        pass
+    return n, stop

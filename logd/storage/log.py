@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from .. import defaults
-from ..errors import NotFoundError, StorageError, UnavailableError
+from ..errors import CorruptRecordError, DamagedLogError, NotFoundError, StorageError, UnavailableError
 from ..hot import ext
-from . import truncate
+from . import closed_head, truncate
+from .handles import HandleCache
 from .lock import take_lock
 from .policy import FsyncPolicy
 from .reads import Record, Span
@@ -37,6 +38,9 @@ DEFAULT_SEGMENT_BYTES = defaults.SEGMENT_BYTES
 # A batch bigger than a quarter of it grows the file itself: its sync is
 # dominated by its own bytes, and zeros written for it would only be overwritten.
 PREALLOCATE_BYTES = 1 << 20
+# Segment read descriptors kept open for readers (see handles.py); logd's
+# descriptor budget counts them (server.py).
+READ_HANDLES = 16
 
 
 class Log:
@@ -75,6 +79,7 @@ class Log:
         self.recovered_bytes_cut = 0
         self._companions: list[Companion] = []  # small files synced with the log (cursors)
         self.forced: list[int] = []  # segments the last retention deleted although a cursor needed them
+        self.handles = HandleCache(READ_HANDLES)
         self._open()
 
     # --- open / close -------------------------------------------------------
@@ -84,7 +89,11 @@ class Log:
         self._take_lock()
         try:
             self._remove_stray_tmp()
-            self._segments, self.recovered_bytes_cut = open_segments(self.directory)
+            try:
+                saved_head = closed_head.load(self.directory)
+            except ValueError as exc:
+                raise DamagedLogError(f"{exc}; remove it if the segments are sound (`logd check`)") from None
+            self._segments, self.recovered_bytes_cut = open_segments(self.directory, saved_head)
             active = self._segments[-1] if self._segments else None
             if active is not None:
                 # What survived the crash becomes visible now: make it durable
@@ -94,6 +103,8 @@ class Log:
                 active = Segment.create(self.directory, 1)
                 self._fsync_dir()
                 self._segments.append(active)
+            for seg in self._segments:
+                seg.handles = self.handles
             self._firsts = [s.first_id for s in self._segments]
             self._head = self._committed = self._synced = active.last_id
         except BaseException:
@@ -120,9 +131,16 @@ class Log:
         try:
             if self._failed is None:
                 self.sync()
+                # Only now is everything up to the head durable: the next open
+                # treats a log ending before it as damage, not a torn tail.
+                try:
+                    closed_head.save(self.directory, self._head)
+                except OSError:
+                    pass  # the old value stays: a lower bound, still safe
         finally:
             for seg in self._segments:
                 seg.close()
+            self.handles.clear()
             self._release_lock()
 
     def __enter__(self) -> Log:
@@ -248,6 +266,7 @@ class Log:
         try:
             self._segments[-1].seal()
             new = Segment.create(self.directory, self._head + 1)
+            new.handles = self.handles
         except OSError as exc:  # e.g. no inodes or descriptors left: as for a failed write
             raise UnavailableError(f"cannot start a segment: {os.strerror(exc.errno or 0)}") from exc
         with self._lock:
@@ -351,6 +370,16 @@ class Log:
                     hi = mid - 1
             last = lo
             end = seg.offset_of(last + 1)
+        if not 0 <= begin < end <= seg.size:
+            # A closed index is only size-checked at open: garbage in it must
+            # become an error reply, not a bad pread or the wrong bytes.
+            raise CorruptRecordError(
+                f"bad index entry in {seg.idx_path}: ids {start}..{last} at bytes {begin}..{end} are not "
+                f"inside the {seg.size} bytes of {seg.log_path} (run `logd check`)",
+                where=seg.log_path,
+                offset=begin,
+                id=start,
+            )
         return Span(seg.reader(), begin, end, start, last, seg.log_path)
 
     def segment_of(self, id: int) -> int:
@@ -416,8 +445,15 @@ class Log:
         fsync_dir(self.directory)
         for seg in self._segments:
             seg.close()
+        self.handles.clear()
+        # A deliberate cut: the clean-close head must not make the next open
+        # take it for damage (recovery refuses a log ending before it).
+        if closed_head.load(self.directory) > last_id:
+            closed_head.save(self.directory, last_id)
         truncate.cut_files(self.directory, cut, offset, keep, later)
         self._segments, _cut = open_segments(self.directory)
+        for seg in self._segments:
+            seg.handles = self.handles
         self._segments[-1].sync_data()
         with self._lock:
             self._firsts = [s.first_id for s in self._segments]

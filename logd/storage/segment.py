@@ -21,6 +21,7 @@ from array import array
 
 from ..errors import CorruptRecordError, UnavailableError
 from .files import SCAN_CHUNK, scan_records, segment_name, write_all
+from .handles import HandleCache, ReadHandle
 from .record import BadRecord, Decoded, decode_record
 
 INDEX_ENTRY = 8
@@ -32,27 +33,6 @@ _ZEROS = memoryview(bytes(SCAN_CHUNK))
 
 if sys.byteorder != "little":  # pragma: no cover - the index format is little-endian
     raise ImportError("logd's index format assumes a little-endian machine")
-
-
-class ReadHandle:
-    """A read-only file descriptor closed when the last reference goes.
-
-    Readers hold the segment (and so this handle) across awaits; retention may
-    unlink the files meanwhile, and an unlinked file stays readable through an
-    open descriptor. Closing on the last reference means a descriptor number
-    is never reused under a reader's feet.
-    """
-
-    __slots__ = ("fd",)
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def __del__(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
 
 
 class Segment:
@@ -76,7 +56,8 @@ class Segment:
         # Closed segment: the mapped index, created on first use.
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
-        self._reader: ReadHandle | None = None
+        # Shared read descriptors (set by the log); None: open one per call.
+        self.handles: HandleCache | None = None
 
     # --- opening -------------------------------------------------------------
 
@@ -131,7 +112,8 @@ class Segment:
                 offsets.append(off)
         except BadRecord as bad:
             raise CorruptRecordError(
-                f"cannot rebuild index: {bad.reason}",
+                f"cannot rebuild the index of {self.log_path}: bad record at offset {bad.offset}, "
+                f"id {self.first_id + len(offsets)}: {bad.reason}",
                 where=self.log_path,
                 offset=bad.offset,
                 id=self.first_id + len(offsets),
@@ -140,7 +122,8 @@ class Segment:
             os.close(fd)
         if len(offsets) != self.count:
             raise CorruptRecordError(
-                f"segment holds {len(offsets)} records, expected {self.count}",
+                f"{self.log_path} holds {len(offsets)} records, expected {self.count} (ids {self.first_id}.."
+                f"{self.first_id + self.count - 1})",
                 where=self.log_path,
                 id=self.first_id + len(offsets),
             )
@@ -248,7 +231,8 @@ class Segment:
                 os.close(fd)
         self._log_fd = self._idx_fd = -1
         self.close_index_map()
-        self._reader = None
+        if self.handles is not None:
+            self.handles.forget(self.log_path)
 
     # --- reading ---------------------------------------------------------------
 
@@ -258,10 +242,10 @@ class Segment:
         return self.first_id + self.count - 1
 
     def reader(self) -> ReadHandle:
-        """A shared read descriptor for pread."""
-        if self._reader is None:
-            self._reader = ReadHandle(self.log_path)
-        return self._reader
+        """A read descriptor for pread, shared through the log's cache; `UnavailableError` if it cannot be opened."""
+        if self.handles is not None:
+            return self.handles.get(self.log_path)
+        return ReadHandle(self.log_path)
 
     def offset_of(self, id: int) -> int:
         """Byte offset of record ``id``; ``id == last_id + 1`` gives the end of the data."""
@@ -280,6 +264,8 @@ class Segment:
             with open(self.idx_path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._view = memoryview(self._map).cast("Q")
+            if self.handles is not None:
+                self.handles.note_mapped(self)  # bounded: each mapping holds a descriptor
         return self._view
 
     def read_record(self, id: int) -> Decoded:
@@ -296,7 +282,8 @@ class Segment:
                 offset=offset,
                 id=id,
             )
-        data = os.pread(self.reader().fd, end - offset, offset)
+        handle = self.reader()  # held until pread returns: its last reference closes it
+        data = os.pread(handle.fd, end - offset, offset)
         try:
             return decode_record(data, 0, id)
         except BadRecord as bad:
@@ -310,6 +297,8 @@ class Segment:
     def delete(self) -> None:
         """Remove the files (readers holding our ReadHandle can still finish)."""
         self.close_index_map()
+        if self.handles is not None:
+            self.handles.forget(self.log_path)
         for path in (self.log_path, self.idx_path):
             try:
                 os.unlink(path)
@@ -324,3 +313,5 @@ class Segment:
         if self._map is not None:
             self._map.close()
             self._map = None
+            if self.handles is not None:
+                self.handles.forget_mapped(self)

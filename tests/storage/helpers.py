@@ -65,3 +65,12 @@ def python_child(code: str, *args: str, **kwargs: object) -> subprocess.Popen[by
 def crash_body(id: int) -> bytes:
     """A body that encodes its id, of varying length, binary (the crash test's messages)."""
     return b"%d|" % id + bytes((id * 7 + k) % 256 for k in range(id % 300))
+
+
+def forget_clean_close(directory: str | Path) -> None:
+    """Remove the head saved at the last clean close, as if the log had crashed instead of closing.
+
+    Tests that simulate a crash by closing a log and then cutting its files
+    call this: a real crash leaves no up-to-date CLOSED_HEAD behind.
+    """
+    Path(directory, "CLOSED_HEAD").unlink(missing_ok=True)

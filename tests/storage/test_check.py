@@ -5,17 +5,19 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
 from array import array
 from pathlib import Path
 
 import pytest
 
-from logd.errors import LockedError, StorageError
+from logd.errors import DamagedLogError, LockedError, StorageError
 from logd.storage import Log
 from logd.storage.check import check_data_dir, diverge_point
 from logd.storage.record import encode_record
 
-from .helpers import first_id_of, flip_bit, layout, log_files, read_index
+from .helpers import first_id_of, flip_bit, forget_clean_close, layout, log_files, read_index
 
 SEGMENT_BYTES = 400
 COUNT = 40
@@ -79,7 +81,7 @@ def test_repair_of_a_good_dir_changes_nothing(data: Path) -> None:
     before = snapshot(data)
     code, out = run_check(data, repair=True)
     assert code == 0
-    assert "losing" not in out and "rebuilt" not in out and "truncating" not in out
+    assert "moving" not in out and "rebuilt" not in out and "truncating" not in out
     assert snapshot(data) == before
 
 
@@ -99,8 +101,15 @@ def test_flipped_bit_names_the_record_then_repair(data: Path) -> None:
     lost = path.stat().st_size - offset + sum(p.stat().st_size for p in later)
     code, out = run_check(data, repair=True)
     assert code == 1
-    assert f"losing ids {bad}..{COUNT} ({lost} bytes); deleting {len(later)} later segments" in out
+    moved = COUNT - bad  # the valid records after the bad one, kept in .broken files
+    assert (
+        f"truncating the log after id {bad - 1}: moving the bad record at id {bad} and everything after it "
+        f"({moved} valid records, {lost} bytes, {len(later)} later segments) to .broken files" in out
+    )
     assert not any(p.exists() or p.with_suffix(".idx").exists() for p in later)
+    # Nothing is deleted: the cut bytes and the later segments are kept whole.
+    assert Path(f"{path}.broken").read_bytes() == before[path.name][offset:]
+    assert all(Path(f"{p}.broken").read_bytes() == before[p.name] for p in later)
     assert path.stat().st_size == offset
     assert_log(data, bad - 1)
 
@@ -114,7 +123,7 @@ def test_flipped_bit_in_the_active_segment(data: Path) -> None:
     assert code == 1
     assert f"{path}: offset {offset}: id {bad}: bad record" in out
     code, out = run_check(data, repair=True)
-    assert f"losing id {bad} and anything after it" in out
+    assert f"moving the bad record at id {bad} and everything after it (1 valid records" in out
     assert_log(data, bad - 1)
 
 
@@ -130,7 +139,7 @@ def test_truncated_middle_segment(data: Path) -> None:
     assert f"{path}: offset {recs[-2][0]}: id {bad}: bad record: body cut off" in out
     code, out = run_check(data, repair=True)
     assert code == 1
-    assert f"truncating the log after id {bad - 1}: losing ids {bad}..{COUNT}" in out
+    assert f"truncating the log after id {bad - 1}: moving the bad record at id {bad}" in out
     assert read_index(path.with_suffix(".idx")) == [off for off, _end in recs[:-2]]
     assert log_files(data)[-1] == path
     assert_log(data, bad - 1)
@@ -158,7 +167,7 @@ def test_missing_index_is_rebuilt(data: Path, segment: int) -> None:
     assert f"{idx}: offset 0: id {first_id_of(idx)}: index missing" in out
     code, out = run_check(data, repair=True)
     assert code == 1
-    assert f"repair: {idx}: rebuilt" in out and "losing" not in out
+    assert f"repair: {idx}: rebuilt" in out and "moving" not in out
     assert idx.read_bytes() == good
     assert_log(data, COUNT)
 
@@ -195,13 +204,14 @@ def test_extra_bytes_after_a_closed_segment(data: Path) -> None:
     assert code == 1
     assert f"{path}: offset {size}: id {first_id_of(log_files(data)[1])}: 7 bytes after the segment's last id" in out
     code, out = run_check(data, repair=True)
-    assert "losing" not in out
+    assert "truncating the log" not in out
     assert path.stat().st_size == size
     assert_log(data, COUNT)
 
 
 def test_torn_tail_is_a_note_not_a_problem(data: Path) -> None:
     path, offset = record_of(data, COUNT)
+    forget_clean_close(data)  # a crash, not a clean close
     os.truncate(path, offset + 9)
     code, out = run_check(data)
     assert code == 0
@@ -227,7 +237,7 @@ def test_first_record_bad_empties_the_log(data: Path) -> None:
     flip_bit(log_files(data)[0], 0)
     code, out = run_check(data, repair=True)
     assert code == 1
-    assert f"losing ids 1..{COUNT}" in out
+    assert f"moving the bad record at id 1 and everything after it ({COUNT - 1} valid records" in out
     assert len(log_files(data)) == 1
     assert_log(data, 0)
 
@@ -333,3 +343,34 @@ def test_diverge_point_needs_data_dirs(tmp_path: Path) -> None:
     for other in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(StorageError):
             diverge_point(str(a), str(other))
+
+
+def test_directory_named_like_a_segment_is_a_clean_error(tmp_path: Path) -> None:
+    # Issue 13, finding 6: this used to end in a traceback (IsADirectoryError).
+    d = make_log(tmp_path / "data", count=5)
+    (d / "00000000000000000006.log").mkdir()
+    result = subprocess.run([sys.executable, "-m", "logd.cli", "check", str(d)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"logd check: cannot check {d}: " in result.stdout and "Is a directory" in result.stdout
+
+
+def test_check_agrees_with_recovery_on_a_bad_record_followed_by_valid_ones(data: Path) -> None:
+    # Issue 13, finding 1: what check calls corruption, recovery refuses to cut.
+    path = log_files(data)[-1]
+    bad = first_id_of(path)  # the active segment's first record, valid ones after it
+    assert bad < COUNT
+    _, offset = record_of(data, bad)
+    flip_bit(path, offset + len(encode_record(bad, body_of(bad))) - 5)
+    path.with_suffix(".idx").write_bytes(b"")  # recovery must not need the active index
+    code, out = run_check(data)
+    assert code == 1 and f"id {bad}: bad record: crc mismatch; {COUNT - bad} valid records follow" in out
+    with pytest.raises(DamagedLogError) as caught:
+        Log(str(data))
+    assert (caught.value.path, caught.value.offset, caught.value.id) == (str(path), offset, bad)
+    assert caught.value.following == COUNT - bad
+    code, out = run_check(data, repair=True)
+    assert code == 1
+    with Log(str(data)) as log:
+        assert log.head == bad - 1

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from logd.errors import NotFoundError, StorageError
-from logd.storage import Log
+from logd.storage import Log, closed_head
 from logd.storage.epochs import FILE, Epochs
 from logd.storage.record import decode_record
 from logd.storage.truncate import dropped_name
@@ -132,3 +132,19 @@ def test_retention_keeps_the_segment_holding_the_last_record(tmp_path: Path) -> 
     lg.sync()
     assert lg.apply_retention() == [1]
     lg.close()
+
+
+def test_truncate_after_a_clean_close_lowers_the_closed_head(tmp_path: Path) -> None:
+    # A follower cutting divergent records after a restart: the head saved at the last
+    # clean close must not make the next open (after a crash, say) refuse the shorter log.
+    lg = Log(str(tmp_path), segment_bytes=200)
+    _fill(lg, 40)
+    lg.close()
+    lg = Log(str(tmp_path), segment_bytes=200)
+    assert lg.truncate_after(22, str(tmp_path / dropped_name(3, 23))) == 18
+    assert closed_head.load(str(tmp_path)) == 22
+    assert [r.id for r in lg.read(21, 5)] == [21, 22]  # read handles work on the re-opened segments
+    lg._release_lock()  # a crash: no clean close, so CLOSED_HEAD is what truncate_after left
+    again = Log(str(tmp_path), segment_bytes=200)
+    assert again.head == 22
+    again.close()

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from logd.errors import NotFoundError
 from logd.storage import Log
 
-from .helpers import first_id_of, layout, log_files
+from .helpers import first_id_of, forget_clean_close, layout, log_files
 
 SEGMENT_BYTES = 256
 bodies = st.lists(st.binary(max_size=64), min_size=1, max_size=6)
@@ -75,6 +75,7 @@ class LogModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def torn_reopen(self, data: st.DataObject) -> None:
         self.log.close()
+        forget_clean_close(self.dir)  # a crash, not a clean close, leaves the torn tail
         path = log_files(self.dir)[-1]
         seg_first = first_id_of(path)
         size = path.stat().st_size

@@ -135,7 +135,8 @@ def test_torn_record_followed_by_zeros(tmp_path: Path) -> None:
         assert (log.head, log.recovered_bytes_cut) == (20, len(torn))
 
 
-def test_garbage_followed_by_zeros_is_a_bad_record(tmp_path: Path) -> None:
+def test_garbage_followed_by_zeros_is_a_torn_tail(tmp_path: Path) -> None:
+    # No valid record follows the garbage: check and recovery agree it is a torn tail (protocol.md 2).
     with Log(str(tmp_path / "data")) as log:
         fill(log, 20)
         d = crash_copy(tmp_path / "data", tmp_path)
@@ -144,8 +145,10 @@ def test_garbage_followed_by_zeros_is_a_bad_record(tmp_path: Path) -> None:
         f.seek(records_size(1, 20))
         f.write(b"garbage")
     code, out = check(d)
-    assert code == 1
-    assert "id 21: bad record" in out
+    assert code == 0
+    assert "id 21: note: torn tail, bytes that are not a record" in out
+    with Log(str(d)) as log:
+        assert (log.head, log.recovered_bytes_cut) == (20, len(b"garbage"))
 
 
 def test_newest_segment_holding_only_zeros_is_dropped(tmp_path: Path) -> None:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from logd.errors import CorruptRecordError
+from logd.errors import CorruptRecordError, DamagedLogError
 from logd.storage import Log
 from logd.storage.files import segment_name
 from logd.storage.record import encode_batch
 from logd.storage.recovery import recover_active
 from logd.storage.segment import Segment
 
-from .helpers import first_id_of, layout, log_files, read_index
+from .helpers import first_id_of, forget_clean_close, layout, log_files, read_index
 
 SEGMENT_BYTES = 400
 
@@ -62,6 +62,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def copy_of(template: Path, tmp_path: Path, name: str = "data") -> Path:
     d = tmp_path / name
     shutil.copytree(template, d)
+    forget_clean_close(d)  # these tests cut files as a crash would
     return d
 
 
@@ -77,6 +78,7 @@ def test_fresh_dir_gets_segment_one(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "d")) == [
         "00000000000000000001.idx",
         "00000000000000000001.log",
+        "CLOSED_HEAD",
         "LOCK",
     ]
     with Log(str(tmp_path / "d")) as log:  # an empty only segment is kept
@@ -211,9 +213,9 @@ def test_closed_index_rebuild_refuses_a_short_segment(template: Path, tmp_path: 
     os.truncate(path, path.stat().st_size - 10)  # the last record of a closed segment is cut
     path.with_suffix(".idx").unlink()
     for _attempt in range(2):  # the first failure must release the lock
-        with pytest.raises(CorruptRecordError) as info:
+        with pytest.raises(DamagedLogError) as info:  # refusing to start names the segment
             Log(str(d))
-        assert info.value.where == str(path)
+        assert info.value.path == str(path)
     assert not list(d.glob("*.tmp"))
 
 

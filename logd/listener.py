@@ -1,0 +1,156 @@
+"""The listening socket: accept connections, and refuse them cleanly when out of descriptors.
+
+uvloop's own server hides what happens at EMFILE: libuv accepts and closes
+pending connections with a descriptor it holds in reserve, without a log
+line, and if that trick fails uvloop closes the listener for good, silently.
+Here the same trick is visible: a refused connection is closed at once (the
+client sees the connection end), counted, and reported in a log line at most
+once a second; when even the reserve is gone, accepting pauses briefly
+instead of spinning on a listener that stays readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger("logd.server")
+
+ACCEPT_BATCH = 64  # connections accepted per readiness callback, so other work is not starved
+REFUSED_LOG_S = 1.0  # at most one accept_refused line per this many seconds
+PAUSE_S = 0.1  # how long accepting pauses when no descriptor can be freed to refuse with
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _open_reserve() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+class Listener:
+    """A listening TCP socket feeding accepted connections to ``protocol_factory``'s protocols."""
+
+    def __init__(self, protocol_factory: Callable[[], asyncio.Protocol], host: str, port: int, backlog: int) -> None:
+        self._factory = protocol_factory
+        family, _type, _proto, _name, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        self.sock = socket.create_server(addr[:2], family=family, backlog=backlog)
+        self.sock.setblocking(False)
+        self._reserve = _open_reserve()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None
+        self._reading = False
+        self._starting: set[asyncio.Task[None]] = set()  # held so a connection being set up is not collected
+        self.refused = 0  # connections closed unserved for want of descriptors
+        self._unreported = 0
+        self._reported_at = 0.0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._read(True)
+
+    def close(self) -> None:
+        """Stop accepting and close the socket (and the reserve descriptor)."""
+        self._read(False)
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        self.sock.close()
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
+
+    def _read(self, on: bool) -> None:
+        if self._loop is None or on == self._reading or self.sock.fileno() < 0:
+            return
+        if on:
+            self._loop.add_reader(self.sock.fileno(), self._accept)
+        else:
+            self._loop.remove_reader(self.sock.fileno())
+        self._reading = on
+
+    def _accept(self) -> None:
+        assert self._loop is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    self._refuse_pending(exc)
+                else:
+                    log.error("accept_failed", error=str(exc))
+                    self._pause()
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(self._serve(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except Exception as exc:  # e.g. out of memory for the transport: drop this one, go on
+            conn.close()
+            log.warning("connection_setup_failed", error=str(exc))
+
+    def _refuse_pending(self, exc: OSError) -> None:
+        """Out of descriptors: free the reserve one, accept and close every pending connection with it."""
+        refused = 0
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
+            while True:
+                try:
+                    conn, _addr = self.sock.accept()
+                except OSError:
+                    break
+                conn.close()
+                refused += 1
+            self._reserve = _open_reserve()
+        self.refused += refused
+        self._unreported += refused
+        now = time.monotonic()
+        if now - self._reported_at >= REFUSED_LOG_S:
+            log.error(
+                "accept_refused",
+                error=os.strerror(exc.errno or 0),
+                refused=self._unreported,
+                refused_total=self.refused,
+                hint="out of file descriptors: raise ulimit -n or lower --max-connections",
+            )
+            self._reported_at = now
+            self._unreported = 0
+        if not refused or self._reserve < 0:
+            self._pause()  # nothing could be freed: do not spin on a readable listener
+
+    def _pause(self) -> None:
+        assert self._loop is not None
+        self._read(False)
+        if self._resume is None:
+            self._resume = self._loop.call_later(PAUSE_S, self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if self._reserve < 0:
+            self._reserve = _open_reserve()
+        self._read(True)
