@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import ssl
 import subprocess
@@ -75,6 +76,7 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def make_certs(d: Path) -> tuple[Path, Path, Path]:
@@ -381,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                      "redis_appendfsync": "everysec"},
         "rows": [asdict(r) for r in rows],
     }
+    shutil.rmtree(certdir, ignore_errors=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
