@@ -20,8 +20,11 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels /root/.cache \
 USER logd
 WORKDIR /var/lib/logd
 VOLUME ["/var/lib/logd"]
+# It listens on every interface, so it wants tokens (protected mode): from a secret
+# mounted at /run/secrets/logd_auth, or the file LOGD_AUTH_FILE names (README).
 ENV LOGD_DATA_DIR=/var/lib/logd/data \
-    LOGD_LOG_FORMAT=json
+    LOGD_LOG_FORMAT=json \
+    LOGD_AUTH_FILE=/run/secrets/logd_auth
 EXPOSE 1774
 
 # PING over a raw socket: no extra tools needed in the image.

@@ -18,7 +18,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_client import append, consume, cursors, head, ping, read, stats
+from .cli_client import _client, _Quiet, append, consume, cursors, head, ping, read, stats, tls_options
+from .cli_token import token
 from .config import (
     CONFIG_ENV,
     DEFAULTS,
@@ -101,12 +102,19 @@ def serve(config_file: str | None, **flags: Any) -> None:
     --config file, then the defaults (`logd config` shows the result).
     SIGHUP rereads the config file and applies its log level.
     """
+    from .auth import is_loopback
     from .logging import configure_logging
     from .server import run
 
     resolved = _resolve(flags, config_file)
     config = resolved.config
     configure_logging(config.log_format, config.log_level)
+    if not config.auth_file and not config.insecure and not is_loopback(config.host):
+        # Protected mode, as Redis's: an open port with no authentication is taken over.
+        click.echo(f"logd: refusing to listen on {config.host!r} without authentication: anyone who can "
+                   "reach it could read, write, demote or copy the log. Give --auth-file FILE (create it "
+                   "with `logd token add`), listen on 127.0.0.1, or pass --insecure if you mean it.", err=True)
+        sys.exit(EXIT_STARTUP_FAILED)
 
     def ready(host: str, port: int) -> None:
         click.echo(f"logd listening on {host}:{port}")
@@ -167,53 +175,44 @@ def check(data_dir: str, repair: bool, other_dir: str | None) -> None:
     sys.exit(check_data_dir(data_dir, repair=repair))
 
 
-def _send_admin(address: str, verb: bytes, timeout: float) -> None:
-    """Send one admin command (ACCEPT, REFUSE) and exit non-zero unless it is answered OK."""
-    import socket
-
-    from .config import parse_address
-
-    try:
-        host, port = parse_address(address)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(verb + b"\r\nCLOSE\r\n")
-            reply = b""
-            while b"\n" not in reply:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                reply += chunk
-    except OSError as exc:
-        click.echo(f"logd: cannot reach {address}: {exc}", err=True)
-        sys.exit(1)
-    line = reply.split(b"\r\n", 1)[0].decode("utf-8", "replace")
-    if line != "OK":
-        click.echo(f"logd: {address} answered {line or 'nothing'}", err=True)
-        sys.exit(1)
+def _send_admin(address: str, send: Callable[[Any], None], timeout: float) -> None:
+    """Send one admin command (ACCEPT, REFUSE); exit non-zero unless it is answered OK."""
+    with _Quiet(), _client(address, timeout, attempts=1, param_hint="ADDRESS") as client:
+        send(client)
 
 
 @main.command()
-@click.argument("address", metavar="HOST:PORT")
+@click.argument("address", metavar="URL")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the server.")
 @click.option("--next-id", default=None, type=click.IntRange(min=1),
               help="Promote only if the server's next id is this (its log_head + 1 in STATS), "
                    "so the replica you checked is the one promoted.")
+@tls_options
 def promote(address: str, timeout: float, next_id: int | None) -> None:
-    """Make the server at HOST:PORT a leader (ACCEPT): it stops following, starts a new epoch and accepts MSG."""
-    _send_admin(address, b"ACCEPT" if next_id is None else b"ACCEPT %d" % next_id, timeout)
-    click.echo(f"{address} accepts writes")
+    """Make the server at URL (HOST:PORT, logd://[:TOKEN@]HOST:PORT, logds://...) a leader (ACCEPT):
+    it stops following, starts a new epoch and accepts MSG. Needs an admin token when the server has
+    --auth-file."""
+    _send_admin(address, lambda c: c.accept_writes(next_id=next_id), timeout)
+    click.echo(f"{_shown(address)} accepts writes")
 
 
 @main.command()
-@click.argument("address", metavar="HOST:PORT")
+@click.argument("address", metavar="URL")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the server.")
+@tls_options
 def demote(address: str, timeout: float) -> None:
-    """Make the server at HOST:PORT read-only (REFUSE); it keeps serving reads."""
-    _send_admin(address, b"REFUSE", timeout)
-    click.echo(f"{address} refuses writes")
+    """Make the server at URL read-only (REFUSE); it keeps serving reads. Needs an admin token
+    when the server has --auth-file."""
+    _send_admin(address, lambda c: c.refuse_writes(), timeout)
+    click.echo(f"{_shown(address)} refuses writes")
+
+
+def _shown(address: str) -> str:
+    """The address without its token."""
+    from .url import split_url
+
+    host, port, _tls, _token = split_url(address)
+    return f"{host}:{port}"
 
 
 # --- client commands: append, read, consume, head, ping, stats, cursors -----------------------
@@ -222,7 +221,7 @@ def demote(address: str, timeout: float) -> None:
 # `python -m logd.cli` this file is __main__, and an import of logd.cli from
 # there would build a second `main` group.
 
-for _command in (append, read, consume, head, ping, stats, cursors):
+for _command in (append, read, consume, head, ping, stats, cursors, token):
     main.add_command(_command)
 
 

@@ -18,27 +18,71 @@ import click
 from .client.commands import DEFAULT_URL
 from .errors import LogdError
 
-__all__ = ["append", "consume", "cursors", "head", "ping", "read", "stats"]
+__all__ = ["append", "client_options", "consume", "cursors", "head", "ping", "read", "stats", "tls_options"]
 
 EXIT_FAILED = 1
 
 
+def _keep_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    ctx.meta[f"logd_{param.name}"] = value
+
+
 def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--url (also LOGD_URL) and --timeout, shared by every client command."""
+    """--url (also LOGD_URL), --timeout and the TLS files, shared by every client command.
+
+    The token comes from the URL (logd://:TOKEN@host:port) or LOGD_TOKEN: never
+    from a flag, which `ps` would show to every user of the machine.
+    """
     fn = click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.001),
                       help="Seconds to wait for each reply.")(fn)
+    fn = tls_options(fn)
     return click.option("--url", default=DEFAULT_URL, envvar="LOGD_URL", show_default=True, show_envvar=True,
-                        help="The server, logd://HOST:PORT.")(fn)
+                        help="The server, logd://[:TOKEN@]HOST:PORT or logds://... for TLS; "
+                             "the token may also come from LOGD_TOKEN.")(fn)
 
 
-def _client(url: str, timeout: float, attempts: int = 3) -> Any:
+def tls_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--tls-ca, --tls-cert, --tls-key (also LOGD_TLS_*), kept in the click context for `connection_args`."""
+    for name, what in (("key", "Client certificate's key (with --tls-cert)."),
+                       ("cert", "Client certificate, for servers started with --tls-ca."),
+                       ("ca", "CA to verify a logds:// server (default: the system's).")):
+        fn = click.option(f"--tls-{name}", f"tls_{name}", default=None, envvar=f"LOGD_TLS_{name.upper()}",
+                          show_envvar=True, type=click.Path(dir_okay=False), expose_value=False,
+                          callback=_keep_tls, help=what)(fn)
+    return fn
+
+
+def connection_args(url: str, param_hint: str = "--url") -> dict[str, Any]:
+    """``token`` (from the URL, else LOGD_TOKEN) and ``ssl_context`` for a client of ``url``."""
+    import os
+
+    from .tls import client_context
+    from .url import split_url
+
+    try:
+        _host, _port, tls, token = split_url(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=param_hint) from None
+    meta = click.get_current_context().meta
+    ca, cert, key = (meta.get(f"logd_tls_{n}") for n in ("ca", "cert", "key"))
+    ctx = None
+    if tls:  # the scheme decides; the TLS files only say how
+        try:
+            ctx = client_context(ca, cert, key)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"cannot load TLS files: {exc}", param_hint="--tls-ca/--tls-cert") from None
+    return {"token": token or os.environ.get("LOGD_TOKEN") or None, "ssl_context": ctx}
+
+
+def _client(url: str, timeout: float, attempts: int = 3, param_hint: str = "--url") -> Any:
     """A blocking client; a bad URL is a usage error. Few retries: a CLI should fail fast."""
     from .client import Client, Retry
 
+    args = connection_args(url, param_hint)
     try:
-        return Client.from_url(url, timeout=timeout, retry=Retry(attempts=attempts))
+        return Client.from_url(url, timeout=timeout, retry=Retry(attempts=attempts), **args)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--url") from None
+        raise click.BadParameter(str(exc), param_hint=param_hint) from None
 
 
 class _Quiet:
@@ -238,12 +282,13 @@ def consume(checkpoint: str | None, cursor: str | None, max_batch: int, follow: 
 
     from .client import Checkpoint, Consumer, FileCheckpoint, Retry, ServerCursor
 
+    link = connection_args(url)  # token and TLS, for the cursor's client and the consumer's
     if (checkpoint is None) == (cursor is None):
         raise click.UsageError("give one of --checkpoint FILE or --cursor NAME")
     store: Checkpoint
     if cursor is not None:
         try:
-            store = ServerCursor(cursor, url, timeout=timeout, retry=Retry(attempts=12))
+            store = ServerCursor(cursor, url, timeout=timeout, retry=Retry(attempts=12), **link)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--cursor") from None
     else:
@@ -251,7 +296,7 @@ def consume(checkpoint: str | None, cursor: str | None, max_batch: int, follow: 
         store = FileCheckpoint(checkpoint)
     try:
         consumer = Consumer(url, store, max_batch=max_batch, follow=follow, timeout=timeout,
-                            retry=Retry(attempts=12))
+                            retry=Retry(attempts=12), **link)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--url") from None
     with _Quiet():

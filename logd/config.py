@@ -13,11 +13,12 @@ import json
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import defaults
 from .storage.policy import FsyncPolicy
+from .url import hide_token, split_url
 
 ENV_PREFIX = "LOGD_"
 CONFIG_ENV = "LOGD_CONFIG"  # the config file, when --config is not given
@@ -85,6 +86,8 @@ class Setting:
     choices: tuple[str, ...] = ()
     reloadable: bool = False  # SIGHUP applies it to a running server
     flag_only: bool = False  # a boolean flag (--x/--no-x)
+    secret: bool = False  # never shown (`logd config` prints ***)
+    show: Callable[[Any], str] | None = None  # how `logd config` shows a value (None: as it is)
 
     @property
     def flag(self) -> str:
@@ -153,12 +156,20 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("log_format", _word, "Log output format.", choices=("console", "json")),
     Setting("log_level", _word, "Log level (SIGHUP rereads it from the config file).",
             choices=("debug", "info", "warning", "error"), reloadable=True),
-    Setting("replica_of", str, "Run as a follower of this leader HOST:PORT (read-only until promoted)."),
+    Setting("replica_of", str, "Run as a follower of this leader: HOST:PORT, logd://[:TOKEN@]HOST:PORT or "
+            "logds://... for TLS (read-only until promoted).", show=hide_token),
     Setting("min_replicas", _int, "Acknowledge a MSG only once this many replicas have committed it.", (int,)),
     Setting("replica_timeout", _float,
             "Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.", (float, int)),
     Setting("metrics_port", _int, "Serve Prometheus metrics on this port (0: any free one; unset: off).", (int,)),
     Setting("metrics_host", str, "Address the metrics endpoint listens on."),
+    Setting("replica_token", str, "The follower's token for its leader (better in the environment than as a flag).",
+            secret=True),
+    Setting("auth_file", str, "Tokens and roles (see `logd token`); turns authentication on. SIGHUP rereads it."),
+    Setting("insecure", parse_bool, "Allow a non-loopback --host without --auth-file.", (bool,), flag_only=True),
+    Setting("tls_cert", str, "TLS certificate (chain), PEM: the server speaks TLS on its port."),
+    Setting("tls_key", str, "TLS private key, PEM."),
+    Setting("tls_ca", str, "Require client certificates signed by this CA (also verifies a logds:// leader)."),
 )}
 
 
@@ -201,6 +212,12 @@ class Config:
     replica_timeout: float = defaults.REPLICA_TIMEOUT
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = defaults.METRICS_HOST
+    replica_token: str | None = field(default=None, repr=False)  # never shown
+    auth_file: str | None = None  # tokens and roles; None: no authentication
+    insecure: bool = False  # allow a non-loopback --host without --auth-file
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None  # with it, clients must present a certificate it signed
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -227,11 +244,36 @@ class Config:
             raise ValueError("replica-timeout must be positive")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown-timeout must be 0 or more")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls-cert and tls-key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls-ca needs tls-cert and tls-key")
         if self.replica_of is not None:
             try:
-                parse_address(self.replica_of)
+                split_url(self.replica_of)
             except ValueError as exc:
                 raise ValueError(f"replica-of: {exc}") from None
+
+    # --replica-of is HOST:PORT, logd://[:TOKEN@]HOST:PORT or logds://... (TLS).
+
+    @property
+    def replica_address(self) -> str | None:
+        """The leader as HOST:PORT (no token: this is what logs and STATS show)."""
+        if self.replica_of is None:
+            return None
+        host, port, _tls, _token = split_url(self.replica_of)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def replica_tls(self) -> bool:
+        return self.replica_of is not None and split_url(self.replica_of)[2]
+
+    @property
+    def replica_secret(self) -> str | None:
+        """The follower's token: from the --replica-of URL, else --replica-token (LOGD_REPLICA_TOKEN)."""
+        if self.replica_of is None:
+            return None
+        return split_url(self.replica_of)[3] or self.replica_token
 
 
 DEFAULTS = Config()
@@ -320,6 +362,10 @@ def describe(resolved: Resolved) -> str:
     for f in fields(Config):
         setting = SETTINGS[f.name]
         value = getattr(resolved.config, f.name)
+        if value is not None and setting.secret:
+            value = "***"
+        elif value is not None and setting.show is not None:
+            value = setting.show(value)
         text = f"# {setting.flag} (not set)" if value is None else f"{setting.flag} = {_toml_value(value)}"
         rows.append((text, resolved.sources[f.name]))
     width = max(len(text) for text, _ in rows)

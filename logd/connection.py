@@ -16,6 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from . import protocol
+from .access import ConnectionAuth
 from .errors import DeniedError, LogdError, ServerError, UnavailableError
 from .protocol.session import AppendReply, ServerSession
 from .streams import Stream
@@ -29,7 +30,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: LogServer) -> None:
         self.server = server
-        self.session = ServerSession(self, server.new_parser(), server.config.conn_output_bytes)
+        self.auth = ConnectionAuth(server.gate)  # role, token name, failed AUTHs (access.py)
+        self.session = ServerSession(self, server.new_parser(), server.config.conn_output_bytes, self.auth)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.stream: Stream | None = None
@@ -55,6 +57,7 @@ class Connection(asyncio.Protocol):
         self.transport = tr
         peer = tr.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.auth.peer = self.peer
         high = self.server.config.conn_output_bytes
         tr.set_write_buffer_limits(high=high, low=high // 4)
         refusal = self.server.admit(self)

@@ -17,8 +17,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from ssl import SSLContext
 
 import structlog
+
+from .tls import HANDSHAKE_TIMEOUT_S, describe
 
 log = structlog.get_logger("logd.server")
 
@@ -26,6 +29,14 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback, so other work 
 REFUSED_LOG_S = 1.0  # at most one accept_refused line per this many seconds
 PAUSE_S = 0.1  # how long accepting pauses when no descriptor can be freed to refuse with
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        host, port = conn.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
 
 
 def _open_reserve() -> int:
@@ -38,8 +49,20 @@ def _open_reserve() -> int:
 class Listener:
     """A listening TCP socket feeding accepted connections to ``protocol_factory``'s protocols."""
 
-    def __init__(self, protocol_factory: Callable[[], asyncio.Protocol], host: str, port: int, backlog: int) -> None:
+    def __init__(
+        self,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        host: str,
+        port: int,
+        backlog: int,
+        ssl: SSLContext | None = None,
+        on_handshake_failure: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._factory = protocol_factory
+        # TLS (tls.py): the handshake runs inside connect_accepted_socket, before the protocol
+        # sees the connection; a failed one is reported as (peer, reason), without a traceback.
+        self._ssl = ssl
+        self._on_handshake_failure = on_handshake_failure
         family, _type, _proto, _name, addr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -107,8 +130,20 @@ class Listener:
 
     async def _serve(self, conn: socket.socket) -> None:
         assert self._loop is not None
+        peer = _peer(conn)  # now: a failed handshake leaves the socket closed
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            if self._ssl is None:
+                await self._loop.connect_accepted_socket(self._factory, conn)
+            else:
+                await self._loop.connect_accepted_socket(
+                    self._factory, conn, ssl=self._ssl, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+                )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError included: a failed TLS handshake
+            conn.close()
+            if self._ssl is not None and self._on_handshake_failure is not None:
+                self._on_handshake_failure(peer, describe(exc))
+            else:
+                log.warning("connection_setup_failed", peer=peer, error=str(exc))
         except Exception as exc:  # e.g. out of memory for the transport: drop this one, go on
             conn.close()
             log.warning("connection_setup_failed", error=str(exc))

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from . import __version__, protocol, systemd
+from . import __version__, protocol, systemd, tls
+from .access import AuthGate, LogLimiter
+from .auth import AuthFileError, load_table, loose_permissions
 from .budgets import Budgets
 from .config import Config
 from .connection import Connection
@@ -106,6 +108,14 @@ class LogServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics: MetricsEndpoint | None = None  # --metrics-port
         self.queue.add_listener(self._on_commit)
+        # Authentication (--auth-file) and TLS (--tls-cert/--tls-key): see access.py, tls.py.
+        self.gate = AuthGate(load_table(config.auth_file) if config.auth_file else None)
+        if config.auth_file and loose_permissions(config.auth_file):
+            log.warning("auth_file_readable_by_others", path=config.auth_file, hint="chmod 600")
+        self.tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
+        self.tls_failure_log = LogLimiter()
 
     # --- running ------------------------------------------------------------------
 
@@ -116,8 +126,10 @@ class LogServer:
         if fitting != self.config.max_connections:
             self.config = dataclasses.replace(self.config, max_connections=fitting)
         self.queue.start()
-        # Our own accept loop: out of descriptors it refuses connections visibly (listener.py).
-        self._listener = Listener(lambda: Connection(self), self.config.host, self.config.port, backlog=1024)
+        # Our own accept loop: out of descriptors it refuses connections visibly (listener.py);
+        # with TLS it takes each connection through the handshake and reports failures (tls.py).
+        self._listener = Listener(lambda: Connection(self), self.config.host, self.config.port, backlog=1024,
+                                  ssl=self.tls, on_handshake_failure=self._tls_failed)
         self._listener.start()
         host, port = self._listener.address
         if self.config.metrics_port is not None:
@@ -129,10 +141,10 @@ class LogServer:
             self._tasks.append(loop.create_task(self._retention_loop()))
         if self.config.min_replicas:
             self._tasks.append(loop.create_task(self._watermark_saver()))
-        if self.config.replica_of:
+        if self.config.replica_address:
             self.read_only = True
-            self.leader_address = self.config.replica_of
-            self.follower = Follower(self, self.config.replica_of)
+            self.leader_address = self.config.replica_address
+            self.follower = Follower(self, self.config.replica_address)
             self.follower.start()
         elif self.epochs.refused:
             # REFUSE (or a step-down) outlives a restart: only ACCEPT undoes it.
@@ -146,6 +158,8 @@ class LogServer:
             head=self.log.head,
             fsync=str(self.log.policy),
             recovered_bytes_cut=self.log.recovered_bytes_cut,
+            auth=self.gate.enabled,
+            tls=self.tls is not None,
         )
         return host, port
 
@@ -437,6 +451,32 @@ class LogServer:
             )
         return replicate_handshake(self.epochs, cmd, self.log.head + 1, self.replication.min_replicas)
 
+    def reload_auth(self) -> None:
+        """SIGHUP: reread the auth file. New AUTHs use it at once; connections whose token was
+        removed are closed, others take their token's new role (protocol.md 3.7)."""
+        path = self.config.auth_file
+        if path is None:
+            log.warning("auth_reload_ignored", reason="started without --auth-file")
+            return
+        try:
+            table = load_table(path)
+        except AuthFileError as exc:
+            log.error("auth_reload_failed", error=str(exc), kept_tokens=len(self.gate.table or ()))
+            return
+        self.gate.table = table
+        revoked = [c for c in list(self.connections) if not c.auth.rebind(table)]
+        for conn in revoked:
+            conn.drop(DeniedError("token revoked"))
+        log.warning("auth_reloaded", tokens=len(table), connections_closed=len(revoked))
+
+    def _tls_failed(self, peer: str, why: str) -> None:
+        """A TLS handshake failed (bad certificate, plain TCP client, ...): one line, rate-limited."""
+        allowed, held = self.tls_failure_log.allow()
+        if held:
+            log.warning("tls_failures_not_logged", count=held, window_s=self.tls_failure_log.window)
+        if allowed:
+            log.warning("tls_handshake_failed", peer=peer, error=why)
+
     def fail(self, exit_code: int, reason: str) -> None:
         """Stop the server with a non-zero exit status (e.g. a follower that diverged)."""
         self.exit_code = exit_code
@@ -610,11 +650,16 @@ async def serve(
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
-    if reload is not None:
-        try:
-            loop.add_signal_handler(signal.SIGHUP, server.reload, reload)
-        except (NotImplementedError, RuntimeError):
-            pass
+    def on_hangup() -> None:
+        # SIGHUP: the config file's reloadable settings, and the auth file.
+        if reload is not None:
+            server.reload(reload)
+        server.reload_auth()
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    except (NotImplementedError, RuntimeError):
+        pass
     if ready is not None:
         ready(host, port)
     if metrics_ready is not None and server.metrics is not None:

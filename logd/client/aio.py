@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
@@ -33,7 +34,6 @@ from .commands import (
     id_of,
     last_id_of,
     msg_call,
-    parse_url,
     read_call,
     remaining,
     retriable,
@@ -41,6 +41,7 @@ from .commands import (
     where,
     with_retry_async,
 )
+from .endpoint import Endpoint, endpoint
 
 __all__ = ["AsyncClient", "AsyncTail"]
 
@@ -58,7 +59,10 @@ class AsyncClient:
         timeout: float | None = defaults.CLIENT_TIMEOUT,
         connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self.endpoint = Endpoint(host, port, ssl_context, token)
         self.address = (host, port)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -68,12 +72,12 @@ class AsyncClient:
 
     @classmethod
     def from_url(cls, url: str = DEFAULT_URL, **kwargs: Any) -> AsyncClient:
-        """A client for ``logd://host:port``; keywords as for the constructor."""
-        host, port = parse_url(url)
-        return cls(host, port, **kwargs)
+        """A client for ``logd://[:TOKEN@]host:port`` or ``logds://...``; keywords as for the constructor."""
+        ep = endpoint(url, token=kwargs.pop("token", None), ssl_context=kwargs.pop("ssl_context", None))
+        return cls(ep.host, ep.port, token=ep.token, ssl_context=ep.tls, **kwargs)
 
     def __repr__(self) -> str:
-        return f"<AsyncClient logd://{where(self.address)}>"
+        return f"<AsyncClient {self.endpoint.url}>"
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -98,7 +102,7 @@ class AsyncClient:
             self._drop()
             conn = None
         if conn is None:
-            conn = await AsyncConnection.open(self.address, remaining(deadline, self.connect_timeout))
+            conn = await AsyncConnection.open(self.endpoint, remaining(deadline, self.connect_timeout))
             self._conn = conn
         return conn
 
@@ -331,7 +335,7 @@ class AsyncTail:
     async def _connect(self) -> AsyncConnection:
         client = self._client
         deadline = deadline_after(client.timeout)
-        conn = await AsyncConnection.open(client.address, remaining(deadline, client.connect_timeout))
+        conn = await AsyncConnection.open(client.endpoint, remaining(deadline, client.connect_timeout))
         try:
             async with asyncio.timeout(remaining(deadline)):
                 if self._want is None:

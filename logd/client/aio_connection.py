@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 from .. import errors
 from ..protocol import ClientProtocol, Command, EndOfStream, ErrorReply, OkReply, Reply
-from .commands import readable_now, tune, where, why
+from .commands import auth_call, readable_now, tune, where, why
+from .endpoint import Endpoint
 
 # What an async connection holds, unread by its user, before it stops reading
 # from the socket (a tail whose reader is slower than the server); it reads
@@ -39,16 +40,29 @@ class AsyncConnection(asyncio.Protocol):
         self._fd = -1
 
     @classmethod
-    async def open(cls, address: tuple[str, int], timeout: float | None) -> AsyncConnection:
+    async def open(cls, endpoint: Endpoint, timeout: float | None) -> AsyncConnection:
+        """Connect (TLS for ``logds://``) and, with a token, authenticate, all within ``timeout``."""
         loop = asyncio.get_running_loop()
+        address = endpoint.address
+        tls = endpoint.tls
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(cls, address[0], address[1])
+                _, conn = await loop.create_connection(
+                    cls, address[0], address[1], ssl=tls, server_hostname=endpoint.host if tls else None
+                )
+                conn.where = where(address)
+                if endpoint.token is not None:
+                    call = auth_call(endpoint.token)
+                    conn.send(call.command)
+                    try:
+                        call.result([await conn.reply()])
+                    except BaseException:
+                        conn.close()
+                        raise
         except TimeoutError:
             raise errors.ConnectionError(f"cannot connect to {where(address)}: timed out") from None
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError included: a failed handshake
             raise errors.ConnectionError(f"cannot connect to {where(address)}: {why(exc)}") from None
-        conn.where = where(address)
         return conn
 
     # asyncio.Protocol

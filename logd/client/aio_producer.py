@@ -9,6 +9,7 @@ one writer task owns the connection, whose acknowledgements arrive through
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 
 from .. import defaults, errors
@@ -20,10 +21,10 @@ from .commands import (
     Body,
     Retry,
     as_bytes,
-    parse_url,
     retriable,
     with_retry_async,
 )
+from .endpoint import endpoint
 
 __all__ = ["AsyncProducer"]
 
@@ -45,8 +46,11 @@ class AsyncProducer:
         max_in_flight: int = 8,
         connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.address = parse_url(url)
+        self.endpoint = endpoint(url, token=token, ssl_context=ssl_context)
+        self.address = self.endpoint.address
         self._limits = BatchLimits.check(linger_ms, max_batch_messages, max_batch_bytes, max_in_flight)
         self._connect_timeout = connect_timeout
         self._retry = retry
@@ -166,7 +170,7 @@ class AsyncProducer:
             self._conn = None  # closed by the server while idle: replace it (see Producer)
             conn.close()
         policy = self._retry.policy(lambda e: retriable(e, True), None)
-        conn = await with_retry_async(policy, AsyncConnection.open, self.address, self._connect_timeout)
+        conn = await with_retry_async(policy, AsyncConnection.open, self.endpoint, self._connect_timeout)
         conn.on_replies = lambda replies, c=conn: self._on_replies(c, replies)
         conn.on_lost = lambda why, c=conn: self._on_lost(c, why)
         self._conn = conn

@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit
 
 import structlog
 import tenacity
@@ -22,6 +21,8 @@ import tenacity
 from .. import defaults, errors
 from ..protocol import (
     DEFAULT_PORT,
+    Accept,
+    Auth,
     Command,
     Commit,
     Cursor,
@@ -35,11 +36,13 @@ from ..protocol import (
     PongReply,
     Read,
     Record,
+    Refuse,
     Reply,
     Shutdown,
     Stats,
     StatsReply,
 )
+from ..url import split_url
 
 log = structlog.get_logger("logd.client")
 
@@ -53,17 +56,9 @@ Body = bytes | str
 
 
 def parse_url(url: str) -> tuple[str, int]:
-    """``logd://host:port`` (or ``host:port``; port defaults to 1774) -> (host, port)."""
-    parts = urlsplit(url if "://" in url else "logd://" + url)
-    if parts.scheme != "logd":
-        raise ValueError(f"not a logd URL (logd://host:port): {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"a logd URL has only a host and a port: {url!r}")
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    return parts.hostname or "127.0.0.1", port
+    """``logd://host:port`` (or ``logds://``, or ``host:port``; port defaults to 1774) -> (host, port)."""
+    host, port, _tls, _token = split_url(url)
+    return host, port
 
 
 @dataclass(frozen=True)
@@ -220,10 +215,20 @@ def cursor_call(name: str) -> Call[int]:
 
 
 CURSORS = Call(Cursors(), cursors_of)
+
+
+def auth_call(token: str) -> Call[None]:
+    return Call(Auth(token.encode()), ok_of)
 HEAD = Call(Head(), id_of)
 PING = Call(Ping(), pong_of)
 STATS = Call(Stats(), stats_of)
 SHUTDOWN = Call(Shutdown(), ok_of, idempotent=False)
+REFUSE = Call(Refuse(), ok_of)  # sending it twice is harmless
+ACCEPT = Call(Accept(), ok_of)
+
+
+def accept_call(next_id: int | None) -> Call[None]:
+    return ACCEPT if next_id is None else Call(Accept(next_id), ok_of)
 
 
 def clamp(start: int, limit: int, head: int) -> int:

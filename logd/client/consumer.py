@@ -13,6 +13,7 @@ exactly-once.
 from __future__ import annotations
 
 import os
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -187,6 +188,8 @@ class Consumer:
         timeout: float | None = defaults.CLIENT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
         skip_corrupt: bool = False,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -196,7 +199,8 @@ class Consumer:
         self.checkpoint = checkpoint
         self.max_batch = max_batch
         self.follow = follow
-        self._client_args: dict[str, Any] = {"timeout": timeout, "retry": retry}
+        self._client_args: dict[str, Any] = {"timeout": timeout, "retry": retry, "token": token,
+                                             "ssl_context": ssl_context}
         # A corrupt record raises CorruptRecordError (every restart stops at
         # it); with skip_corrupt it is logged with its id and skipped.
         self.skip_corrupt = skip_corrupt

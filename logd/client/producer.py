@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -45,10 +46,10 @@ from .commands import (
     RECV_BYTES,
     Body,
     Retry,
-    parse_url,
     retriable,
     with_retry,
 )
+from .endpoint import endpoint
 from .sync import Connection
 
 __all__ = ["Producer"]
@@ -131,8 +132,11 @@ class Producer:
         max_in_flight: int = 8,
         connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.address = parse_url(url)
+        self.endpoint = endpoint(url, token=token, ssl_context=ssl_context)
+        self.address = self.endpoint.address
         self._limits = BatchLimits.check(linger_ms, max_batch_messages, max_batch_bytes, max_in_flight)
         self._connect_timeout = connect_timeout
         self._retry = retry
@@ -273,7 +277,7 @@ class Producer:
             except OSError:
                 pass
         policy = self._retry.policy(lambda e: retriable(e, True), None)
-        conn = with_retry(policy, Connection, self.address, self._connect_timeout)
+        conn = with_retry(policy, Connection, self.endpoint, self._connect_timeout)
         conn.sock.settimeout(None)
         self._conn = conn
         threading.Thread(target=self._read_loop, args=(conn,), name="logd-producer-acks", daemon=True).start()

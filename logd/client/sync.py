@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,12 +19,15 @@ from .commands import (
     HEAD,
     PING,
     RECV_BYTES,
+    REFUSE,
     SHUTDOWN,
     STATS,
     Body,
     Call,
     Retry,
+    accept_call,
     as_bytes,
+    auth_call,
     checked,
     clamp,
     commit_call,
@@ -33,7 +37,6 @@ from .commands import (
     id_of,
     last_id_of,
     msg_call,
-    parse_url,
     read_call,
     readable_now,
     remaining,
@@ -44,6 +47,7 @@ from .commands import (
     why,
     with_retry,
 )
+from .endpoint import Endpoint, endpoint
 
 __all__ = ["Client", "Tail", "connect"]
 
@@ -51,23 +55,44 @@ T = TypeVar("T")
 
 
 class Connection:
-    """A blocking socket and its ClientProtocol; any failure closes it for good."""
+    """A blocking socket (TLS for ``logds://``) and its ClientProtocol; any failure closes it for good.
 
-    def __init__(self, address: tuple[str, int], timeout: float | None) -> None:
+    With a token, the connection authenticates (AUTH) before it is handed out.
+    """
+
+    def __init__(self, endpoint: Endpoint, timeout: float | None) -> None:
+        address = endpoint.address
         try:
-            self.sock = socket.create_connection(address, timeout=timeout)
+            sock = socket.create_connection(address, timeout=timeout)
         except TimeoutError:
             raise errors.ConnectionError(f"cannot connect to {where(address)}: timed out") from None
         except OSError as exc:
             raise errors.ConnectionError(f"cannot connect to {where(address)}: {why(exc)}") from None
+        if endpoint.tls is not None:
+            try:
+                sock = endpoint.tls.wrap_socket(sock, server_hostname=endpoint.host)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                sock.close()
+                reason = why(exc) if isinstance(exc, OSError) else str(exc)
+                raise errors.ConnectionError(f"TLS handshake with {where(address)} failed: {reason}") from None
+        self.sock = sock
         tune(self.sock)
         self.address = address
         self.proto = ClientProtocol()
         self.replies: deque[Reply] = deque()
+        if endpoint.token is not None:
+            try:
+                call = auth_call(endpoint.token)
+                self.send(call.command, deadline_after(timeout))
+                call.result([self.reply(deadline_after(timeout))])
+            except BaseException:
+                self.close()
+                raise
 
     def stale(self) -> bool:
         """Whether the server closed, or spoke unprompted (BUSY, TIMEOUT), while we were idle."""
-        return bool(self.replies) or readable_now(self.sock.fileno())
+        pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
+        return bool(self.replies) or bool(pending) or readable_now(self.sock.fileno())
 
     def _io(self, fn: Callable[[Any], T], arg: Any, deadline: float | None) -> T:
         try:
@@ -129,7 +154,10 @@ class Client:
         timeout: float | None = defaults.CLIENT_TIMEOUT,
         connect_timeout: float = defaults.CLIENT_CONNECT_TIMEOUT,
         retry: Retry = Retry(),  # noqa: B008 - frozen
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self.endpoint = Endpoint(host, port, ssl_context, token)
         self.address = (host, port)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -139,12 +167,13 @@ class Client:
 
     @classmethod
     def from_url(cls, url: str = DEFAULT_URL, **kwargs: Any) -> Client:
-        """A client for ``logd://host:port``; keywords as for the constructor."""
-        host, port = parse_url(url)
-        return cls(host, port, **kwargs)
+        """A client for ``logd://[:TOKEN@]host:port`` or ``logds://...`` (TLS); keywords as for
+        the constructor (``token=`` wins over the URL's)."""
+        ep = endpoint(url, token=kwargs.pop("token", None), ssl_context=kwargs.pop("ssl_context", None))
+        return cls(ep.host, ep.port, token=ep.token, ssl_context=ep.tls, **kwargs)
 
     def __repr__(self) -> str:
-        return f"<Client logd://{where(self.address)}>"
+        return f"<Client {self.endpoint.url}>"
 
     def __enter__(self) -> Client:
         return self
@@ -168,7 +197,7 @@ class Client:
             self._drop()
             conn = None
         if conn is None:
-            conn = self._conn = Connection(self.address, remaining(deadline, self.connect_timeout))
+            conn = self._conn = Connection(self.endpoint, remaining(deadline, self.connect_timeout))
         return conn
 
     def _execute(self, call: Call[T], timeout: float | None) -> T:
@@ -317,6 +346,15 @@ class Client:
         """Ask the server to stop gracefully (DeniedError unless it allows SHUTDOWN)."""
         self._execute(SHUTDOWN, timeout)
 
+    def refuse_writes(self, *, timeout: float | None = None) -> None:
+        """REFUSE: make the server read-only (failover: the old leader steps down)."""
+        self._execute(REFUSE, timeout)
+
+    def accept_writes(self, *, next_id: int | None = None, timeout: float | None = None) -> None:
+        """ACCEPT: the server stops following (if it was) and accepts MSG; with ``next_id``,
+        only if that is its next id (protocol.md 3.4)."""
+        self._execute(accept_call(next_id), timeout)
+
 
 class Tail:
     """Records from ``start`` on, as they are committed; iterate it, or take `batch`es.
@@ -432,7 +470,7 @@ class Tail:
     def _connect(self) -> Connection:
         client = self._client
         deadline = deadline_after(client.timeout)
-        conn = Connection(client.address, remaining(deadline, client.connect_timeout))
+        conn = Connection(client.endpoint, remaining(deadline, client.connect_timeout))
         try:
             if self._want is None:
                 conn.send(Head(), deadline)

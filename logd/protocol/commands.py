@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from logd import defaults
 from logd.storage.cursors import valid_name
@@ -151,8 +151,16 @@ class Cursors:
     """``CURSORS``: ``OK <n>`` and n ``<name> <id>`` lines, as STATS."""
 
 
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``AUTH <token>``: authenticate this connection (protocol.md 3.7). The token is never shown."""
+
+    token: bytes = field(repr=False)
+
+
 Command = (
     Msg | Read | Replicate | Head | Ping | Stats | Close | Shutdown | Ack | Refuse | Accept | Commit | Cursor | Cursors
+    | Auth
 )
 
 # Building a Msg through its slot setter skips the frozen dataclass __init__
@@ -209,6 +217,10 @@ def encode_command(cmd: Command) -> bytes:
         return b"COMMIT %s %d\r\n" % (cmd.name.encode("ascii"), cmd.id)
     if isinstance(cmd, Cursor):
         return b"CURSOR %s\r\n" % cmd.name.encode("ascii")
+    if isinstance(cmd, Auth):
+        if not cmd.token or any(c in cmd.token for c in b" \r\n"):
+            raise ValueError("a token is one word, without spaces or line ends")
+        return b"AUTH %s\r\n" % cmd.token
     return _NO_ARGS_BYTES[type(cmd)]
 
 

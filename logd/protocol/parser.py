@@ -16,6 +16,7 @@ from .commands import (
     MAX_ID,
     Accept,
     Ack,
+    Auth,
     Command,
     Commit,
     Cursor,
@@ -90,6 +91,11 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
             if next_id < 1:
                 raise ProtocolError("ACCEPT next id must be >= 1")
             return Accept(next_id)
+        if name == b"AUTH":
+            # The token is never echoed back: error messages here get logged and shown.
+            if len(args) != 1 or not args[0]:
+                raise ProtocolError("AUTH takes one <token>")
+            return Auth(args[0])
         if name == b"ACK":
             if len(args) != 1:
                 raise ProtocolError("ACK takes <id>")

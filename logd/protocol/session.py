@@ -29,11 +29,20 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-from logd.errors import DivergedError, FencedError, HandshakeAnswer, ProtocolError, ServerError
+from logd.errors import (
+    DivergedError,
+    FencedError,
+    HandshakeAnswer,
+    ProtocolError,
+    ServerError,
+    TooLargeError,
+    UnknownCommandError,
+)
 
 from .commands import (
     Accept,
     Ack,
+    Auth,
     Close,
     Command,
     Commit,
@@ -80,6 +89,31 @@ class Hangup:
 
 HANGUP = Hangup()
 Item = Command | ProtocolError | Hangup
+# The parser's errors are items too; they are answered whatever the role.
+PARSE_ERRORS: frozenset[type] = frozenset({ProtocolError, UnknownCommandError, TooLargeError})
+
+
+class Gate(Protocol):
+    """Who may send what on this connection (``logd/access.py`` has the real one)."""
+
+    allowed: frozenset[type]  # item types that act with no call to `check`
+    closing: bool  # set by `check`: reply, then close (too many failed AUTHs)
+
+    def check(self, item: object) -> bytes | None:
+        """The reply to AUTH, or the refusal of a command; None: it acts as usual."""
+
+
+class OpenGate:
+    """No authentication: everything acts; AUTH is answered OK."""
+
+    allowed: frozenset[type] = frozenset(
+        {Msg, Read, Replicate, Head, Ping, Stats, Close, Shutdown, Ack, Refuse, Accept, Commit, Cursor, Cursors, Hangup}
+        | PARSE_ERRORS
+    )
+    closing = False
+
+    def check(self, item: object) -> bytes | None:
+        return OK_EMPTY if type(item) is Auth else None
 
 
 class Backend(Protocol):
@@ -126,6 +160,7 @@ class ServerSession:
     __slots__ = (
         "_backend",
         "_parser",
+        "auth",
         "_waiting",
         "_replies",
         "_out",
@@ -139,9 +174,12 @@ class ServerSession:
         "_out_limit",
     )
 
-    def __init__(self, backend: Backend, parser: CommandParser, output_limit: int = 1 << 20) -> None:
+    def __init__(
+        self, backend: Backend, parser: CommandParser, output_limit: int = 1 << 20, auth: Gate | None = None
+    ) -> None:
         self._backend = backend
         self._parser = parser
+        self.auth: Gate = auth if auth is not None else OpenGate()
         self._waiting: deque[Item] = deque()  # received, not yet acted on
         self._replies: deque[bytes | AppendReply] = deque()  # acted on; the first is not yet known
         self._out: list[bytes] = []  # known replies, in order, not yet taken by data_to_send
@@ -180,8 +218,9 @@ class ServerSession:
             self._hold(items, 0)
             return True
         backend = self._backend
+        auth = self.auth
         for i, item in enumerate(items):
-            if type(item) is Msg:
+            if type(item) is Msg and Msg in auth.allowed:
                 # The hot path (one MSG per chunk from each of many clients): inline.
                 bodies = item.bodies
                 refusal = backend.refusal()
@@ -231,6 +270,20 @@ class ServerSession:
         """Act on one command whose turn it is; False if it must wait for earlier replies."""
         kind = type(item)
         backend = self._backend
+        auth = self.auth
+        if kind not in auth.allowed:  # AUTH, a command this role may not send, an audited one
+            if kind is Auth:
+                # AUTH waits for earlier replies: acting twice would count a failure twice.
+                if not self._settled():
+                    return False
+                self._emit(auth.check(item) or OK_EMPTY)
+                if auth.closing:  # too many failures: nothing after it acts
+                    self.closing = self.closed = True
+                return True
+            denial = auth.check(item)
+            if denial is not None:
+                self._reply(denial)
+                return True
         if kind is Msg:
             refusal = backend.refusal()
             if refusal is not None:

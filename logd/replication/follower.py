@@ -27,6 +27,7 @@ from ..protocol.replica import (
 )
 from ..storage import watermark
 from ..storage.truncate import dropped_name
+from ..tls import client_context
 
 if TYPE_CHECKING:
     from ..server import LogServer
@@ -142,6 +143,11 @@ class Follower:
         self._committer: asyncio.Task[None] | None = None
         self._saver: asyncio.Task[None] | None = None
         self._uncommitted = [0, 0]  # messages and bytes written, not yet in a commit round
+        cfg = server.config
+        # --replica-of logds://...: verify the leader with --tls-ca (else the system's trust
+        # store) and show our own --tls-cert if the leader asks for a client certificate.
+        self.tls = client_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.replica_tls else None
+        self.token = cfg.replica_secret
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -217,12 +223,17 @@ class Follower:
         loop = asyncio.get_running_loop()
         try:
             _tr, link = await asyncio.wait_for(
-                loop.create_connection(_Link, self.host, self.port), timeout=srv.config.replica_timeout
+                loop.create_connection(
+                    _Link, self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None
+                ),
+                timeout=srv.config.replica_timeout,
             )
         except OSError as exc:  # TimeoutError included
             raise LinkLost(f"cannot connect to {self.leader}: {exc}") from None
         self._link = link
         try:
+            if self.token is not None:
+                await self._authenticate(link)
             start = lg.written + 1
             prev_crc = lg.crc_of(start - 1) if start > 1 else 0
             epochs = srv.epochs
@@ -287,7 +298,7 @@ class Follower:
                             self.state = "fenced"
                             log.error("leader_fenced", leader=self.leader, error=ev.message)
                             raise LinkLost(f"leader {self.leader} is stale: {ev.message}")
-                        if ev.code in ("DIVERGED", "NOT_FOUND"):
+                        if ev.code in ("DIVERGED", "NOT_FOUND", "DENIED"):  # DENIED: the token lacks the role
                             raise ReplicationFailed(f"leader {self.leader} refused: {ev.code} {ev.message}")
                         raise LinkLost(f"leader {self.leader}: {ev.code} {ev.message}")
                 self._commit_soon(link, count, nbytes)
@@ -358,6 +369,24 @@ class Follower:
         if ev.first_id != nxt:
             raise LinkLost(f"leader {self.leader} starts epoch {ev.epoch} at {ev.first_id}, our next id is {nxt}")
         epochs.start(ev.epoch, nxt)
+
+    async def _authenticate(self, link: _Link) -> None:
+        """AUTH with the replica token and wait for the answer (nothing else is in flight)."""
+        assert self.token is not None
+        link.write(b"AUTH %s\r\n" % self.token.encode())
+        buf = b""
+        while b"\n" not in buf:
+            chunks = await link.take()
+            if not chunks:
+                raise LinkLost(f"{self.leader} closed the connection during AUTH")
+            buf += b"".join(chunks)
+        line = buf.split(b"\n", 1)[0].rstrip(b"\r")
+        if line == b"OK":
+            return
+        text = line.decode("utf-8", "replace")
+        if text.startswith("ERR DENIED"):
+            raise ReplicationFailed(f"leader {self.leader} refused the replica token: {text}")
+        raise LinkLost(f"leader {self.leader} answered AUTH with {text!r}")
 
     def _segment(self, first_id: int) -> None:
         lg = self.server.log

@@ -19,6 +19,21 @@ import pytest
 
 LISTENING = re.compile(rb"logd listening on ([\d.]+):(\d+)")
 START_TIMEOUT = 20.0
+# Every token a test created. No log of any server the suite starts may contain one:
+# `start_server` checks each server's stderr when the test ends (issue 14).
+SECRETS: list[str] = []
+
+
+def new_token(auth_file: Path, name: str, role: str) -> str:
+    """``logd token add NAME --role ROLE --auth-file FILE``; return the token it printed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "logd.cli", "token", "add", name, "--role", role, "--auth-file", str(auth_file)],
+        capture_output=True, check=True, timeout=60,
+    )
+    token = out.stdout.decode().strip()
+    assert len(token) >= 40 and "\n" not in token, out
+    SECRETS.append(token)
+    return token
 
 
 @dataclass
@@ -200,6 +215,10 @@ def start_server(tmp_path: Path) -> Iterator:
             except subprocess.TimeoutExpired:
                 srv.proc.kill()
                 srv.proc.wait()
+    for srv in started:
+        log = srv.stderr()
+        leaked = [i for i, secret in enumerate(SECRETS) if secret in log]
+        assert not leaked, f"the log of a server ({srv.stderr_path}) contains token(s) {leaked} of SECRETS"
 
 
 @pytest.fixture
