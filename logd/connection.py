@@ -171,6 +171,11 @@ class Connection(asyncio.Protocol):
     def closing(self) -> bool:
         return self.session.closing
 
+    def abandon(self) -> None:
+        """The stream cannot go on mid-record (a failed read): close without another line."""
+        self.stream = None
+        self.close()
+
     def stream_ended(self) -> None:
         self.stream = None
         self._stream_fresh = False
@@ -240,9 +245,11 @@ class Connection(asyncio.Protocol):
     def close(self, last: bytes = b"") -> None:
         """Send ``last`` (if any) and close once the buffered output is written; we count until then."""
         self.session.closing = self.session.closed = True
-        if self.stream is not None:
-            self.stream.detach()
-            self.stream = None
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.detach()
+            if not stream.complete_piece():
+                last = b""  # the record cannot be completed: a line after it would not be framed
         tr = self.transport
         if tr is not None and not tr.is_closing():
             if last:

@@ -18,6 +18,7 @@ import structlog
 from . import protocol
 from .errors import CorruptRecordError, NotFoundError, ProtocolError, ServerError, UnavailableError
 from .protocol.replica import epoch_marker, position_marker, segment_marker
+from .storage.reads import Span
 
 if TYPE_CHECKING:
     from .server import LogServer
@@ -39,13 +40,15 @@ class Sink(Protocol):
 
     def stream_ended(self) -> None: ...
 
+    def abandon(self) -> None: ...
+
 
 class Stream:
     """One READ (``limit`` records, 0 = forever) or REPLICATE stream."""
 
     __slots__ = (
         "server", "sink", "replica", "next", "left", "segment", "position", "sent", "acked", "parked", "epoch",
-        "cursors",
+        "cursors", "piece", "piece_at",
     )
 
     def __init__(self, server: LogServer, sink: Sink, cmd: protocol.Read | protocol.Replicate) -> None:
@@ -61,6 +64,8 @@ class Stream:
         self.sent = cmd.start - 1
         self.acked = -1  # the replica's highest ACK; -1 until its first one
         self.parked = 0  # the id it waits for in ParkedStreams, 0 when not parked
+        self.piece: Span | None = None  # the span being sent, from byte piece_at on
+        self.piece_at = 0
         # REPLICATE with epochs (protocol.md 3.4): the epoch last announced with +EPOCH; None: older form.
         self.epoch: int | None = -1 if type(cmd) is protocol.Replicate and cmd.epoch is not None else None
         self.cursors = server.cursors.feed() if self.replica else None  # REPLICATE: +CURSOR markers sent
@@ -104,55 +109,39 @@ class Stream:
     def _pump(self) -> None:
         srv = self.server
         sink = self.sink
-        lg = srv.log
+        chunk = srv.stream_chunk
         while not sink.write_paused:
             if srv.budgets.output_over():
                 srv.budgets.throttled.add(self)  # the server's output budget is spent: wait for room
                 return
-            limit = self.limit
-            if self.next > limit:
-                if sink.closing():  # CLOSE: end at what is committed instead of waiting
-                    self.end(protocol.EOF)
-                else:
-                    srv.park(self)
-                return
-            count = limit - self.next + 1
-            if self.left and self.left < count:
-                count = self.left
-            epoch = -1
-            if self.epoch is not None:  # a span never crosses into another epoch
-                epoch, epoch_end = srv.epochs.epoch_of(self.next)
-                if epoch_end is not None:
-                    count = min(count, epoch_end - self.next)
-            try:
-                span = lg.span(self.next, count, srv.stream_chunk)
+            span = self.piece
+            if span is None:
+                span = self._next_span()
                 if span is None:
-                    srv.park(self)
-                    return
-                data = os.pread(span.handle.fd, span.end - span.start, span.start)
-                if len(data) != span.end - span.start:
+                    return  # parked, or the stream ended
+                self.piece, self.piece_at = span, span.start
+            # A span goes out in pieces of at most `chunk` bytes, so a stream holds no more
+            # than its budget and one piece however big a record is.
+            end = min(span.end, self.piece_at + chunk)
+            try:
+                data = os.pread(span.handle.fd, end - self.piece_at, self.piece_at)
+                if len(data) != end - self.piece_at:
                     raise UnavailableError("segment shorter than its index")
-            except NotFoundError as exc:  # retention deleted what this reader was about to read
-                self.end(protocol.error_reply(exc))
-                return
-            except (OSError, CorruptRecordError) as exc:
+            except (OSError, ServerError) as exc:
                 log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
-                self.end(protocol.error_reply(UnavailableError(f"read failed at id {self.next}: {exc}")))
+                mid_record = self.piece_at > span.start
+                self.piece = None
+                if mid_record:  # an ERR line here would land inside a record: close instead
+                    self.detach()
+                    sink.abandon()
+                else:
+                    self.end(protocol.error_reply(UnavailableError(f"read failed at id {self.next}: {exc}")))
                 return
-            except ServerError as exc:  # e.g. the segment cannot be opened: out of descriptors
-                log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
-                self.end(protocol.error_reply(exc))
-                return
-            if self.replica:
-                self.send_position()
-                if self.epoch is not None and epoch != self.epoch:
-                    self.epoch = epoch
-                    sink.write(epoch_marker(epoch, self.next))
-                seg = lg.segment_of(span.first_id)
-                if seg != self.segment:
-                    self.segment = seg
-                    sink.write(segment_marker(seg))
             sink.write(data)
+            self.piece_at = end
+            if end < span.end:
+                continue
+            self.piece = None
             self.sent = span.last_id
             self.next = span.last_id + 1
             if self.replica:
@@ -162,6 +151,53 @@ class Stream:
                 if self.left == 0:
                     self.end(protocol.EOF)
                     return
+
+    def _next_span(self) -> Span | None:
+        """The next byte range to send (after any markers it needs), or None if the stream waits or ended."""
+        srv = self.server
+        sink = self.sink
+        lg = srv.log
+        limit = self.limit
+        if self.next > limit:
+            if sink.closing():  # CLOSE: end at what is committed instead of waiting
+                self.end(protocol.EOF)
+            else:
+                srv.park(self)
+            return None
+        count = limit - self.next + 1
+        if self.left and self.left < count:
+            count = self.left
+        epoch = -1
+        if self.epoch is not None:  # a span never crosses into another epoch
+            epoch, epoch_end = srv.epochs.epoch_of(self.next)
+            if epoch_end is not None:
+                count = min(count, epoch_end - self.next)
+        try:
+            span = lg.span(self.next, count, srv.stream_chunk)
+        except NotFoundError as exc:  # retention deleted what this reader was about to read
+            self.end(protocol.error_reply(exc))
+            return None
+        except (OSError, CorruptRecordError) as exc:
+            log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
+            self.end(protocol.error_reply(UnavailableError(f"read failed at id {self.next}: {exc}")))
+            return None
+        except ServerError as exc:  # e.g. the segment cannot be opened: out of descriptors
+            log.error("stream_read_failed", peer=sink.peer, id=self.next, error=str(exc))
+            self.end(protocol.error_reply(exc))
+            return None
+        if span is None:
+            srv.park(self)
+            return None
+        if self.replica:
+            self.send_position()
+            if self.epoch is not None and epoch != self.epoch:
+                self.epoch = epoch
+                sink.write(epoch_marker(epoch, self.next))
+            seg = lg.segment_of(span.first_id)
+            if seg != self.segment:
+                self.segment = seg
+                sink.write(segment_marker(seg))
+        return span
 
     def send_position(self) -> None:
         """Tell a replica the commit point and high watermark if they moved (``+HEAD``)."""
@@ -181,10 +217,26 @@ class Stream:
             self.server.replica_ack(self, id)
 
     def end(self, last: bytes) -> None:
-        """Finish with ``last`` (``+EOF`` or an ``ERR`` line) and hand the connection back to its session."""
+        """Finish with ``last`` (``+EOF`` or an ``ERR`` line) and hand the connection back to its session.
+
+        A span half sent is completed first, so ``last`` never lands inside a record.
+        """
         self.detach()
+        if not self.complete_piece():
+            self.sink.abandon()  # cannot be framed any more: only closing is left
+            return
         self.sink.write(last)
         self.sink.stream_ended()
+
+    def complete_piece(self) -> bool:
+        """Send the rest of a span half sent (at most one piece's worth of records); False if that failed."""
+        span, self.piece = self.piece, None
+        if span is not None:
+            try:
+                self.sink.write(os.pread(span.handle.fd, span.end - self.piece_at, self.piece_at))
+            except OSError:
+                return False
+        return True
 
     def detach(self) -> None:
         """Forget this stream everywhere the server tracks it (it ended, or its connection is gone)."""
