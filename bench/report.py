@@ -187,8 +187,9 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
 def details(results: list[Result]) -> list[str]:
     """CPU of both sides for every run: is the server (not the client) the bottleneck?"""
     lines = [
-        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | other CPU % | steal % | samples |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | load generator | other CPU % "
+        "| steal % | samples |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in results:
         m = r["metrics"]
@@ -197,7 +198,8 @@ def details(results: list[Result]) -> list[str]:
         lines.append(
             f"| {describe(r)}{' (load)' if r['variant'] == 'load' else ''} | {r['server']} "
             f"| {r['fsync']} | {fmt(m['msgs_per_s'])} | {m['server_cpu_pct']} "
-            f"| {m['client_cpu_pct']} | {m.get('other_cpu_pct', '–')} | {m.get('steal_pct', '–')} "
+            f"| {m['client_cpu_pct']} | {r.get('generator', 'python')} "
+            f"| {m.get('other_cpu_pct', '–')} | {m.get('steal_pct', '–')} "
             f"| {m.get('samples', '–')} |"
         )
     return lines
@@ -235,8 +237,11 @@ def method(meta: dict[str, Any]) -> list[str]:
         "- Durability: `always` = logd `--fsync always` vs Redis `appendfsync always`; `interval` = "
         "logd `--fsync interval:1000` vs Redis `appendfsync everysec`. Redis runs with `appendonly "
         'yes`, `save ""` and no automatic AOF rewrite (no fork during a measurement).',
-        "- One load generator for both: one Python process and thread, raw sockets (TCP_NODELAY), "
-        "commands encoded once; replies are counted by line, not parsed. After every write run the "
+        "- The same load generator for both servers, raw sockets (TCP_NODELAY), commands encoded once, "
+        "replies counted by line, not parsed. Scenarios 1, 2 and 4: "
+        f"{meta.get('loadgen', {}).get('scenarios_1_2_4', 'python')}; one thread, epoll, non-blocking "
+        "sockets, its own warm-up, its CPU (getrusage) over the measured phase is the client CPU. "
+        "The other scenarios: one Python process and thread. After every write run the "
         "server's HEAD (logd) or XLEN (Redis) must have grown by exactly the acknowledged count; "
         "catch-up reads are checked for their exact byte size (logd) or entry count (Redis).",
         f"- Write runs (1-4): {p['warmup']} s warm-up, then {p['seconds']} s measured, "
@@ -305,7 +310,8 @@ def markdown(meta: dict[str, Any], results: list[Result], goal_rows: list[dict[s
     out += [
         "## CPU per run",
         "",
-        "Client CPU is the load generator's; 100% = one core. A server near 100% is the "
+        "Client CPU is the load generator's (the column after it says which: c = bench/fanin.c, "
+        "python = bench/loadgen.py); 100% = one core. A server near 100% is the "
         "bottleneck; the client staying under 100% shows it was not. Other CPU is what the rest "
         "of the machine used meanwhile (other processes) and steal is CPU the hypervisor gave to "
         "other guests: large values mean a noisy figure.",
