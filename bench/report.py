@@ -52,7 +52,7 @@ SHOWN: dict[tuple[int, str], tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Goal:
-    """A target of issue 6, checked on every matching pair of results."""
+    """A target of issue 6 or 12, checked on every matching pair of results."""
 
     text: str
     scenario: int
@@ -65,6 +65,16 @@ class Goal:
 GOALS = (
     Goal("batched write, interval: logd ≥ 2× Redis", 3, "batched", "interval", "msgs_per_s", lambda r, a, b: r >= 2.0),
     Goal("fan-in, fsync always: logd ≥ 1× Redis", 4, "fan-in", "always", "msgs_per_s", lambda r, a, b: r >= 1.0),
+    # Issue 12's floors, measured with the C load generator.
+    Goal("fan-in, interval: logd ≥ 1× Redis", 4, "fan-in", "interval", "msgs_per_s", lambda r, a, b: r >= 1.0),
+    Goal(
+        "single-message round trip p50, interval: logd ≤ 1.05× Redis",
+        1,
+        "latency",
+        "interval",
+        "p50_us",
+        lambda r, a, b: r <= 1.05,
+    ),
     Goal("catch-up read: logd ≥ 2× Redis", 5, "catch-up read", None, "msgs_per_s", lambda r, a, b: r >= 2.0),
     Goal("catch-up read 64 KiB: logd ≥ 1 GB/s", 5, "catch-up read", None, "mb_per_s", lambda r, a, b: a >= 1000.0),
     Goal("tail latency p99: logd ≤ Redis", 6, "tail", None, "p99_us", lambda r, a, b: r <= 1.0),
@@ -187,9 +197,9 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
 def details(results: list[Result]) -> list[str]:
     """CPU of both sides for every run: is the server (not the client) the bottleneck?"""
     lines = [
-        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | load generator | other CPU % "
-        "| steal % | samples |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
+        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | load generator "
+        "| server CPU µs/msg | other CPU % | steal % | samples |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r["metrics"]
@@ -198,7 +208,7 @@ def details(results: list[Result]) -> list[str]:
         lines.append(
             f"| {describe(r)}{' (load)' if r['variant'] == 'load' else ''} | {r['server']} "
             f"| {r['fsync']} | {fmt(m['msgs_per_s'])} | {m['server_cpu_pct']} "
-            f"| {m['client_cpu_pct']} | {r.get('generator', 'python')} "
+            f"| {m['client_cpu_pct']} | {r.get('generator', 'python')} | {m.get('server_cpu_us_per_msg', '–')} "
             f"| {m.get('other_cpu_pct', '–')} | {m.get('steal_pct', '–')} "
             f"| {m.get('samples', '–')} |"
         )
