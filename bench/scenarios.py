@@ -257,10 +257,13 @@ class Bench:
                 srv.addr, cmd, lines, conns=conns, depth=1, warmup=p.warmup, seconds=seconds, max_cmds=max_n, meter=m
             )
         if conns == 1:
-            lg.closed_loop(srv.addr, cmd, lines, p.warmup, max_n, m)
-            return lg.closed_loop(srv.addr, cmd, lines, seconds, max_n, m)
-        lg.fan_in(srv.addr, cmd, lines, conns, p.warmup, max_n, m)
-        return lg.fan_in(srv.addr, cmd, lines, conns, seconds, max_n, m)
+            warm = lg.closed_loop(srv.addr, cmd, lines, p.warmup, max_n, m)
+            run = lg.closed_loop(srv.addr, cmd, lines, seconds, max_n, m)
+        else:
+            warm = lg.fan_in(srv.addr, cmd, lines, conns, p.warmup, max_n, m)
+            run = lg.fan_in(srv.addr, cmd, lines, conns, seconds, max_n, m)
+        run.warmup_messages = warm.messages  # stored too: checked_write counts them
+        return run
 
     def _pipelined(
         self,
