@@ -17,6 +17,7 @@ import matplotlib
 import psutil
 
 from . import report
+from .cloadgen import BuildError, CLoadgen
 from .plan import FULL, QUICK
 from .scenarios import Bench
 from .servers import (
@@ -30,6 +31,7 @@ from .servers import (
 
 BENCH_DIR = Path(__file__).resolve().parent
 ALL_SCENARIOS = {1, 2, 3, 4, 5, 6, 7}
+C_SCENARIOS = {1, 2, 4}  # driven by the C load generator (bench/fanin.c) unless --loadgen python
 MIN_FILES = 4096  # 1,000 idle connections + the rest, on both sides
 
 
@@ -59,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         metavar="SECONDS",
         help="before starting each pair of servers, wait up to this long for other processes to go quiet",
+    )
+    ap.add_argument(
+        "--loadgen",
+        choices=("c", "python"),
+        default="c",
+        help="load generator of scenarios 1, 2 and 4: c (bench/fanin.c, built with gcc; default) or python",
     )
     ap.add_argument(
         "--install-redis", action="store_true", help="apt-get install redis-server if it is missing (root only)"
@@ -105,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no server to benchmark", file=sys.stderr)
         return 2
 
+    cgen: CLoadgen | None = None
+    if args.loadgen == "c" and only & C_SCENARIOS:
+        try:
+            cgen = CLoadgen()
+        except BuildError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
     raise_file_limit()
     cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cpus) >= 2
@@ -130,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             "matplotlib": matplotlib.__version__,
         },
         "warnings": warnings,
+        "loadgen": {
+            "scenarios_1_2_4": cgen.description if cgen else "python (bench/loadgen.py, one thread)",
+            "other_scenarios": "python (bench/loadgen.py, bench/readers.py, one thread)",
+        },
     }
     log(
         f"logd vs Redis benchmark ({'quick' if args.quick else 'full'}), "
         f"servers: {', '.join(kinds)}, scenarios: {','.join(map(str, sorted(only)))}"
     )
-    bench = Bench(plan, tuple(kinds), server_cpu, log, args.wait_quiet)
+    bench = Bench(plan, tuple(kinds), server_cpu, log, args.wait_quiet, cgen)
     status = 0
     try:
         bench.run(only)
@@ -144,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         meta["error"] = f"{type(e).__name__}: {e}"
         warnings.append(f"the run stopped early: {meta['error']}")
         status = 1
+    finally:
+        if cgen:
+            cgen.close()
     meta["versions"].update(bench.versions)
     if bench.errors:
         status = 1

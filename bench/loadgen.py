@@ -1,4 +1,7 @@
-"""One load generator for both servers: raw sockets, pre-encoded commands.
+"""The Python load generator, the same for both servers: raw sockets, pre-encoded commands.
+
+Scenarios 1, 2 and 4 use the C generator (`cloadgen`, bench/fanin.c) unless
+``--loadgen python`` is given; the meters here serve both.
 
 The hot loops never parse a reply in Python. Every reply the benchmark
 expects is a known number of lines, and no payload contains CR or LF
@@ -45,6 +48,8 @@ class Run:
     payload_bytes: int = 0  # message bodies moved
     wire_bytes: int = 0  # bytes on the wire in the measured direction
     extra: dict[str, float] = field(default_factory=dict)
+    generator: str = "python"  # which load generator drove the run: "python" (here) or "c" (fanin.c)
+    warmup_messages: int = 0  # acknowledged before the measured phase by the same run (C generator)
 
 
 def client_cpu() -> float:
@@ -72,8 +77,9 @@ class Meter:
         self.c0, self.s0 = client_cpu(), self.server_cpu()
         self.m0, self.st0 = machine_cpu()
 
-    def stop(self, run: Run) -> Run:
-        run.client_cpu_s = client_cpu() - self.c0
+    def stop(self, run: Run, child_cpu_s: float = 0.0) -> Run:
+        """Close the interval; ``child_cpu_s`` is a child load generator's CPU over it."""
+        run.client_cpu_s = client_cpu() - self.c0 + child_cpu_s
         run.server_cpu_s = self.server_cpu() - self.s0
         busy, steal = machine_cpu()
         run.other_cpu_s = max(0.0, busy - self.m0 - run.client_cpu_s - run.server_cpu_s)

@@ -151,6 +151,10 @@ def metrics(run: lg.Run) -> dict[str, float]:
         "other_cpu_pct": round(100 * run.other_cpu_s / secs, 1),
         "steal_pct": round(100 * run.steal_s / secs, 1),
     }
+    if run.messages:
+        # CPU per message: less sensitive than msg/s to other load taking turns on the CPUs.
+        m["server_cpu_us_per_msg"] = round(1e6 * run.server_cpu_s / run.messages, 2)
+        m["client_cpu_us_per_msg"] = round(1e6 * run.client_cpu_s / run.messages, 2)
     if run.payload_bytes:
         m["mb_per_s"] = round(run.payload_bytes / secs / 1e6, 1)
         m["wire_mb_per_s"] = round(run.wire_bytes / secs / 1e6, 1)

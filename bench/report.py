@@ -52,7 +52,7 @@ SHOWN: dict[tuple[int, str], tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Goal:
-    """A target of issue 6, checked on every matching pair of results."""
+    """A target of issue 6 or 12, checked on every matching pair of results."""
 
     text: str
     scenario: int
@@ -65,6 +65,16 @@ class Goal:
 GOALS = (
     Goal("batched write, interval: logd ≥ 2× Redis", 3, "batched", "interval", "msgs_per_s", lambda r, a, b: r >= 2.0),
     Goal("fan-in, fsync always: logd ≥ 1× Redis", 4, "fan-in", "always", "msgs_per_s", lambda r, a, b: r >= 1.0),
+    # Issue 12's floors, measured with the C load generator.
+    Goal("fan-in, interval: logd ≥ 1× Redis", 4, "fan-in", "interval", "msgs_per_s", lambda r, a, b: r >= 1.0),
+    Goal(
+        "single-message round trip p50, interval: logd ≤ 1.05× Redis",
+        1,
+        "latency",
+        "interval",
+        "p50_us",
+        lambda r, a, b: r <= 1.05,
+    ),
     Goal("catch-up read: logd ≥ 2× Redis", 5, "catch-up read", None, "msgs_per_s", lambda r, a, b: r >= 2.0),
     Goal("catch-up read 64 KiB: logd ≥ 1 GB/s", 5, "catch-up read", None, "mb_per_s", lambda r, a, b: a >= 1000.0),
     Goal("tail latency p99: logd ≤ Redis", 6, "tail", None, "p99_us", lambda r, a, b: r <= 1.0),
@@ -187,8 +197,9 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
 def details(results: list[Result]) -> list[str]:
     """CPU of both sides for every run: is the server (not the client) the bottleneck?"""
     lines = [
-        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | other CPU % | steal % | samples |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | server | fsync | msg/s | server CPU % | client CPU % | load generator "
+        "| server CPU µs/msg | other CPU % | steal % | samples |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r["metrics"]
@@ -197,7 +208,8 @@ def details(results: list[Result]) -> list[str]:
         lines.append(
             f"| {describe(r)}{' (load)' if r['variant'] == 'load' else ''} | {r['server']} "
             f"| {r['fsync']} | {fmt(m['msgs_per_s'])} | {m['server_cpu_pct']} "
-            f"| {m['client_cpu_pct']} | {m.get('other_cpu_pct', '–')} | {m.get('steal_pct', '–')} "
+            f"| {m['client_cpu_pct']} | {r.get('generator', 'python')} | {m.get('server_cpu_us_per_msg', '–')} "
+            f"| {m.get('other_cpu_pct', '–')} | {m.get('steal_pct', '–')} "
             f"| {m.get('samples', '–')} |"
         )
     return lines
@@ -235,8 +247,11 @@ def method(meta: dict[str, Any]) -> list[str]:
         "- Durability: `always` = logd `--fsync always` vs Redis `appendfsync always`; `interval` = "
         "logd `--fsync interval:1000` vs Redis `appendfsync everysec`. Redis runs with `appendonly "
         'yes`, `save ""` and no automatic AOF rewrite (no fork during a measurement).',
-        "- One load generator for both: one Python process and thread, raw sockets (TCP_NODELAY), "
-        "commands encoded once; replies are counted by line, not parsed. After every write run the "
+        "- The same load generator for both servers, raw sockets (TCP_NODELAY), commands encoded once, "
+        "replies counted by line, not parsed. Scenarios 1, 2 and 4: "
+        f"{meta.get('loadgen', {}).get('scenarios_1_2_4', 'python')}; one thread, epoll, non-blocking "
+        "sockets, its own warm-up, its CPU (getrusage) over the measured phase is the client CPU. "
+        "The other scenarios: one Python process and thread. After every write run the "
         "server's HEAD (logd) or XLEN (Redis) must have grown by exactly the acknowledged count; "
         "catch-up reads are checked for their exact byte size (logd) or entry count (Redis).",
         f"- Write runs (1-4): {p['warmup']} s warm-up, then {p['seconds']} s measured, "
@@ -305,7 +320,8 @@ def markdown(meta: dict[str, Any], results: list[Result], goal_rows: list[dict[s
     out += [
         "## CPU per run",
         "",
-        "Client CPU is the load generator's; 100% = one core. A server near 100% is the "
+        "Client CPU is the load generator's (the column after it says which: c = bench/fanin.c, "
+        "python = bench/loadgen.py); 100% = one core. A server near 100% is the "
         "bottleneck; the client staying under 100% shows it was not. Other CPU is what the rest "
         "of the machine used meanwhile (other processes) and steal is CPU the hypervisor gave to "
         "other guests: large values mean a noisy figure.",

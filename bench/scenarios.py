@@ -17,6 +17,7 @@ from typing import Any
 from . import loadgen as lg
 from . import readers as rd
 from . import wire as wr
+from .cloadgen import CLoadgen
 from .plan import BATCH, MAX_RUN_BYTES, SMALL, Plan, curve, metrics, noisy, p99, wait_quiet
 from .servers import FSYNC_MODES, Server, ServerError, start_logd, start_redis
 
@@ -33,8 +34,10 @@ class Bench:
         server_cpu: int | None,
         log: Callable[[str], None],
         quiet_wait: float = 0.0,
+        cgen: CLoadgen | None = None,
     ):
         self.plan = plan
+        self.cgen = cgen  # drives scenarios 1, 2 and 4 when given; else the Python loops do
         self.quiet_wait = quiet_wait
         self.kinds = kinds
         self.server_cpu = server_cpu  # every server is pinned to this CPU (None: not pinned)
@@ -95,6 +98,7 @@ class Bench:
             "payload": payload,
             "server": srv.kind,
             "fsync": srv.fsync,
+            "generator": run.generator,
             "metrics": metrics(run),
         }
         if with_curve:
@@ -105,7 +109,7 @@ class Bench:
         mb = f" {m['mb_per_s']} MB/s" if "mb_per_s" in m else ""
         self.log(
             f"    {srv.kind:5} {m['msgs_per_s']:>12,.0f} msg/s{mb}{lat}"
-            f"  (server cpu {m['server_cpu_pct']}%, client cpu {m['client_cpu_pct']}%)"
+            f"  (server cpu {m['server_cpu_pct']}%, client cpu {m['client_cpu_pct']}% [{run.generator}])"
         )
         return rec
 
@@ -115,8 +119,9 @@ class Bench:
             before = wire.stored(ctl)
             run = fn()
             after = wire.stored(ctl)
-        if after - before != run.messages:
-            raise wr.LoadError(f"{srv.kind}: acknowledged {run.messages} messages but stored {after - before}")
+        acked = run.messages + run.warmup_messages
+        if after - before != acked:
+            raise wr.LoadError(f"{srv.kind}: acknowledged {acked} messages but stored {after - before}")
         return run
 
     def meter(self, srv: Server) -> lg.Meter:
@@ -189,16 +194,15 @@ class Bench:
 
                 def single(srv: Server) -> lg.Run:
                     wire = wr.wire_for(srv.kind)
-                    cmd, m = wire.write(body), self.meter(srv)
-                    lg.closed_loop(srv.addr, cmd, wire.write_lines, p.warmup, p.latency_max, m)
-                    fn = partial(lg.closed_loop, srv.addr, cmd, wire.write_lines, p.seconds, p.latency_max, m)
+                    cmd = wire.write(body)
+                    fn = partial(self._round_trips, srv, cmd, wire.write_lines, 1, p.seconds, p.latency_max)
                     return self.checked_write(srv, wire, fn)
 
                 self.compare(srvs, single, rounds, 1, "latency", mode, with_curve=True)
                 self.log("  1. round-trip floor: PING, one client, one per round trip")
 
                 def ping(srv: Server) -> lg.Run:
-                    return lg.closed_loop(srv.addr, b"PING\r\n", 1, p.seconds / 2, p.latency_max, self.meter(srv))
+                    return self._round_trips(srv, b"PING\r\n", 1, 1, p.seconds / 2, p.latency_max)
 
                 self.compare(srvs, ping, rounds, 1, "latency", mode, payload=0, variant="PING")
             if 2 in only and run_13:
@@ -231,9 +235,8 @@ class Bench:
 
                 def fan(srv: Server) -> lg.Run:
                     wire = wr.wire_for(srv.kind)
-                    cmd, m = wire.write(body), self.meter(srv)
-                    lg.fan_in(srv.addr, cmd, wire.write_lines, n, p.warmup, p.write_max, m)
-                    fn = partial(lg.fan_in, srv.addr, cmd, wire.write_lines, n, p.seconds, p.write_max, m)
+                    cmd = wire.write(body)
+                    fn = partial(self._round_trips, srv, cmd, wire.write_lines, n, p.seconds, p.write_max)
                     return self.checked_write(srv, wire, fn)
 
                 self.compare(srvs, fan, rounds, 4, "fan-in", mode, variant=f"{n} clients", with_curve=True)
@@ -246,6 +249,22 @@ class Bench:
 
                 self.compare(srvs, tail, p.tail_rounds, 6, "tail", mode, with_curve=True, by=p99)
 
+    def _round_trips(self, srv: Server, cmd: bytes, lines: int, conns: int, seconds: float, max_n: int) -> lg.Run:
+        """``conns`` connections, one command in flight each: warm-up, then a measured run (scenarios 1, 4)."""
+        p, m = self.plan, self.meter(srv)
+        if self.cgen:
+            return self.cgen.run(
+                srv.addr, cmd, lines, conns=conns, depth=1, warmup=p.warmup, seconds=seconds, max_cmds=max_n, meter=m
+            )
+        if conns == 1:
+            warm = lg.closed_loop(srv.addr, cmd, lines, p.warmup, max_n, m)
+            run = lg.closed_loop(srv.addr, cmd, lines, seconds, max_n, m)
+        else:
+            warm = lg.fan_in(srv.addr, cmd, lines, conns, p.warmup, max_n, m)
+            run = lg.fan_in(srv.addr, cmd, lines, conns, seconds, max_n, m)
+        run.warmup_messages = warm.messages  # stored too: checked_write counts them
+        return run
+
     def _pipelined(
         self,
         srv: Server,
@@ -256,9 +275,16 @@ class Bench:
         depth: int,
         size: int = SMALL,
     ) -> lg.Run:
-        """Warm up, then a checked pipelined run."""
+        """Warm up, then a checked pipelined run (the C generator for single-message commands)."""
         p = self.plan
         max_cmds = max(depth, min(p.write_max, MAX_RUN_BYTES // size) // per_cmd)
+        if self.cgen and per_cmd == 1:
+            m = self.meter(srv)
+            cfn = partial(
+                self.cgen.run, srv.addr, cmd, lines,
+                conns=1, depth=depth, warmup=p.warmup, seconds=p.seconds, max_cmds=max_cmds, meter=m,
+            )  # fmt: skip
+            return self.checked_write(srv, wire, cfn)
         lg.pipelined(srv.addr, cmd, lines, per_cmd, depth, p.warmup, max_cmds // 10)
         m = self.meter(srv)
         fn = partial(lg.pipelined, srv.addr, cmd, lines, per_cmd, depth, p.seconds, max_cmds, m)

@@ -23,7 +23,7 @@ import pytest
 import logd
 from logd import errors
 from logd.client import NO_RETRY, Retry, parse_url
-from logd.client.producer import _IdFuture
+from logd.client.pending import PendingId, resolve_batch
 from logd.protocol import Replicate
 
 from .e2e.conftest import ServerProcess, wait_for
@@ -503,37 +503,106 @@ def test_producer_without_server_fails_futures() -> None:
         fut.result(timeout=5)
 
 
-def test_id_future_waiters_and_callbacks_across_threads() -> None:
-    futs = [_IdFuture() for _ in range(200)]
+def test_pending_id_result_waits_up_to_its_timeout() -> None:
+    handle = PendingId()
+    assert not handle.done()
+    t0 = time.monotonic()
+    with pytest.raises(errors.TimeoutError):
+        handle.result(timeout=0.05)
+    assert time.monotonic() - t0 >= 0.05
+    with pytest.raises(errors.TimeoutError):
+        handle.exception(timeout=0)
+    resolve_batch([handle], 41)
+    assert handle.done() and handle.result(timeout=0) == 41 and handle.exception() is None
+    assert handle.cancel() is False and not handle.cancelled()
+
+
+def test_pending_id_batch_gets_consecutive_ids_once() -> None:
+    handles = [PendingId() for _ in range(5)]
+    resolve_batch(handles[2:3], 100)  # resolved early: the batch leaves it alone
+    resolve_batch(handles, 7)
+    assert [h.result() for h in handles] == [7, 8, 100, 10, 11]
+
+
+def test_pending_id_failure_is_raised_from_result_and_given_by_exception() -> None:
+    handles = [PendingId() for _ in range(3)]
+    failure = errors.TooLargeError("message too large")
+    resolve_batch(handles, failure)
+    for handle in handles:
+        assert handle.done()
+        with pytest.raises(errors.TooLargeError) as caught:
+            handle.result(timeout=0)
+        assert caught.value is failure
+        assert handle.exception() is failure
+
+
+def test_pending_id_callbacks_before_and_after_completion() -> None:
+    handle = PendingId()
+    calls: list[tuple[str, int, str]] = []
+
+    def failing(h: PendingId) -> None:
+        raise RuntimeError("a broken callback must not stop the others")
+
+    handle.add_done_callback(lambda h: calls.append(("before", h.result(), threading.current_thread().name)))
+    handle.add_done_callback(failing)
+    handle.add_done_callback(lambda h: calls.append(("second", h.result(), threading.current_thread().name)))
+    assert calls == []  # not resolved yet
+    resolver = threading.Thread(target=resolve_batch, args=([handle], 9), name="resolver")
+    resolver.start()
+    resolver.join(10)
+    assert calls == [("before", 9, "resolver"), ("second", 9, "resolver")]  # in order, in the resolving thread
+    handle.add_done_callback(lambda h: calls.append(("after", h.result(), threading.current_thread().name)))
+    assert calls[-1] == ("after", 9, threading.current_thread().name)  # at once, in the caller's thread
+    resolve_batch([handle], 50)  # a second resolution changes nothing and calls nobody again
+    assert handle.result() == 9 and len(calls) == 3
+
+
+def test_pending_id_result_from_other_threads_while_batches_resolve() -> None:
+    batches, per_batch, waiters = 200, 50, 8
+    handles = [[PendingId() for _ in range(per_batch)] for _ in range(batches)]
+    flat = [h for batch in handles for h in batch]
+    got: dict[int, list[int]] = {}
+    callback_ids: list[int] = []
+    failures: list[BaseException] = []
+
+    def wait_all(w: int) -> None:
+        try:  # each waiter takes every waiters-th handle, most of them before they resolve
+            got[w] = [flat[i].result(timeout=20) for i in range(w, len(flat), waiters)]
+        except BaseException as exc:
+            failures.append(exc)
+
+    for h in flat[::7]:
+        h.add_done_callback(lambda h: callback_ids.append(h.result()))
+    threads = [threading.Thread(target=wait_all, args=(w,)) for w in range(waiters)]
+    for t in threads:
+        t.start()
+
+    def resolve_all() -> None:
+        for b, batch in enumerate(handles):
+            resolve_batch(batch, 1 + b * per_batch)
+
+    resolver = threading.Thread(target=resolve_all)
+    resolver.start()
+    for t in [resolver, *threads]:
+        t.join(30)
+        assert not t.is_alive()
+    assert not failures
+    for w in range(waiters):
+        assert got[w] == list(range(1 + w, 1 + len(flat), waiters))
+    assert sorted(callback_ids) == list(range(1, 1 + len(flat), 7))
+
+
+def test_producer_handles_resolve_with_callbacks_and_timeouts(shared: ServerProcess) -> None:
     seen: list[int] = []
-    for f in futs[:100]:
-        f.add_done_callback(lambda f: seen.append(f.result()))
-    results: list[int] = []
-    waiter = threading.Thread(target=lambda: results.extend(f.result(timeout=10) for f in futs[100:150]))
-    waiter.start()
-    completed: list[concurrent.futures.Future[int]] = []
-    collector = threading.Thread(
-        target=lambda: completed.extend(concurrent.futures.as_completed(futs[150:], timeout=10))
-    )
-    collector.start()
-    for i, f in enumerate(futs):
-        if i == 199:
-            f.set_exception(errors.ConnectionError("lost"))
-        else:
-            f.set_result(i)
-    waiter.join(10)
-    collector.join(10)
-    assert len(completed) == 50
-    with pytest.raises(errors.ConnectionError):
-        futs[199].result()
-    assert isinstance(futs[199].exception(), errors.ConnectionError)
-    assert sorted(seen) == list(range(100))
-    assert results == list(range(100, 150))
-    late: list[int] = []
-    futs[5].add_done_callback(lambda f: late.append(f.result()))
-    assert late == [5]
-    done, pending = concurrent.futures.wait(futs, timeout=1)
-    assert len(done) == 200 and not pending
+    with logd.Producer(url_of(shared), linger_ms=1, max_batch_messages=100) as prod:
+        handles = [prod.send(b"h%d" % i) for i in range(1000)]
+        for h in handles[:500]:
+            h.add_done_callback(lambda h: seen.append(h.result()))
+        ids = [h.result(timeout=10) for h in handles]
+        for h in handles[500:]:
+            h.add_done_callback(lambda h: seen.append(h.result()))
+    assert ids == list(range(ids[0], ids[0] + 1000))
+    assert sorted(seen) == ids and all(h.done() and h.exception() is None for h in handles)
 
 
 # --- consumers and checkpoints --------------------------------------------------------------------

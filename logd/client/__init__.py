@@ -30,6 +30,7 @@ from .aio import AsyncClient, AsyncTail
 from .aio_producer import AsyncProducer
 from .commands import DEFAULT_URL, NO_RETRY, Record, Retry, parse_url
 from .consumer import CallbackCheckpoint, Checkpoint, Consumer, FileCheckpoint, ServerCursor
+from .pending import PendingId
 from .producer import Producer
 from .sync import Client, Tail, connect
 
@@ -44,6 +45,7 @@ __all__ = [
     "Client",
     "Consumer",
     "FileCheckpoint",
+    "PendingId",
     "Producer",
     "Record",
     "Retry",

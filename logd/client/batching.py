@@ -1,6 +1,6 @@
 """What both producers share: the batch, its limits, and resolving a batch's futures from its reply.
 
-`producer.Producer` (threads, `concurrent.futures.Future`) and
+`producer.Producer` (threads, `pending.PendingId`) and
 `aio_producer.AsyncProducer` (event loop, `asyncio.Future`) fill `Batch`es
 within the same `BatchLimits` and settle them the same way; the contract
 they keep is described in `producer`.
@@ -9,7 +9,6 @@ they keep is described in `producer`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -17,10 +16,14 @@ from typing import Any, Generic, TypeVar
 from .. import errors
 from ..protocol import ErrorReply, Reply
 from .commands import last_id_of
+from .pending import PendingId
 
-__all__ = ["Batch", "BatchLimits", "lost_in_flight", "settle"]
+__all__ = ["Batch", "BatchLimits", "Resolver", "lost_in_flight", "resolve_each", "settle"]
 
-F = TypeVar("F", concurrent.futures.Future[int], asyncio.Future[int])
+F = TypeVar("F", PendingId, asyncio.Future[int])
+
+# Resolves a batch's futures: from the first id on (an int), or all with one error.
+Resolver = Callable[[list[Any], "int | errors.LogdError"], None]
 
 
 @dataclass
@@ -49,32 +52,41 @@ class BatchLimits:
         return cls(linger_ms / 1000, max_messages, max_bytes, max_in_flight)
 
 
-def settle(batch: Batch[Any], reply: Reply | errors.LogdError) -> None:
-    """Resolve a batch's futures from its reply (``OK <last id>``, ``ERR``) or a failure."""
+def settle(batch: Batch[Any], reply: Reply | errors.LogdError, resolve: Resolver | None = None) -> None:
+    """Resolve a batch's futures from its reply (``OK <last id>``, ``ERR``) or a failure.
+
+    ``resolve`` does the resolving (`pending.resolve_batch` for `PendingId`s);
+    by default each future's ``set_result`` / ``set_exception``.
+    """
     futures = batch.futures
+    outcome: int | errors.LogdError
     if isinstance(reply, ErrorReply):
-        reply = errors.error_from_reply(reply.code, reply.message)
-    if not isinstance(reply, errors.LogdError):
-        try:
-            first = last_id_of([reply], len(futures)) - len(futures) + 1
-        except errors.LogdError as exc:
-            reply = exc
-    if isinstance(reply, errors.LogdError):
-        for fut in futures:
-            _resolve(fut.set_exception, reply)
+        outcome = errors.error_from_reply(reply.code, reply.message)
+    elif isinstance(reply, errors.LogdError):
+        outcome = reply
     else:
-        for id, fut in enumerate(futures, first):
+        try:
+            outcome = last_id_of([reply], len(futures)) - len(futures) + 1
+        except errors.LogdError as exc:
+            outcome = exc
+    (resolve or resolve_each)(futures, outcome)
+
+
+def resolve_each(futures: list[Any], outcome: int | errors.LogdError) -> None:
+    """Resolve futures one by one (asyncio futures); a cancelled one is skipped."""
+    if isinstance(outcome, errors.LogdError):
+        for fut in futures:
+            _resolve(fut.set_exception, outcome)
+    else:
+        for id, fut in enumerate(futures, outcome):
             _resolve(fut.set_result, id)
 
 
 def _resolve(setter: Callable[[Any], None], value: object) -> None:
     try:
         setter(value)
-    except _CANCELLED:
+    except asyncio.InvalidStateError:
         pass  # the caller cancelled this future: it no longer wants the outcome
-
-
-_CANCELLED = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
 
 
 def lost_in_flight(n: int, why: errors.LogdError) -> errors.ConnectionError:

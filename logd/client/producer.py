@@ -20,22 +20,21 @@ replaced before anything is written to it.
 `send` waits (backpressure) while ``max_in_flight`` sealed batches are
 already waiting to be written, so memory stays bounded.
 
-`Producer` (here) is the blocking one (a background thread owns the socket,
-futures are `concurrent.futures.Future`); `aio_producer.AsyncProducer` runs
+`Producer` (here) is the blocking one (a background thread owns the socket;
+`send` returns a `pending.PendingId`, a small future of the id with
+`result(timeout)`, `done()`, `exception()` and `add_done_callback`);
+`aio_producer.AsyncProducer` runs
 in the event loop (futures are `asyncio.Future`). What both share (the
 batch, its limits, settling futures from a reply) is in `batching`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import socket
 import ssl
 import threading
 import time
 from collections import deque
-from concurrent.futures._base import FINISHED as _FINISHED
-from concurrent.futures._base import PENDING as _PENDING
 from typing import Any
 
 from .. import defaults, errors
@@ -50,68 +49,10 @@ from .commands import (
     with_retry,
 )
 from .endpoint import endpoint
+from .pending import PendingId, resolve_batch
 from .sync import Connection
 
 __all__ = ["Producer"]
-
-
-class _IdFuture(concurrent.futures.Future[int]):
-    """A `concurrent.futures.Future` that builds its lock and lists only when someone uses them.
-
-    A stock Future builds a `threading.Condition` and two lists in
-    ``__init__``: about nine GC-tracked objects per message, which at a few
-    hundred thousand messages a second made the cyclic GC the producer's
-    main cost (measured: more than half of it). Here they are built on first
-    use (`__getattr__`; ``dict.setdefault`` makes two threads get the same
-    one). Only the producer's acknowledgement thread resolves these futures
-    and they cannot be cancelled (a message handed to the producer cannot be
-    taken back), so resolving needs no lock when nobody has touched the
-    future: `_publish` sets the state first and then, if a condition exists,
-    notifies its waiters and runs callbacks through it the way the stock
-    Future does. Whoever builds the condition after that sees the future
-    finished. This leans on the attribute names of CPython's
-    ``concurrent.futures._base`` (the same from 3.8 to 3.13);
-    tests/test_client.py checks result, exception, wait, as_completed and
-    callbacks across threads.
-    """
-
-    def __init__(self) -> None:  # deliberately not Future.__init__: see the class docstring
-        self._state = _PENDING
-        self._result: int | None = None
-        self._exception: BaseException | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_condition":
-            return self.__dict__.setdefault(name, threading.Condition())
-        if name in ("_waiters", "_done_callbacks"):
-            return self.__dict__.setdefault(name, [])
-        raise AttributeError(name)
-
-    def cancel(self) -> bool:
-        """A message handed to the producer cannot be taken back: always False."""
-        return False
-
-    def set_result(self, result: int) -> None:
-        self._result = result
-        self._publish()
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        self._exception = exception
-        self._publish()
-
-    def _publish(self) -> None:
-        self._state = _FINISHED
-        cond = self.__dict__.get("_condition")
-        if cond is None:
-            return  # nobody waits and there are no callbacks: either would have built it
-        with cond:
-            for waiter in self._waiters:
-                if self._exception is None:
-                    waiter.add_result(self)
-                else:
-                    waiter.add_exception(self)
-            cond.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
 
 
 class Producer:
@@ -146,12 +87,12 @@ class Producer:
         self._cond = threading.Condition(self._lock)
         # The open batch, kept as bare lists: send() is the per-message hot path.
         self._bodies: list[bytes] = []
-        self._futures: list[concurrent.futures.Future[int]] = []
+        self._futures: list[PendingId] = []
         self._nbytes = 0
         self._opened_at = 0.0
-        self._ready: deque[Batch[concurrent.futures.Future[int]]] = deque()
+        self._ready: deque[Batch[PendingId]] = deque()
         self._writing = 0  # batches the writer has taken but not yet put in flight
-        self._inflight: deque[Batch[concurrent.futures.Future[int]]] = deque()
+        self._inflight: deque[Batch[PendingId]] = deque()
         self._conn: Connection | None = None
         self._closing = False
         self._closed = False
@@ -164,12 +105,12 @@ class Producer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send(self, body: Body) -> concurrent.futures.Future[int]:
-        """Queue one message; the future gives its id once the server has acknowledged it.
+    def send(self, body: Body) -> PendingId:
+        """Queue one message; the handle gives its id once the server has acknowledged it.
 
         Blocks while ``max_in_flight`` sealed batches already wait to be written.
         """
-        fut = _IdFuture()
+        fut = PendingId()
         data = body.encode() if isinstance(body, str) else body
         limits = self._limits
         with self._lock:
@@ -230,7 +171,7 @@ class Producer:
         self._nbytes = 0
         self._cond.notify_all()
 
-    def _next_batches(self) -> list[Batch[concurrent.futures.Future[int]]] | None:
+    def _next_batches(self) -> list[Batch[PendingId]] | None:
         """Wait for batches to write (lock held); None once closing and all is done."""
         limits = self._limits
         while True:
@@ -283,12 +224,12 @@ class Producer:
         threading.Thread(target=self._read_loop, args=(conn,), name="logd-producer-acks", daemon=True).start()
         return conn
 
-    def _write(self, batches: list[Batch[concurrent.futures.Future[int]]]) -> None:
+    def _write(self, batches: list[Batch[PendingId]]) -> None:
         try:
             conn = self._connected()
         except errors.LogdError as exc:
             for batch in batches:  # never written: fail them, later batches try again
-                settle(batch, exc)
+                settle(batch, exc, resolve_batch)
             with self._lock:
                 self._writing = 0
                 self._cond.notify_all()
@@ -340,7 +281,7 @@ class Producer:
                     conn.close()
                 self._cond.notify_all()
             for batch, reply in done:
-                settle(batch, reply)
+                settle(batch, reply, resolve_batch)
             if failure is not None:
                 for batch in lost:
-                    settle(batch, lost_in_flight(len(batch.bodies), failure))
+                    settle(batch, lost_in_flight(len(batch.bodies), failure), resolve_batch)
