@@ -1,0 +1,191 @@
+"""The ClickHouse target, over its HTTP interface (standard library only).
+
+ClickHouse has no transactions, so exactly-once rests on two facts: each
+batch goes in as one INSERT of one block, which MergeTree makes visible
+whole or not at all; and ids go in ascending order, so the position is the
+largest id in the table or its dead letters. After a crash, the sink
+resumes right after it and a replayed batch can never duplicate a row.
+Raw bodies go in as ``RowBinary`` (bytes exactly, nothing escaped); JSON
+rows as ``JSONEachRow`` (columns a row lacks take their defaults).
+
+``clickhouse://[user[:password]@]host[:8123]/database``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import struct
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlencode, urlsplit
+
+from .errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
+from .rows import RAW_KEYS, DeadLetter, Row
+from .target import Target, TargetSpec, check_identifier, missing_table_hint
+
+DEFAULT_HTTP_PORT = 8123
+TIMEOUT_S = 60.0
+ONE_BLOCK = 1_048_576  # ClickHouse's default max_insert_block_size; an INSERT of more rows asks for one block
+# Codes of errors about the data sent (parsing, types, values); an INSERT that gets one changed nothing.
+DATA_ERROR_CODES = frozenset({6, 25, 26, 27, 32, 38, 41, 53, 69, 70, 72, 76, 117, 131, 190, 321})
+# Codes of passing conditions: overloaded, out of memory, timeouts, network.
+BUSY_CODES = frozenset({159, 160, 164, 202, 203, 209, 210, 241, 252, 319})
+_CODE = re.compile(rb"Code: (\d+)")
+_U64 = struct.Struct("<Q")
+
+
+class ClickHouseTarget(Target):
+    """A MergeTree table in a ClickHouse database, written over HTTP."""
+
+    def __init__(self, url: str, spec: TargetSpec) -> None:
+        parts = urlsplit(url)
+        self.spec = spec
+        self.host = parts.hostname or "127.0.0.1"
+        try:
+            self.port = parts.port or DEFAULT_HTTP_PORT
+        except ValueError:
+            raise SinkError(f"bad port in {url!r}") from None
+        self.database = check_identifier(parts.path.strip("/") or "default", "database name")
+        self._auth = {"user": unquote(parts.username or "default")}
+        if parts.password:
+            self._auth["password"] = unquote(parts.password)
+        self._http: http.client.HTTPConnection | None = None
+
+    def describe(self) -> str:
+        return f"clickhouse://{self.host}:{self.port}/{self.database}"
+
+    def _table(self, name: str) -> str:
+        return f"`{self.database}`.`{name}`"
+
+    def query(self, sql: str, data: bytes | None = None, **settings: Any) -> bytes:
+        """Run ``sql`` (with ``data`` as the INSERT's rows); the response body, or a sink error."""
+        params = {"database": self.database, **self._auth, **settings}
+        if data is not None:
+            params["query"] = sql
+        body = data if data is not None else sql.encode()
+        try:
+            if self._http is None:
+                self._http = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT_S)
+            self._http.request("POST", "/?" + urlencode(params), body=body)
+            response = self._http.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise DatabaseUnavailableError(f"ClickHouse at {self.host}:{self.port}: {exc or type(exc).__name__}") \
+                from None
+        if response.status == 200:
+            return payload
+        match = _CODE.search(payload)
+        code = int(match.group(1)) if match else 0
+        message = " ".join(payload.decode("utf-8", "replace").split())[:500]
+        if code in BUSY_CODES or response.status in (502, 503, 504):
+            raise DatabaseUnavailableError(f"ClickHouse: {message}")
+        if data is not None and code in DATA_ERROR_CODES:
+            raise BadRowsError(message)
+        raise SinkError(f"ClickHouse: {message}")
+
+    def open(self) -> None:
+        self.query("SELECT 1")
+        spec = self.spec
+        if spec.create:
+            if not spec.json:
+                self.query(f"CREATE TABLE IF NOT EXISTS {self._table(spec.table)} "
+                           "(id UInt64, body String) ENGINE = MergeTree ORDER BY id")
+            self.query(f"CREATE TABLE IF NOT EXISTS {self._table(spec.dead_table)} (id UInt64, body String, "
+                       "error String, failed_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY id")
+        types = self._column_types(spec.table)
+        if not types:
+            raise SchemaError(f"no table {spec.table} in {self.database}{missing_table_hint(spec)}")
+        need = ("id",) if spec.json else ("id", "body")
+        missing = [c for c in need if c not in types]
+        if missing:
+            raise SchemaError(f"table {spec.table} has no column {', '.join(missing)}")
+        if not spec.json and (types["id"] != "UInt64" or types["body"] != "String"):
+            raise SchemaError(f"table {spec.table}: --format raw needs id UInt64 and body String, "
+                              f"not {types['id']} and {types['body']}")
+        dead = self._column_types(spec.dead_table)
+        if not dead:
+            raise SchemaError(f"no table {spec.dead_table} in {self.database} (add --create to create it)")
+        if any(c not in dead for c in ("id", "body", "error")):
+            raise SchemaError(f"table {spec.dead_table} lacks one of the columns id, body, error")
+        self.columns = tuple(types)
+
+    def _column_types(self, table: str) -> dict[str, str]:
+        text = self.query(f"SELECT name, type FROM system.columns WHERE database = '{self.database}' "
+                          f"AND table = '{table}' FORMAT JSONEachRow")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return {r["name"]: r["type"] for r in rows}
+
+    def position(self) -> int:
+        a, b = self._table(self.spec.table), self._table(self.spec.dead_table)
+        text = self.query(f"SELECT greatest((SELECT max(id) FROM {a}), (SELECT max(id) FROM {b}))")
+        return int(text.strip() or b"0")
+
+    def begin(self) -> int:
+        return self.position()
+
+    def insert(self, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        table = self._table(self.spec.table)
+        block = max(ONE_BLOCK, len(rows))  # one block: all rows or none
+        if not self.spec.json and all(r.keys == RAW_KEYS for r in rows):
+            self.query(f"INSERT INTO {table} (id, body) FORMAT RowBinary", row_binary(rows),
+                       max_insert_block_size=block)
+            return
+        self.query(f"INSERT INTO {table} FORMAT JSONEachRow", json_each_row(rows), max_insert_block_size=block)
+
+    def insert_dead(self, letters: Sequence[DeadLetter]) -> None:
+        parts = []
+        for x in letters:
+            error = x.error.encode()
+            parts += [_U64.pack(x.id), varint(len(x.body)), x.body, varint(len(error)), error]
+        self.query(f"INSERT INTO {self._table(self.spec.dead_table)} (id, body, error) FORMAT RowBinary",
+                   b"".join(parts))
+
+    def commit(self, last_id: int) -> None:
+        """Nothing to do: each INSERT was atomic, and the position is the largest id present."""
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+
+def varint(n: int) -> bytes:
+    """An unsigned LEB128 number, as RowBinary prefixes a String with its length."""
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def row_binary(rows: Sequence[Row]) -> bytes:
+    """(id UInt64, body String) rows in ClickHouse's RowBinary format."""
+    parts = []
+    pack = _U64.pack
+    for row in rows:
+        n = len(row.body)
+        parts += [pack(row.id), bytes((n,)) if n < 0x80 else varint(n), row.body]
+    return b"".join(parts)
+
+
+def json_each_row(rows: Sequence[Row]) -> bytes:
+    """One JSON object per line: the id and the mapped columns."""
+    lines = []
+    for row in rows:
+        obj: dict[str, Any] = {"id": row.id}
+        try:
+            for key, value in zip(row.keys, row.values, strict=True):
+                obj[key] = value.decode() if isinstance(value, bytes) else value
+            lines.append(json.dumps(obj, separators=(",", ":")))
+        except (TypeError, ValueError) as exc:  # bytes that are not UTF-8, values JSON cannot hold
+            raise BadRowsError(f"row {row.id} cannot be written as JSON: {exc}") from None
+    return ("\n".join(lines) + "\n").encode()

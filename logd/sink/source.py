@@ -1,0 +1,83 @@
+"""Reading the log for a sink: batches of CRC-checked records from a position on.
+
+``--once`` reads with `Client.read` up to the head seen at start, one READ
+per batch. Following reads a `Tail` (one READ that never ends), and a batch
+closes when it holds ``batch`` records or ``linger`` seconds after its first
+record arrived, whichever comes first. Waits are cut into short slices so a
+stop request (SIGTERM) is noticed within about `POLL_S`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..client import Client, Retry, Tail
+from ..protocol import Record
+
+__all__ = ["LogSource"]
+
+POLL_S = 0.2  # longest wait before looking at the stop flag again
+
+
+class LogSource:
+    """Batches of records from ``start`` on; ``stop_at`` (the head at start) ends a ``--once`` run."""
+
+    def __init__(self, url: str, start: int, *, follow: bool, timeout: float, retry: Retry) -> None:
+        self.client = Client.from_url(url, timeout=timeout, retry=retry)
+        self.next_id = start
+        self.follow = follow
+        self.stop_at: int | None = None
+        self._tail: Tail | None = None
+
+    def begin(self) -> None:
+        """Settle where the run starts and, for ``--once``, where it ends."""
+        if self.next_id < 1:  # nothing delivered yet: the oldest record still retained
+            self.next_id = max(1, int(self.client.stats().get("first", "1")))
+        if not self.follow:
+            self.stop_at = self.client.head()
+
+    def head(self) -> int:
+        """The log's head now."""
+        return self.client.head()
+
+    @property
+    def done(self) -> bool:
+        """A ``--once`` run has read everything up to the head seen at start."""
+        return self.stop_at is not None and self.next_id > self.stop_at
+
+    def batch(self, size: int, linger: float, stopping: Callable[[], bool]) -> list[Record]:
+        """The next batch (possibly empty: nothing new yet, or a stop was asked for)."""
+        if not self.follow:
+            assert self.stop_at is not None
+            n = min(size, self.stop_at - self.next_id + 1)
+            records = self.client.read(self.next_id, n, wait=True) if n > 0 else []
+        else:
+            records = self._from_tail(size, linger, stopping)
+        if records:
+            self.next_id = records[-1].id + 1
+        return records
+
+    def _from_tail(self, size: int, linger: float, stopping: Callable[[], bool]) -> list[Record]:
+        if self._tail is None:
+            self._tail = self.client.tail(self.next_id)
+        records: list[Record] = []
+        closes: float | None = None  # when the batch closes: linger after its first record
+        while len(records) < size and not stopping():
+            wait = POLL_S if closes is None else min(POLL_S, closes - time.monotonic())
+            if wait <= 0 and records:
+                break
+            records += self._tail.batch(size - len(records), timeout=max(wait, 0.0))
+            if records and closes is None:
+                closes = time.monotonic() + linger
+                if linger <= 0:
+                    break
+            if not records:
+                return records  # nothing in POLL_S: let the caller report progress, look at flags
+        return records
+
+    def close(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
+            self._tail = None
+        self.client.close()
