@@ -52,6 +52,9 @@ class ClickHouseTarget(Target):
         if parts.password:
             self._auth["password"] = unquote(parts.password)
         self._http: http.client.HTTPConnection | None = None
+        self._default_kinds: dict[str, str] = {}
+        self._default_exprs: dict[str, str] = {}
+        self._defaults: dict[str, str] = {}  # column -> DEFAULT expression
 
     def describe(self) -> str:
         return f"clickhouse://{self.host}:{self.port}/{self.database}"
@@ -110,12 +113,17 @@ class ClickHouseTarget(Target):
             raise SchemaError(f"no table {spec.dead_table} in {self.database} (add --create to create it)")
         if any(c not in dead for c in ("id", "body", "error")):
             raise SchemaError(f"table {spec.dead_table} lacks one of the columns id, body, error")
-        self.columns = tuple(types)
+        # MATERIALIZED and ALIAS columns cannot be inserted into; a JSON key naming one is a bad row.
+        self.columns = tuple(c for c, kind in self._default_kinds.items() if kind not in ("MATERIALIZED", "ALIAS"))
+        self._defaults = {c: self._default_exprs[c] for c, kind in self._default_kinds.items() if kind == "DEFAULT"}
 
     def _column_types(self, table: str) -> dict[str, str]:
-        text = self.query(f"SELECT name, type FROM system.columns WHERE database = '{self.database}' "
-                          f"AND table = '{table}' FORMAT JSONEachRow")
+        text = self.query(f"SELECT name, type, default_kind, default_expression FROM system.columns "
+                          f"WHERE database = '{self.database}' AND table = '{table}' FORMAT JSONEachRow")
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if table == self.spec.table:
+            self._default_kinds = {r["name"]: r["default_kind"] for r in rows}
+            self._default_exprs = {r["name"]: r["default_expression"] for r in rows}
         return {r["name"]: r["type"] for r in rows}
 
     def position(self) -> int:
@@ -135,7 +143,32 @@ class ClickHouseTarget(Target):
             self.query(f"INSERT INTO {table} (id, body) FORMAT RowBinary", row_binary(rows),
                        max_insert_block_size=block)
             return
-        self.query(f"INSERT INTO {table} FORMAT JSONEachRow", json_each_row(rows), max_insert_block_size=block)
+        listed = list(dict.fromkeys(k for shape in dict.fromkeys(r.keys for r in rows) for k in shape))
+        fill = self._fill_defaults(rows, listed)
+        columns = ", ".join(f"`{c}`" for c in ("id", *listed))
+        self.query(f"INSERT INTO {table} ({columns}) FORMAT JSONEachRow", json_each_row(rows, fill),
+                   max_insert_block_size=block)
+
+    def _fill_defaults(self, rows: Sequence[Row], listed: list[str]) -> dict[str, Any]:
+        """Values for the DEFAULT columns that some rows give and others lack.
+
+        ClickHouse 18.16 gives a listed column that a JSON row lacks its
+        type's zero, not its DEFAULT; so the sink evaluates those defaults
+        once for the batch (as ClickHouse does once per block). A default
+        that depends on other columns cannot be evaluated alone: then the
+        rows are split until each insert has one set of columns, for which
+        ClickHouse computes the defaults itself.
+        """
+        partial = [c for c in listed if c in self._defaults and any(c not in r.keys for r in rows)]
+        if not partial:
+            return {}
+        exprs = ", ".join(f"{self._defaults[c]} AS `{c}`" for c in partial)
+        try:
+            return dict(json.loads(self.query(f"SELECT {exprs} FORMAT JSONEachRow")))
+        except DatabaseUnavailableError:
+            raise
+        except SinkError:
+            raise BadRowsError("rows with different columns, whose defaults depend on other columns") from None
 
     def insert_dead(self, letters: Sequence[DeadLetter]) -> None:
         parts = []
@@ -177,14 +210,16 @@ def row_binary(rows: Sequence[Row]) -> bytes:
     return b"".join(parts)
 
 
-def json_each_row(rows: Sequence[Row]) -> bytes:
-    """One JSON object per line: the id and the mapped columns."""
+def json_each_row(rows: Sequence[Row], fill: dict[str, Any]) -> bytes:
+    """One JSON object per line: the id, the mapped columns, and ``fill`` for those a row lacks."""
     lines = []
     for row in rows:
         obj: dict[str, Any] = {"id": row.id}
         try:
             for key, value in zip(row.keys, row.values, strict=True):
                 obj[key] = value.decode() if isinstance(value, bytes) else value
+            for key, value in fill.items():
+                obj.setdefault(key, value)
             lines.append(json.dumps(obj, separators=(",", ":")))
         except (TypeError, ValueError) as exc:  # bytes that are not UTF-8, values JSON cannot hold
             raise BadRowsError(f"row {row.id} cannot be written as JSON: {exc}") from None

@@ -15,13 +15,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from itertools import groupby
 from typing import Any
 
 import psycopg
 
 from .errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
-from .rows import RAW_KEYS, DeadLetter, Row
+from .rows import RAW_KEYS, DeadLetter, Row, by_shape
 from .target import CHECKPOINT_TABLE, Target, TargetSpec, missing_table_hint
 
 CONNECT_TIMEOUT_S = 10
@@ -134,7 +133,7 @@ class PostgresTarget(Target):
     def insert(self, rows: Sequence[Row]) -> None:
         t = _ident(self.spec.table)
         with _errors(bad_rows=True), self.conn.cursor() as cur:
-            for keys, group in groupby(rows, key=lambda r: r.keys):
+            for keys, group in by_shape(rows).items():
                 if keys == RAW_KEYS and not self.spec.json:
                     with cur.copy(f"COPY {t} (id, body) FROM STDIN (FORMAT BINARY)") as copy:
                         copy.write(binary_copy(group))

@@ -85,6 +85,16 @@ def map_records(
     return rows, dead
 
 
+def by_shape(rows: Sequence[Row]) -> dict[tuple[str, ...], list[Row]]:
+    """The rows grouped by the columns they fill (one insert per group; order kept within a group)."""
+    if rows and all(r.keys is rows[0].keys for r in rows):
+        return {rows[0].keys: list(rows)}
+    groups: dict[tuple[str, ...], list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.keys, []).append(row)
+    return groups
+
+
 def _check_keys(keys: tuple[str, ...], known: frozenset[str]) -> None:
     if "id" in keys:
         raise ValueError("the body has a key 'id'; the column id holds the log id")

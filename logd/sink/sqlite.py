@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from itertools import groupby
 from typing import Any
 
 from .errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
-from .rows import DeadLetter, Row
+from .rows import DeadLetter, Row, by_shape
 from .target import CHECKPOINT_TABLE, Target, TargetSpec, missing_table_hint
 
 BUSY_TIMEOUT_MS = 10_000
@@ -103,7 +102,7 @@ class SQLiteTarget(Target):
     def insert(self, rows: Sequence[Row]) -> None:
         t = self.spec.table
         try:
-            for keys, group in groupby(rows, key=lambda r: r.keys):
+            for keys, group in by_shape(rows).items():
                 names = ", ".join(f'"{k}"' for k in keys)
                 marks = ", ".join("?" * (len(keys) + 1))
                 sql = f'INSERT INTO "{t}" (id, {names}) VALUES ({marks})'
