@@ -23,9 +23,10 @@ BUSY_TIMEOUT_MS = 10_000
 class SQLiteTarget(Target):
     """A table in an SQLite file (created if missing)."""
 
-    def __init__(self, path: str, spec: TargetSpec) -> None:
+    def __init__(self, path: str, spec: TargetSpec, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
         self.spec = spec
+        self.busy_timeout_ms = busy_timeout_ms  # how long a statement waits for another writer's lock
         self._db: sqlite3.Connection | None = None
 
     def describe(self) -> str:
@@ -40,7 +41,7 @@ class SQLiteTarget(Target):
     def open(self) -> None:
         try:
             # isolation_level=None: we write BEGIN/COMMIT ourselves, so nothing commits behind our back.
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000)
             if self.spec.create:
                 self._create()
             self.columns = self._check()

@@ -17,7 +17,7 @@ class TargetDB:
     kind = ""
     url = ""
 
-    def rows(self, table: str, columns: str = "id, body") -> list[tuple[Any, ...]]:
+    def rows(self, table: str, columns: str = "id, body", order: str = "id") -> list[tuple[Any, ...]]:
         """Every row of ``table``, ordered by id."""
         raise NotImplementedError
 
@@ -37,9 +37,9 @@ class SQLiteDB(TargetDB):
         self.path = path
         self.url = f"sqlite:///{path}"  # sqlite:/// + an absolute path: four slashes
 
-    def rows(self, table: str, columns: str = "id, body") -> list[tuple[Any, ...]]:
+    def rows(self, table: str, columns: str = "id, body", order: str = "id") -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.path) as db:
-            return [tuple(r) for r in db.execute(f'SELECT {columns} FROM "{table}" ORDER BY id')]
+            return [tuple(r) for r in db.execute(f'SELECT {columns} FROM "{table}" ORDER BY {order}')]
 
     def execute(self, sql: str) -> None:
         with sqlite3.connect(self.path) as db:
@@ -58,9 +58,9 @@ class PostgresDB(TargetDB):
             conn.execute(f"CREATE SCHEMA {schema}")
         self.url = f"{server.url}?options=-csearch_path%3D{schema}"
 
-    def rows(self, table: str, columns: str = "id, body") -> list[tuple[Any, ...]]:
+    def rows(self, table: str, columns: str = "id, body", order: str = "id") -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url) as conn:
-            out = conn.execute(f'SELECT {columns} FROM "{table}" ORDER BY id').fetchall()
+            out = conn.execute(f'SELECT {columns} FROM "{table}" ORDER BY {order}').fetchall()
         return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in out]
 
     def execute(self, sql: str) -> None:
@@ -86,9 +86,9 @@ class ClickHouseDB(TargetDB):
         server.query(f"CREATE DATABASE {database}")
         self.url = f"clickhouse://127.0.0.1:{server.http_port}/{database}"
 
-    def rows(self, table: str, columns: str = "id, body") -> list[tuple[Any, ...]]:
+    def rows(self, table: str, columns: str = "id, body", order: str = "id") -> list[tuple[Any, ...]]:
         """Rows as (id, body bytes, ...): read as TSV with ClickHouse's escapes undone."""
-        data = self.server.query(f"SELECT {columns} FROM {self.database}.{table} ORDER BY id FORMAT TabSeparated")
+        data = self.server.query(f"SELECT {columns} FROM {self.database}.{table} ORDER BY {order} FORMAT TabSeparated")
         out = []
         for line in data.split(b"\n")[:-1]:
             fields = [_unescape(f) for f in line.split(b"\t")]

@@ -111,7 +111,7 @@ def test_sigterm_commits_the_batch_in_hand_and_exits_0(start_server, sqlite_db: 
     sink.send_signal(signal.SIGTERM)
     assert sink.wait(20) == 0, (tmp_path / "sink.stderr").read_text()
     assert sqlite_db.rows("ev")[-1] == (1001, b"late")
-    assert sqlite_db.rows("logd_sink_checkpoints", "last_id") == [(1001,)]
+    assert sqlite_db.rows("logd_sink_checkpoints", "last_id", order="name") == [(1001,)]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql", "clickhouse"])
@@ -152,4 +152,4 @@ def test_on_error_stop_exits_2_with_the_id_and_keeps_what_came_before(start_serv
         assert done.returncode == 2, done.stderr
         assert "message 30 cannot be delivered" in done.stderr
         assert [r[0] for r in postgres_db.rows("ev", "id")] == list(range(1, 30))
-        assert postgres_db.rows("logd_sink_checkpoints", "last_id") == [(29,)]
+        assert postgres_db.rows("logd_sink_checkpoints", "last_id", order="name") == [(29,)]
