@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import BadRowsError, PoisonMessageError
-from .rows import DeadLetter, Row
+from .rows import DeadLetter, Rows
 from .target import Target
 
 __all__ = ["Delivery", "deliver"]
@@ -30,7 +30,7 @@ class Delivery:
 
 
 def deliver(
-    target: Target, rows: Sequence[Row], unmapped: Sequence[DeadLetter], last_id: int, stop_on_error: bool
+    target: Target, rows: Rows, unmapped: Sequence[DeadLetter], last_id: int, stop_on_error: bool
 ) -> Delivery:
     """Insert ``rows``, record ``unmapped`` as dead letters, set the position to ``last_id``, and commit.
 
@@ -57,11 +57,11 @@ def deliver(
     return done
 
 
-def _runs(rows: Sequence[Row], unmapped: Sequence[DeadLetter]) -> list[tuple[Sequence[Row], DeadLetter | None]]:
+def _runs(rows: Rows, unmapped: Sequence[DeadLetter]) -> list[tuple[Rows, DeadLetter | None]]:
     """Split ``rows`` at each unmapped message, so everything stays in id order."""
     if not unmapped:
         return [(rows, None)]
-    out: list[tuple[Sequence[Row], DeadLetter | None]] = []
+    out: list[tuple[Rows, DeadLetter | None]] = []
     i = 0
     for letter in unmapped:
         j = i
@@ -73,7 +73,7 @@ def _runs(rows: Sequence[Row], unmapped: Sequence[DeadLetter]) -> list[tuple[Seq
     return out
 
 
-def _insert(target: Target, rows: Sequence[Row], done: Delivery, stop_on_error: bool) -> None:
+def _insert(target: Target, rows: Rows, done: Delivery, stop_on_error: bool) -> None:
     target.savepoint()
     try:
         target.insert(rows)

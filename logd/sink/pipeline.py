@@ -27,7 +27,7 @@ from ..protocol import Record
 from .deliver import deliver
 from .errors import DatabaseUnavailableError
 from .rows import Mapper, json_mapper, map_records, raw_mapper
-from .source import POLL_S, LogSource
+from .source import POLL_S, LogSource, Prefetcher
 from .status import Progress, StatusReporter
 from .target import Target, TargetSpec, open_target
 
@@ -101,7 +101,7 @@ class Sink:
         )
         self._stopping = False
         self._target_open = False
-        self._source: LogSource | None = None
+        self._reader: Prefetcher | None = None
         self._logd_retry = Retry(attempts=4, initial=config.retry_initial_s, maximum=config.retry_max_s)
 
     def stop(self) -> None:
@@ -118,9 +118,9 @@ class Sink:
             self._step(self._open)
             self.progress.state = "running"
             while not self._stopping:
-                if self._step(self._source_ready).done:
-                    break
                 records = self._step(self._read)
+                if records is None:  # --once: everything up to the head seen at start is delivered
+                    break
                 if records:
                     self._step(self._deliver, records)
                 self._tick()
@@ -184,8 +184,8 @@ class Sink:
         log.info("sink_started", name=self.config.name, target=self.target.describe(), table=self.config.table,
                  position=position, once=self.config.once)
 
-    def _source_ready(self) -> LogSource:
-        if self._source is None:
+    def _reader_ready(self) -> Prefetcher:
+        if self._reader is None:
             c = self.config
             source = LogSource(c.url, self.progress.last_id + 1 if self.progress.last_id else 0,
                                follow=not c.once, timeout=c.timeout, retry=self._logd_retry)
@@ -194,13 +194,12 @@ class Sink:
             except BaseException:
                 source.close()
                 raise
-            self._source = source
             self.progress.head = source.stop_at or self.progress.head
-        return self._source
+            self._reader = Prefetcher(source, c.batch, c.linger_ms / 1000, self.stopping_now)
+        return self._reader
 
-    def _read(self) -> list[Record]:
-        c = self.config
-        return self._source_ready().batch(c.batch, c.linger_ms / 1000, self.stopping_now)
+    def _read(self) -> list[Record] | None:
+        return self._reader_ready().get()
 
     def _deliver(self, records: list[Record]) -> None:
         if not self._target_open:
@@ -236,9 +235,9 @@ class Sink:
             log.warning("sink_dead_letters", name=self.config.name, more=len(dead) - MAX_LOGGED_DEAD)
 
     def _tick(self) -> None:
-        if self.reporter.due() and self._source is not None:
+        if self.reporter.due() and self._reader is not None:
             try:
-                self.progress.head = self._source.head()
+                self.progress.head = self._reader.source.head()
             except errors.LogdError:
                 pass  # only for the lag figure; the next read says whether logd is really gone
         self.reporter.tick()
@@ -253,9 +252,9 @@ class Sink:
             pass
 
     def _close_source(self) -> None:
-        if self._source is not None:
-            self._source.close()
-            self._source = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _close(self) -> None:
         self._close_source()

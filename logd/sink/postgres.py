@@ -15,12 +15,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 
 from .errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
-from .rows import RAW_KEYS, DeadLetter, Row, by_shape
+from .rows import DeadLetter, Row, Rows, by_shape
 from .target import CHECKPOINT_TABLE, Target, TargetSpec, missing_table_hint
 
 CONNECT_TIMEOUT_S = 10
@@ -130,18 +130,18 @@ class PostgresTarget(Target):
         with _errors():
             self.conn.execute("RELEASE SAVEPOINT logd_sink")
 
-    def insert(self, rows: Sequence[Row]) -> None:
+    def insert(self, rows: Rows) -> None:
         t = _ident(self.spec.table)
         with _errors(bad_rows=True), self.conn.cursor() as cur:
-            for keys, group in by_shape(rows).items():
-                if keys == RAW_KEYS and not self.spec.json:
-                    with cur.copy(f"COPY {t} (id, body) FROM STDIN (FORMAT BINARY)") as copy:
-                        copy.write(binary_copy(group))
-                else:
-                    names = ", ".join(_ident(k) for k in keys)
-                    with cur.copy(f"COPY {t} (id, {names}) FROM STDIN") as copy:
-                        for row in group:
-                            copy.write_row((row.id, *row.values))
+            if not self.spec.json:  # raw: the records themselves, as one binary stream
+                with cur.copy(f"COPY {t} (id, body) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.write(binary_copy(rows))
+                return
+            for keys, group in by_shape(cast(Sequence[Row], rows)).items():
+                names = ", ".join(_ident(k) for k in keys)
+                with cur.copy(f"COPY {t} (id, {names}) FROM STDIN") as copy:
+                    for row in group:
+                        copy.write_row((row.id, *row.values))
 
     def insert_dead(self, letters: Sequence[DeadLetter]) -> None:
         with _errors(), self.conn.cursor() as cur:
@@ -172,13 +172,14 @@ class PostgresTarget(Target):
                 self._conn = None
 
 
-def binary_copy(rows: Iterator[Row] | Sequence[Row]) -> bytes:
+def binary_copy(rows: Rows) -> bytes:
     """The rows (id, body) as one PostgreSQL binary COPY stream, header to trailer."""
     pack = _ROW_HEAD.pack
     parts = [COPY_HEADER]
     for row in rows:
-        parts.append(pack(2, 8, row.id, len(row.body)))
-        parts.append(row.body)
+        body = row.body
+        parts.append(pack(2, 8, row.id, len(body)))
+        parts.append(body)
     parts.append(COPY_TRAILER)
     return b"".join(parts)
 

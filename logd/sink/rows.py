@@ -9,12 +9,12 @@ that runs a sink in-process can pass its own mapper (see `logd.sink.Sink`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ..protocol import Record
 
-__all__ = ["DeadLetter", "Mapper", "Row", "json_mapper", "map_records", "raw_mapper"]
+__all__ = ["DeadLetter", "Mapper", "Row", "Rows", "json_mapper", "map_records", "raw_mapper"]
 
 Mapper = Callable[[Record], Mapping[str, Any]]
 
@@ -28,6 +28,11 @@ class Row(NamedTuple):
     body: bytes
     keys: tuple[str, ...]  # column names, without "id"
     values: tuple[Any, ...]  # one per key, as plain Python values (dicts and lists already JSON text)
+
+
+# What a target inserts: the records themselves with --format raw (id and body are the columns, and
+# nothing is built per record on the hot path), else mapped Rows.
+Rows = Sequence[Row] | Sequence[Record]
 
 
 class DeadLetter(NamedTuple):
@@ -61,15 +66,16 @@ def plain(value: Any) -> Any:
     return value
 
 
-def map_records(
-    records: Iterable[Record], mapper: Mapper, columns: Sequence[str]
-) -> tuple[list[Row], list[DeadLetter]]:
-    """Map each record; those that cannot be mapped (or name unknown columns) become dead letters."""
+def map_records(records: Sequence[Record], mapper: Mapper, columns: Sequence[str]) -> tuple[Rows, list[DeadLetter]]:
+    """Map each record; those that cannot be mapped (or name unknown columns) become dead letters.
+
+    With `raw_mapper` the records are the rows, untouched.
+    """
+    if mapper is raw_mapper:
+        return records, []
     rows: list[Row] = []
     dead: list[DeadLetter] = []
     known = frozenset(columns)
-    if mapper is raw_mapper:  # the hot path: no per-record dict
-        return [Row(r.id, r.body, RAW_KEYS, (r.body,)) for r in records], dead
     shapes: dict[tuple[str, ...], tuple[str, ...]] = {}  # one shared tuple per key set
     for record in records:
         try:

@@ -9,13 +9,15 @@ stop request (SIGTERM) is noticed within about `POLL_S`.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable
 
 from ..client import Client, Retry, Tail
 from ..protocol import Record
 
-__all__ = ["LogSource"]
+__all__ = ["LogSource", "Prefetcher"]
 
 POLL_S = 0.2  # longest wait before looking at the stop flag again
 
@@ -81,3 +83,58 @@ class LogSource:
             self._tail.close()
             self._tail = None
         self.client.close()
+
+
+class Prefetcher:
+    """Reads the next batch in a thread while the caller delivers the current one.
+
+    The database works in its own process while the sink waits for a COPY or
+    an INSERT to finish; reading and checking the next batch meanwhile keeps
+    both busy. At most one batch waits read-ahead; a batch read but never
+    delivered (a stop, a crash) is simply read again by the next run.
+    `get` returns None once a ``--once`` run has read everything, and raises
+    what the reading raised (the caller closes this and retries).
+    """
+
+    def __init__(self, source: LogSource, size: int, linger: float, stopping: Callable[[], bool]) -> None:
+        self.source = source
+        self._args = (size, linger, stopping)
+        self._ready: queue.Queue[list[Record] | BaseException | None] = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="logd-sink-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        size, linger, stopping = self._args
+        while not self._closed.is_set():
+            try:
+                item: list[Record] | BaseException | None = (
+                    None if self.source.done else self.source.batch(size, linger, stopping)
+                )
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller by get()
+                item = exc
+            while not self._closed.is_set():
+                try:
+                    self._ready.put(item, timeout=POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            if item is None or isinstance(item, BaseException):
+                return
+
+    def get(self) -> list[Record] | None:
+        """The next batch ([] when nothing came in a while, or after a stop request).
+
+        After a stop request the reader hands over the batch it was filling
+        within `POLL_S`, so that batch is delivered too.
+        """
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop reading ahead and close the source."""
+        self._closed.set()
+        self._thread.join()
+        self.source.close()

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from .errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
-from .rows import DeadLetter, Row, by_shape
+from .rows import DeadLetter, Row, Rows, by_shape
 from .target import CHECKPOINT_TABLE, Target, TargetSpec, missing_table_hint
 
 BUSY_TIMEOUT_MS = 10_000
@@ -100,10 +100,13 @@ class SQLiteTarget(Target):
     def release(self) -> None:
         self._run("RELEASE logd_sink")
 
-    def insert(self, rows: Sequence[Row]) -> None:
+    def insert(self, rows: Rows) -> None:
         t = self.spec.table
         try:
-            for keys, group in by_shape(rows).items():
+            if not self.spec.json:  # raw: the records themselves
+                self.db.executemany(f'INSERT INTO "{t}" (id, body) VALUES (?, ?)', [(r.id, r.body) for r in rows])
+                return
+            for keys, group in by_shape(cast(Sequence[Row], rows)).items():
                 names = ", ".join(f'"{k}"' for k in keys)
                 marks = ", ".join("?" * (len(keys) + 1))
                 sql = f'INSERT INTO "{t}" (id, {names}) VALUES ({marks})'

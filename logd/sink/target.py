@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from .errors import SinkError
-from .rows import DeadLetter, Row
+from .rows import DeadLetter, Rows
 
 __all__ = ["CHECKPOINT_TABLE", "Target", "TargetSpec", "missing_table_hint", "open_target", "parse_target"]
 
@@ -49,7 +49,7 @@ class TargetSpec:
     table: str
     name: str = "default"
     create: bool = False
-    json: bool = False  # --format json: other columns than body; body not required
+    json: bool = False  # rows are mapped `Row`s (--format json, or a program's mapper); else raw records
 
     @property
     def dead_table(self) -> str:
@@ -89,7 +89,7 @@ class Target(ABC):
         """Forget the last `savepoint`, keeping what was done since."""
 
     @abstractmethod
-    def insert(self, rows: Sequence[Row]) -> None:
+    def insert(self, rows: Rows) -> None:
         """Insert the rows (ascending ids); BadRowsError if the database refused them for their content."""
 
     @abstractmethod
