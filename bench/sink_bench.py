@@ -1,6 +1,6 @@
 """`logd sink` throughput (issue 16): rows/s from the log into SQLite, PostgreSQL and ClickHouse.
 
-    python -m bench.sink_bench [--rows 1000000] [--quick] [--out bench/sink_results.json]
+    python -m bench.sink_bench [--rows 500000] [--rounds 3] [--quick] [--out bench/sink_results.json]
 
 One `logd serve --fsync interval:1000` holds ``--rows`` messages of 100
 bytes; a real PostgreSQL 15 and clickhouse-server run from temporary
@@ -191,7 +191,7 @@ def json_tables(pg_url: str, sqlite_path: Path, ch: ClickHouse, database: str, r
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.sink_bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=1_000_000, help="messages in the log (default 1,000,000)")
+    ap.add_argument("--rows", type=int, default=500_000, help="messages in the log (default 500,000)")
     ap.add_argument("--quick", action="store_true", help="100,000 rows: a smoke run")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per measurement; the best is reported")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "sink_results.json")

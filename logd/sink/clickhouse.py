@@ -56,6 +56,7 @@ class ClickHouseTarget(Target):
         self._default_kinds: dict[str, str] = {}
         self._default_exprs: dict[str, str] = {}
         self._defaults: dict[str, str] = {}  # column -> DEFAULT expression
+        self._position: int | None = None  # the last id delivered, as far as this connection knows
 
     def describe(self) -> str:
         return f"clickhouse://{self.host}:{self.port}/{self.database}"
@@ -133,7 +134,12 @@ class ClickHouseTarget(Target):
         return int(text.strip() or b"0")
 
     def begin(self) -> int:
-        return self.position()
+        # Read once per connection, then followed: a max(id) per batch would scan the id column of
+        # a table that may hold billions of rows. Any failure closes the connection, so the next
+        # batch after one reads the position again.
+        if self._position is None:
+            self._position = self.position()
+        return self._position
 
     def insert(self, rows: Rows) -> None:
         if not rows:
@@ -143,8 +149,11 @@ class ClickHouseTarget(Target):
         if not self.spec.json:  # raw: the records themselves
             self.query(f"INSERT INTO {table} (id, body) FORMAT RowBinary", row_binary(rows),
                        max_insert_block_size=block)
-            return
-        rows = cast(Sequence[Row], rows)
+        else:
+            self._insert_json(table, cast(Sequence[Row], rows), block)
+        self._position = rows[-1].id
+
+    def _insert_json(self, table: str, rows: Sequence[Row], block: int) -> None:
         listed = list(dict.fromkeys(k for shape in dict.fromkeys(r.keys for r in rows) for k in shape))
         fill = self._fill_defaults(rows, listed)
         columns = ", ".join(f"`{c}`" for c in ("id", *listed))
@@ -179,11 +188,13 @@ class ClickHouseTarget(Target):
             parts += [_U64.pack(x.id), varint(len(x.body)), x.body, varint(len(error)), error]
         self.query(f"INSERT INTO {self._table(self.spec.dead_table)} (id, body, error) FORMAT RowBinary",
                    b"".join(parts))
+        self._position = max([x.id for x in letters], default=self._position)
 
     def commit(self, last_id: int) -> None:
         """Nothing to do: each INSERT was atomic, and the position is the largest id present."""
 
     def close(self) -> None:
+        self._position = None
         if self._http is not None:
             self._http.close()
             self._http = None

@@ -22,7 +22,7 @@ import structlog
 import tenacity
 
 from .. import errors
-from ..client import Retry
+from ..client import Retry, parse_url
 from ..protocol import Record
 from .deliver import deliver
 from .errors import DatabaseUnavailableError
@@ -91,6 +91,7 @@ class Sink:
         target: Target | None = None,
         reporter: StatusReporter | None = None,
     ) -> None:
+        parse_url(config.url)  # a bad logd URL is the caller's mistake: ValueError now, not a retry loop later
         self.config = config
         self.mapper = mapper or (json_mapper if config.format == "json" else raw_mapper)
         spec = TargetSpec(config.table, config.name, config.create, json=self.mapper is not raw_mapper)

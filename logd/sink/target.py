@@ -6,16 +6,16 @@ atomically with the sink's position. The pipeline drives it as::
 
     target.open()                       # connect; check (or create) the tables
     start = target.position() + 1       # the last id delivered, 0: none yet
-    position = target.begin()            # the last id delivered, read in the transaction
-    target.savepoint(); target.insert(rows); target.release(mark)
+    position = target.begin()           # the same, read again inside the transaction
+    target.savepoint(); target.insert(rows); target.release()
     target.insert_dead(letters)         # rows that could not be inserted
     target.commit(last_id)              # rows, dead letters and position: all or nothing
 
 SQLite and PostgreSQL keep the position in ``logd_sink_checkpoints`` and
 write it in the transaction of the rows. ClickHouse has no transactions:
 each insert is atomic and in id order, so its position is the largest id
-in the table or its dead letters; `begin` reads it, `savepoint` and `commit`
-do nothing.
+in the table or its dead letters, read when it connects and followed after
+each insert; `savepoint` and `commit` do nothing.
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ def test_a_table_name_that_is_not_an_identifier_is_a_usage_error(server, tmp_pat
     assert "bad table name" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_bad_logd_url_is_a_usage_error(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    done = run_sink(server, f"sqlite:///{tmp_path}/x.db", "ev", "--once", "--url", "http://x:1/")
+    assert done.returncode == 2
+    assert "not a logd URL" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_missing_table_exits_1_with_what_to_do(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     done = run_sink(server, f"sqlite:///{tmp_path}/x.db", "ev", "--once")
     assert done.returncode == 1

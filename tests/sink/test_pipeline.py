@@ -84,3 +84,16 @@ def test_a_database_behind_what_was_read_is_read_again_from_its_position(server,
 def test_a_missing_table_fails_before_anything_is_read(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SchemaError, match="no table ev"):
         Sink(_config(server, tmp_path / "x.db", create=False)).run()
+
+
+def test_two_named_sinks_drain_one_log_into_one_database(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "x.db"
+    fill(server, [b"a", b"b"])
+    Sink(_config(server, db, name="first", table="ev")).run()
+    fill(server, [b"c"])
+    Sink(_config(server, db, name="second", table="copy")).run()
+    Sink(_config(server, db, name="first", table="ev")).run()
+    with sqlite3.connect(db) as conn:
+        assert list(conn.execute("SELECT body FROM ev")) == list(conn.execute("SELECT body FROM copy"))
+        assert list(conn.execute("SELECT name, last_id FROM logd_sink_checkpoints ORDER BY name")) == [
+            ("first", 3), ("second", 3)]
