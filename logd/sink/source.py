@@ -4,7 +4,8 @@
 per batch. Following reads a `Tail` (one READ that never ends), and a batch
 closes when it holds ``batch`` records or ``linger`` seconds after its first
 record arrived, whichever comes first. Waits are cut into short slices so a
-stop request (SIGTERM) is noticed within about `POLL_S`.
+stop request (SIGTERM) is noticed within about `POLL_S`. A `Prefetcher` reads
+the next batch in a thread while the pipeline delivers the current one.
 """
 
 from __future__ import annotations
