@@ -41,10 +41,10 @@ def sink_command(target_url: str, table: str, *flags: str) -> list[str]:
     return [sys.executable, "-m", "logd.cli", "sink", target_url, "--table", table, *flags]
 
 
-def run_sink(server: ServerProcess, target_url: str, table: str, *flags: str,
+def run_sink(server: ServerProcess | None, target_url: str, table: str, *flags: str,
              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run `logd sink` to completion (add --once); its exit status and output."""
-    env = dict(os.environ, LOGD_URL=logd_url(server))
+    """Run `logd sink` to completion (add --once); its exit status and output. No server: a port nobody uses."""
+    env = dict(os.environ, LOGD_URL=logd_url(server) if server is not None else "logd://127.0.0.1:9")
     return subprocess.run(sink_command(target_url, table, *flags), env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -8,20 +8,20 @@ from pathlib import Path
 from tests.sink.helpers import fill, run_sink
 
 
-def test_an_unknown_target_is_a_usage_error(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    done = run_sink(server, "ftp://host/x", "ev", "--once")
+def test_an_unknown_target_is_a_usage_error(tmp_path: Path) -> None:
+    done = run_sink(None, "ftp://host/x", "ev", "--once")
     assert done.returncode == 2
     assert "unknown target 'ftp://host/x'" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_table_name_that_is_not_an_identifier_is_a_usage_error(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    done = run_sink(server, f"sqlite:///{tmp_path}/x.db", "ev; DROP TABLE x", "--once")
+def test_a_table_name_that_is_not_an_identifier_is_a_usage_error(tmp_path: Path) -> None:
+    done = run_sink(None, f"sqlite:///{tmp_path}/x.db", "ev; DROP TABLE x", "--once")
     assert done.returncode == 2
     assert "bad table name" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_bad_logd_url_is_a_usage_error(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    done = run_sink(server, f"sqlite:///{tmp_path}/x.db", "ev", "--once", "--url", "http://x:1/")
+def test_a_bad_logd_url_is_a_usage_error(tmp_path: Path) -> None:
+    done = run_sink(None, f"sqlite:///{tmp_path}/x.db", "ev", "--once", "--url", "http://x:1/")
     assert done.returncode == 2
     assert "not a logd URL" in done.stderr and "Traceback" not in done.stderr
 
@@ -41,8 +41,8 @@ def test_once_writes_the_final_figures_to_the_json_status_file(server, tmp_path:
     assert (figures["state"], figures["delivered"], figures["last_id"], figures["lag"]) == ("stopped", 3, 3, 0)
 
 
-def test_help_names_the_three_targets(server) -> None:  # type: ignore[no-untyped-def]
-    done = run_sink(server, "--help", "x")
+def test_help_names_the_three_targets() -> None:
+    done = run_sink(None, "--help", "x")
     assert done.returncode == 0
     for word in ("sqlite:///", "postgresql://", "clickhouse://", "--once", "--on-error"):
         assert word in done.stdout
