@@ -27,7 +27,7 @@ from ..protocol import Record
 from .deliver import deliver
 from .errors import DatabaseUnavailableError
 from .rows import Mapper, json_mapper, map_records, raw_mapper
-from .source import POLL_S, LogSource, Prefetcher
+from .source import POLL_S, LogSource, Prefetcher, Reader
 from .status import Progress, StatusReporter
 from .target import Target, TargetSpec, open_target
 
@@ -102,7 +102,7 @@ class Sink:
         )
         self._stopping = False
         self._target_open = False
-        self._reader: Prefetcher | None = None
+        self._reader: Reader | None = None
         self._logd_retry = Retry(attempts=4, initial=config.retry_initial_s, maximum=config.retry_max_s)
 
     def stop(self) -> None:
@@ -185,7 +185,7 @@ class Sink:
         log.info("sink_started", name=self.config.name, target=self.target.describe(), table=self.config.table,
                  position=position, once=self.config.once)
 
-    def _reader_ready(self) -> Prefetcher:
+    def _reader_ready(self) -> Reader:
         if self._reader is None:
             c = self.config
             source = LogSource(c.url, self.progress.last_id + 1 if self.progress.last_id else 0,
@@ -196,7 +196,8 @@ class Sink:
                 source.close()
                 raise
             self.progress.head = source.stop_at or self.progress.head
-            self._reader = Prefetcher(source, c.batch, c.linger_ms / 1000, self.stopping_now)
+            kind = Prefetcher if self.target.reads_ahead else Reader
+            self._reader = kind(source, c.batch, c.linger_ms / 1000, self.stopping_now)
         return self._reader
 
     def _read(self) -> list[Record] | None:

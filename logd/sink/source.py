@@ -5,7 +5,8 @@ per batch. Following reads a `Tail` (one READ that never ends), and a batch
 closes when it holds ``batch`` records or ``linger`` seconds after its first
 record arrived, whichever comes first. Waits are cut into short slices so a
 stop request (SIGTERM) is noticed within about `POLL_S`. A `Prefetcher` reads
-the next batch in a thread while the pipeline delivers the current one.
+the next batch in a thread while the pipeline delivers the current one (for
+databases that work in another process); a `Reader` reads when asked.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from ..client import Client, Retry, Tail
 from ..protocol import Record
 
-__all__ = ["LogSource", "Prefetcher"]
+__all__ = ["LogSource", "Prefetcher", "Reader"]
 
 POLL_S = 0.2  # longest wait before looking at the stop flag again
 
@@ -86,7 +87,22 @@ class LogSource:
         self.client.close()
 
 
-class Prefetcher:
+class Reader:
+    """Reads each batch when asked (for targets that work in this process: SQLite)."""
+
+    def __init__(self, source: LogSource, size: int, linger: float, stopping: Callable[[], bool]) -> None:
+        self.source = source
+        self._args = (size, linger, stopping)
+
+    def get(self) -> list[Record] | None:
+        """The next batch ([] when nothing came in a while); None once a ``--once`` run has read everything."""
+        return None if self.source.done else self.source.batch(*self._args)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class Prefetcher(Reader):
     """Reads the next batch in a thread while the caller delivers the current one.
 
     The database works in its own process while the sink waits for a COPY or
@@ -98,8 +114,7 @@ class Prefetcher:
     """
 
     def __init__(self, source: LogSource, size: int, linger: float, stopping: Callable[[], bool]) -> None:
-        self.source = source
-        self._args = (size, linger, stopping)
+        super().__init__(source, size, linger, stopping)
         self._ready: queue.Queue[list[Record] | BaseException | None] = queue.Queue(maxsize=1)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="logd-sink-reader", daemon=True)

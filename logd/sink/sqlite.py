@@ -23,6 +23,8 @@ BUSY_TIMEOUT_MS = 10_000
 class SQLiteTarget(Target):
     """A table in an SQLite file (created if missing)."""
 
+    reads_ahead = False
+
     def __init__(self, path: str, spec: TargetSpec, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
         self.spec = spec

@@ -61,6 +61,9 @@ class Target(ABC):
 
     spec: TargetSpec
     columns: tuple[str, ...] = ()  # the table's columns, known after open()
+    # Read the next batch while this one is delivered: worth it when the database works in its own
+    # process; SQLite works in ours, where a reading thread would only take turns with it for the GIL.
+    reads_ahead: bool = True
 
     @abstractmethod
     def open(self) -> None:
