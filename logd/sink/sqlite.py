@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any, cast
 
 from .errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
@@ -18,6 +19,7 @@ from .rows import DeadLetter, Row, Rows, by_shape
 from .target import CHECKPOINT_TABLE, Target, TargetSpec, missing_table_hint
 
 BUSY_TIMEOUT_MS = 10_000
+_ID_BODY = attrgetter("id", "body")  # record -> (id, body), without a Python-level loop
 
 
 class SQLiteTarget(Target):
@@ -106,7 +108,7 @@ class SQLiteTarget(Target):
         t = self.spec.table
         try:
             if not self.spec.json:  # raw: the records themselves
-                self.db.executemany(f'INSERT INTO "{t}" (id, body) VALUES (?, ?)', [(r.id, r.body) for r in rows])
+                self.db.executemany(f'INSERT INTO "{t}" (id, body) VALUES (?, ?)', map(_ID_BODY, rows))
                 return
             for keys, group in by_shape(cast(Sequence[Row], rows)).items():
                 names = ", ".join(f'"{k}"' for k in keys)
