@@ -112,6 +112,9 @@ def measure(results: list[dict[str, Any]], target: str, method: str, rows: int, 
     """
     rates = []
     for r in range(rounds):
+        # Write back what earlier runs left dirty first: on ext4 a commit's fsync also waits for
+        # other files' dirty pages (100 MB of freshly filled log, say), which is not this run's cost.
+        os.sync()
         seconds = fn(r)
         if isinstance(seconds, tuple):
             seconds, delivered = seconds
