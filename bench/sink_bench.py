@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         logd_json.stop()
         pg.cleanup()
         ch.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
     print()
     print(report(results))
     args.out.write_text(json.dumps({
