@@ -15,7 +15,7 @@ from types import FrameType
 
 import click
 
-from .cli_client import client_options
+from .cli_client import client_options, connection_args
 from .errors import LogdError
 
 __all__ = ["sink"]
@@ -65,10 +65,11 @@ def sink(target: str, table: str, fmt: str, create: bool, name: str, batch: int,
     from .sink import PoisonMessageError, Sink, SinkConfig
 
     configure_logging(log_format, "info")
+    logd_args = connection_args(url)  # the token (URL or LOGD_TOKEN) and, for logds://, the TLS context
     try:
         config = SinkConfig(target=target, table=table, url=url, name=name, format=fmt, create=create, batch=batch,
                             linger_ms=linger_ms, once=once, on_error=on_error, timeout=timeout,
-                            json_status=json_status, retry_max_s=retry_max_s)
+                            json_status=json_status, retry_max_s=retry_max_s, **logd_args)
         runner = Sink(config)
     except (ValueError, LogdError) as exc:
         raise click.UsageError(str(exc)) from None

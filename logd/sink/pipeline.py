@@ -57,6 +57,8 @@ class SinkConfig:
     retry_max_s: float = 10.0
     json_status: str | None = None
     status_interval_s: float | None = None  # None: 0.5 on a terminal, else 5
+    token: str | None = None  # for logd, when the URL carries none
+    ssl_context: Any = None  # for a logds:// URL (None: the system's CAs)
 
     def __post_init__(self) -> None:
         if self.format not in ("raw", "json"):
@@ -189,7 +191,8 @@ class Sink:
         if self._reader is None:
             c = self.config
             source = LogSource(c.url, self.progress.last_id + 1 if self.progress.last_id else 0,
-                               follow=not c.once, timeout=c.timeout, retry=self._logd_retry)
+                               follow=not c.once, timeout=c.timeout, retry=self._logd_retry,
+                               token=c.token, ssl_context=c.ssl_context)
             try:
                 source.begin()
             except BaseException:

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..client import Client, Retry, Tail
 from ..protocol import Record
@@ -27,8 +28,9 @@ POLL_S = 0.2  # longest wait before looking at the stop flag again
 class LogSource:
     """Batches of records from ``start`` on; ``stop_at`` (the head at start) ends a ``--once`` run."""
 
-    def __init__(self, url: str, start: int, *, follow: bool, timeout: float, retry: Retry) -> None:
-        self.client = Client.from_url(url, timeout=timeout, retry=retry)
+    def __init__(self, url: str, start: int, *, follow: bool, timeout: float, retry: Retry,
+                 token: str | None = None, ssl_context: Any = None) -> None:
+        self.client = Client.from_url(url, timeout=timeout, retry=retry, token=token, ssl_context=ssl_context)
         self.next_id = start
         self.follow = follow
         self.stop_at: int | None = None
