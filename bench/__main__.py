@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--install-redis", action="store_true", help="apt-get install redis-server if it is missing (root only)"
     )
+    ap.add_argument(
+        "--no-sink",
+        action="store_true",
+        help="skip the `logd sink` rows (bench.sink_bench: rows/s into SQLite, PostgreSQL, ClickHouse)",
+    )
     return ap.parse_args(argv)
 
 
@@ -176,7 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     log(f"wrote {out / 'RESULTS.md'}, {out / 'latency.png'}, {out / 'results.json'} in {meta['wall_seconds']} s")
+    if not args.no_sink:
+        run_sink_bench(args.quick, out)
     return status
+
+
+def run_sink_bench(quick: bool, out: Path) -> None:
+    """The `logd sink` rows: their own table and sink_results.json (a missing database is a warning here)."""
+    from . import sink_bench
+    from .databases import DatabaseMissing
+
+    log("\nlogd sink: rows/s into SQLite, PostgreSQL and ClickHouse (bench.sink_bench)")
+    try:
+        sink_bench.main([*(["--quick"] if quick else []), "--out", str(out / "sink_results.json")])
+    except DatabaseMissing as exc:
+        warn(f"the sink rows are skipped: {exc}")
 
 
 if __name__ == "__main__":

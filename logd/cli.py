@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .cli_client import _client, _Quiet, append, consume, cursors, head, ping, read, stats, tls_options
+from .cli_sink import sink
 from .cli_token import token
 from .config import (
     CONFIG_ENV,
@@ -221,7 +222,7 @@ def _shown(address: str) -> str:
 # `python -m logd.cli` this file is __main__, and an import of logd.cli from
 # there would build a second `main` group.
 
-for _command in (append, read, consume, head, ping, stats, cursors, token):
+for _command in (append, read, consume, head, ping, stats, cursors, token, sink):
     main.add_command(_command)
 
 

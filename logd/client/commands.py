@@ -159,7 +159,8 @@ def stats_of(replies: list[Reply]) -> dict[str, str]:
 def records_of(replies: list[Reply]) -> list[Record]:
     checked(replies[0])
     checked(replies[-1])  # an error can end a READ early (retention, storage)
-    return [r for r in replies if isinstance(r, Record)]
+    # collect() hands over OK, the records, then +EOF: everything between is a record.
+    return replies[1:-1]  # type: ignore[return-value]
 
 
 def read_call(start: int, limit: int) -> Call[list[Record]]:

@@ -129,10 +129,18 @@ class Connection:
             return [first]
         out: list[Reply] = [first]
         while True:
-            reply = self.reply(deadline)
-            out.append(reply)
-            if isinstance(reply, EndOfStream | ErrorReply):
-                return out
+            # Whole chunks of replies at a time: a catch-up READ of 10,000 records
+            # costs a list extend, not 10,000 calls (about a third of a sink's time).
+            replies = self.receive(deadline)
+            if type(replies[-1]) is Record:
+                out.extend(replies)
+                continue
+            for i, reply in enumerate(replies):
+                if isinstance(reply, EndOfStream | ErrorReply):
+                    out.extend(replies[: i + 1])
+                    self.replies.extend(replies[i + 1 :])  # not ours: the next command's
+                    return out
+            out.extend(replies)
 
     def close(self) -> None:
         self.sock.close()

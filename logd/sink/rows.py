@@ -1,0 +1,109 @@
+"""From log records to table rows: the raw and JSON mappings, and dead letters.
+
+A mapper turns one record into the columns it fills (besides ``id``, which
+is always the record's id). It raises ValueError for a body it cannot map;
+that record becomes a dead letter with the message as its error. A program
+that runs a sink in-process can pass its own mapper (see `logd.sink.Sink`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from ..protocol import Record
+
+__all__ = ["DeadLetter", "Mapper", "Row", "Rows", "json_mapper", "map_records", "raw_mapper"]
+
+Mapper = Callable[[Record], Mapping[str, Any]]
+
+RAW_KEYS = ("body",)
+
+
+class Row(NamedTuple):
+    """One row to insert: the record's id and body, and the other columns it fills."""
+
+    id: int
+    body: bytes
+    keys: tuple[str, ...]  # column names, without "id"
+    values: tuple[Any, ...]  # one per key, as plain Python values (dicts and lists already JSON text)
+
+
+# What a target inserts: the records themselves with --format raw (id and body are the columns, and
+# nothing is built per record on the hot path), else mapped Rows.
+Rows = Sequence[Row] | Sequence[Record]
+
+
+class DeadLetter(NamedTuple):
+    """A message that could not be delivered, with the reason."""
+
+    id: int
+    body: bytes
+    error: str
+
+
+def raw_mapper(record: Record) -> Mapping[str, Any]:
+    """``--format raw``: the body, as bytes, into the column ``body``."""
+    return {"body": record.body}
+
+
+def json_mapper(record: Record) -> Mapping[str, Any]:
+    """``--format json``: the body is a JSON object; its keys name the columns they fill."""
+    try:
+        value = json.loads(record.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object but {type(value).__name__}")
+    return value
+
+
+def plain(value: Any) -> Any:
+    """A JSON value as a database driver takes it: objects and arrays as JSON text."""
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return value
+
+
+def map_records(records: Sequence[Record], mapper: Mapper, columns: Sequence[str]) -> tuple[Rows, list[DeadLetter]]:
+    """Map each record; those that cannot be mapped (or name unknown columns) become dead letters.
+
+    With `raw_mapper` the records are the rows, untouched.
+    """
+    if mapper is raw_mapper:
+        return records, []
+    rows: list[Row] = []
+    dead: list[DeadLetter] = []
+    known = frozenset(columns)
+    shapes: dict[tuple[str, ...], tuple[str, ...]] = {}  # one shared tuple per key set
+    for record in records:
+        try:
+            mapped = mapper(record)
+            keys = tuple(mapped)
+            shape = shapes.get(keys)
+            if shape is None:
+                _check_keys(keys, known)
+                shape = shapes[keys] = keys
+            rows.append(Row(record.id, record.body, shape, tuple([plain(v) for v in mapped.values()])))
+        except ValueError as exc:
+            dead.append(DeadLetter(record.id, record.body, str(exc)))
+    return rows, dead
+
+
+def by_shape(rows: Sequence[Row]) -> dict[tuple[str, ...], list[Row]]:
+    """The rows grouped by the columns they fill (one insert per group; order kept within a group)."""
+    if rows and all(r.keys is rows[0].keys for r in rows):
+        return {rows[0].keys: list(rows)}
+    groups: dict[tuple[str, ...], list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.keys, []).append(row)
+    return groups
+
+
+def _check_keys(keys: tuple[str, ...], known: frozenset[str]) -> None:
+    if "id" in keys:
+        raise ValueError("the body has a key 'id'; the column id holds the log id")
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ValueError(f"no column named {', '.join(map(repr, unknown[:5]))}")

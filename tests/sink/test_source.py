@@ -1,0 +1,45 @@
+"""logd.sink.source against a real `logd serve`: --once stops at the head seen at start; linger closes a batch."""
+
+from __future__ import annotations
+
+import time
+
+from logd.client import Retry
+from logd.sink.source import LogSource
+from tests.sink.helpers import fill, logd_url
+
+
+def _never() -> bool:
+    return False
+
+
+def test_once_reads_up_to_the_head_seen_at_start_in_batches(server) -> None:  # type: ignore[no-untyped-def]
+    fill(server, [b"%d" % i for i in range(25)])
+    source = LogSource(logd_url(server), 0, follow=False, timeout=5, retry=Retry())
+    source.begin()
+    fill(server, [b"later"])  # after the start: not part of this run
+    sizes = []
+    while not source.done:
+        sizes.append(len(source.batch(10, 0.0, _never)))
+    assert sizes == [10, 10, 5]
+    assert source.next_id == 26
+    source.close()
+
+
+def test_following_closes_a_batch_after_linger_or_when_full(server) -> None:  # type: ignore[no-untyped-def]
+    fill(server, [b"a", b"b", b"c"])
+    source = LogSource(logd_url(server), 2, follow=True, timeout=5, retry=Retry())
+    source.begin()
+    assert [r.body for r in source.batch(2, 10.0, _never)] == [b"b", b"c"]  # full: no waiting for linger
+    started = time.monotonic()
+    fill(server, [b"d"])
+    assert [r.body for r in source.batch(100, 0.05, _never)] == [b"d"]  # lingered 50 ms for more, then closed
+    assert time.monotonic() - started < 5
+    source.close()
+
+
+def test_a_stop_request_ends_the_wait_for_new_records(server) -> None:  # type: ignore[no-untyped-def]
+    source = LogSource(logd_url(server), 0, follow=True, timeout=5, retry=Retry())
+    source.begin()
+    assert source.batch(100, 1.0, lambda: True) == []
+    source.close()
