@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING
 
 from . import protocol
 from .access import ConnectionAuth
-from .errors import DeniedError, LogdError, ServerError, UnavailableError
-from .protocol.session import AppendReply, ServerSession
+from .backend import ConnectionBackend
+from .errors import ServerError
+from .protocol.session import ServerSession
 from .streams import Stream
 
 if TYPE_CHECKING:
     from .server import LogServer
 
 
-class Connection(asyncio.Protocol):
-    """One client connection: session, stream, budgets."""
+class Connection(ConnectionBackend, asyncio.Protocol):
+    """One client connection: session, stream, budgets (what its commands do: `ConnectionBackend`)."""
 
     def __init__(self, server: LogServer) -> None:
         self.server = server
@@ -104,61 +105,6 @@ class Connection(asyncio.Protocol):
         if self.stream is not None and not self.stream.parked and not self._stream_fresh:
             self.stream.pump()
         self.flush()
-
-    # --- the session's Backend ---------------------------------------------------
-
-    def refusal(self) -> ServerError | None:
-        return self.server.msg_refusal()
-
-    def submit(self, bodies: list[bytes], nbytes: int, reply: AppendReply) -> None:
-        self.server.queue.submit(self, bodies, nbytes, reply)
-
-    def head(self) -> int:
-        return self.server.visible_head()
-
-    def stats(self) -> dict[str, object]:
-        return self.server.stats()
-
-    def start_stream(self, cmd: protocol.Read | protocol.Replicate) -> bytes | None:
-        answer = self.server.check_stream_start(cmd, self.peer)
-        self.stream = Stream(self.server, self, cmd)
-        self._stream_fresh = True
-        self.server.stream_started(self.stream)
-        return answer
-
-    def ack(self, id: int) -> None:
-        assert self.stream is not None and self.stream.replica
-        self.stream.ack(id)
-
-    def refuse(self) -> None:
-        self.server.refuse_writes(self.peer)
-
-    def accept(self, next_id: int | None) -> None:
-        self.server.accept_writes(self.peer, next_id)
-
-    def shutdown(self) -> ServerError | None:
-        if not self.server.config.allow_shutdown:
-            return DeniedError("server was not started with --allow-shutdown")
-        self.server.request_stop("shutdown_command")
-        return None
-
-    def cursor_command(
-        self, cmd: protocol.Commit | protocol.Cursor | protocol.Cursors, reply: AppendReply
-    ) -> bytes | None:
-        return self.server.cursors.execute(cmd, reply, self)
-
-    # --- the append queue's Submitter ---------------------------------------------
-
-    def batch_done(self, token: object, last_id: int) -> None:
-        replicas = self.server.replication
-        if replicas.min_replicas and last_id > replicas.hw:
-            replicas.hold(self, token, last_id)  # type: ignore[arg-type]  # OK once replicas hold it
-        else:
-            token.resolve(protocol.ok_id(last_id))  # type: ignore[attr-defined]
-
-    def batch_failed(self, token: object, error: LogdError) -> None:
-        err = error if isinstance(error, ServerError) else UnavailableError(str(error))
-        token.resolve(protocol.error_reply(err))  # type: ignore[attr-defined]
 
     # --- the stream's Sink ---------------------------------------------------------
 
