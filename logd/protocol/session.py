@@ -425,21 +425,11 @@ class ServerSession:
         to be taken) act first, up to the output limit; the caller passes
         False while its peer is not reading what it was sent.
         """
-        replies = self._replies
-        out = self._out
-        while replies:  # `_settled`, inlined: this runs once per acknowledged MSG
-            first = replies[0]
-            if type(first) is bytes:
-                out.append(first)
-            else:
-                reply = first.reply  # type: ignore[union-attr]
-                if reply is None:
-                    break
-                out.append(reply)
-                self.inflight_bytes -= first.nbytes  # type: ignore[union-attr]
-            replies.popleft()
+        if self._replies:
+            self._settled()
         if act and self._waiting and self.stream is None:
             self._run_waiting()
+        out = self._out
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)

@@ -20,16 +20,9 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from ..errors import StorageError
+from .files import fsync_dir
 
 FILE = "EPOCHS"
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -152,4 +145,4 @@ class Epochs:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)

@@ -149,3 +149,12 @@ def count_records(fd: int, offset: int, first_id: int, end: int) -> tuple[int, i
     except BadRecord:
         pass
     return n, stop
+
+
+def fsync_dir(directory: str) -> None:
+    """fsync a directory, so renames, creations and deletions in it are durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ from .. import defaults
 from ..errors import CorruptRecordError, DamagedLogError, NotFoundError, StorageError, UnavailableError
 from ..hot import ext
 from . import closed_head, truncate
+from .files import fsync_dir
 from .handles import HandleCache
 from .lock import take_lock
 from .policy import FsyncPolicy
@@ -528,15 +529,6 @@ class Companion(Protocol):
 
 
 __all__ = ["Companion", "FsyncPolicy", "Log", "Record", "Span", "StorageError"]
-
-
-def fsync_dir(directory: str) -> None:
-    """fsync a directory, so renames, creations and deletions in it are durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rebase(offsets: Sequence[int], base: int) -> array:
