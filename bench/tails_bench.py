@@ -104,6 +104,26 @@ def fill(port: int, nbytes: int) -> None:
     s.close()
 
 
+def settle_output(port: int, timeout: float = 30.0) -> None:
+    """Wait until the server's unsent output (STATS output_bytes) stops growing: the tails are full."""
+    s = connect(port)
+    last, steady = -1, 0
+    deadline = time.monotonic() + timeout
+    while steady < 3 and time.monotonic() < deadline:
+        s.sendall(b"STATS\r\n")
+        buf = b""
+        while True:
+            buf += s.recv(65536)
+            head, _, rest = buf.partition(b"\r\n")
+            if head.startswith(b"OK ") and rest.count(b"\r\n") >= int(head[3:]):
+                break
+        now = int(dict(line.split(b" ", 1) for line in rest.split(b"\r\n") if b" " in line).get(b"output_bytes", 0))
+        steady = steady + 1 if now == last and now > 0 else 0
+        last = now
+        time.sleep(0.05)  # the polling interval of a condition with a deadline
+    s.close()
+
+
 def stats_rtt_us(port: int, count: int = 300) -> float:
     s = connect(port)
     times = []
@@ -136,7 +156,7 @@ def run_tree(tree: Path, seconds: float) -> dict[str, float]:
                         s = connect(port, rcvbuf=4096)
                         s.sendall(b"READ 1\r\n")
                         held.append(s)
-                    time.sleep(1.0)  # let the server fill their buffers (a measured setup, not a sync)
+                    settle_output(port)  # every tail holds its budget before the writer starts
                     out["write_200_stalled"] = write_rate(port, seconds)
                     out["rss_mb_200_stalled"] = rss_mb(proc.pid)
                 elif name == "parked_tails":

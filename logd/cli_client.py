@@ -42,11 +42,14 @@ def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def tls_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--tls-ca, --tls-cert, --tls-key (also LOGD_TLS_*), kept in the click context for `connection_args`."""
+    """--tls-ca, --tls-cert, --tls-key, kept in the click context for `connection_args`.
+
+    Their environment variables are LOGD_CLIENT_TLS_*: LOGD_TLS_* are the server's own certificate.
+    """
     for name, what in (("key", "Client certificate's key (with --tls-cert)."),
                        ("cert", "Client certificate, for servers started with --tls-ca."),
                        ("ca", "CA to verify a logds:// server (default: the system's).")):
-        fn = click.option(f"--tls-{name}", f"tls_{name}", default=None, envvar=f"LOGD_TLS_{name.upper()}",
+        fn = click.option(f"--tls-{name}", f"tls_{name}", default=None, envvar=f"LOGD_CLIENT_TLS_{name.upper()}",
                           show_envvar=True, type=click.Path(dir_okay=False), expose_value=False,
                           callback=_keep_tls, help=what)(fn)
     return fn

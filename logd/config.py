@@ -207,7 +207,7 @@ class Config:
     shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT  # seconds to let connections finish on stop
     log_format: str = defaults.LOG_FORMAT  # or "json"
     log_level: str = defaults.LOG_LEVEL
-    replica_of: str | None = None
+    replica_of: str | None = field(default=None, repr=False)  # may carry a token
     min_replicas: int = defaults.MIN_REPLICAS
     replica_timeout: float = defaults.REPLICA_TIMEOUT
     metrics_port: int | None = None  # None: no metrics endpoint

@@ -279,7 +279,7 @@ class LogServer:
                     if stream in self.streams:
                         stream.pump()
                         stream.sink.flush()  # type: ignore[attr-defined]
-            for conn in list(budgets.waiting_grant) + list(budgets.paused):
+            for conn in list(dict.fromkeys([*budgets.waiting_grant, *budgets.paused])):  # grants first, once each
                 if budgets.over and conn not in budgets.waiting_grant:
                     break
                 conn.flush()
@@ -346,6 +346,8 @@ class LogServer:
         for index, limit in ((self.replicas, self.log.head), (self.readers, self.visible_head())):
             if index.count:
                 for stream in index.ready(limit):
+                    if stream not in self.streams:  # detached by an earlier stream's writes this round
+                        continue
                     stream.pump()
                     stream.sink.flush()  # type: ignore[attr-defined]
 
@@ -418,6 +420,7 @@ class LogServer:
         self.read_only = False
         self.fenced_by = None
         self.leader_address = None
+        self.wake_streams()  # readers may see more now (the follower's cap is gone)
 
     def step_down(self, epoch: int, replica: str) -> None:
         """A replica has seen a newer epoch than ours: a newer leader exists, so stop taking writes
@@ -570,6 +573,8 @@ class LogServer:
             now = time.monotonic()
             if self.budgets.throttled or self.budgets.output_over():
                 self.budgets.recount_output(self.connections)
+                if self.budgets.throttled and not self.budgets.output_over():
+                    self._room()  # the edge may have passed while _room ran: do not leave them waiting
             for conn in list(self.stalled):
                 if conn.transport is None:
                     continue
@@ -596,7 +601,13 @@ class LogServer:
             await asyncio.sleep(WATERMARK_SAVE_S)
 
     def save_watermark(self) -> None:
-        """Keep the high watermark for a restart (--min-replicas); a failure only costs visibility."""
+        """Keep the high watermark for a restart (--min-replicas); a failure only costs visibility.
+
+        While following, the file is the follower's acknowledged floor (it saves it itself):
+        the leader-side value, frozen since start, must not write over it.
+        """
+        if self.follower is not None:
+            return
         try:
             watermark.save(self.config.data_dir, self.replication.hw)
         except OSError as exc:
@@ -640,7 +651,7 @@ async def serve(
         server.request_stop(sig.name)
         # Whatever state the server is in (a stuck task, a hung disk), a
         # signal stops the process: a thread that needs no event loop.
-        grace = config.shutdown_timeout + STOP_GRACE_S
+        grace = 2 * config.shutdown_timeout + STOP_GRACE_S  # shutdown() allows up to twice the timeout
         watchdog = threading.Timer(grace, _force_exit, args=(sig.name, grace))
         watchdog.daemon = True
         watchdog.start()

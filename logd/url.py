@@ -35,5 +35,7 @@ def split_url(url: str) -> tuple[str, int, bool, str | None]:
         port = parts.port or DEFAULT_PORT
     except ValueError:
         raise ValueError(f"bad port in {shown!r}") from None
+    if parts.username:  # logd://TOKEN@host would connect unauthenticated without a word
+        raise ValueError(f"the token goes after a colon (logd://:TOKEN@host): {shown!r}")
     token = unquote(parts.password) if parts.password else None
     return parts.hostname or "127.0.0.1", port, parts.scheme == "logds", token

@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import defaults
 from ..storage.cursors import valid_name
+from ..url import hide_token
 from .commands import DEFAULT_URL, Record, Retry
 from .sync import Client
 
@@ -141,7 +142,7 @@ class ServerCursor(Checkpoint):
         self._client: Client | None = None
 
     def __repr__(self) -> str:
-        return f"ServerCursor({self.name!r}, {self.url!r})"
+        return f"ServerCursor({self.name!r}, {hide_token(self.url) if self.url else None!r})"
 
     def client(self) -> Client:
         if self._client is None:

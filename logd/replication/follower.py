@@ -344,6 +344,10 @@ class Follower:
                 f"leader {self.leader} lacks id {cut}, which was acknowledged under --min-replicas "
                 f"(acknowledged up to {self.acked_floor}); not cutting the log"
             )
+        if cut <= lg.written and cut - 1 < lg.first - 1:  # retention took what the cut needs: change nothing
+            raise ReplicationFailed(
+                f"cannot cut the log to follow {self.leader}: id {cut - 1} is before the oldest retained id {lg.first}"
+            )
         epoch_of_cut = epochs.epoch_of(cut)[0]
         epochs.truncate_after(cut - 1)
         if cut > lg.written:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import unquote, urlencode, urlsplit
 
+from ..url import hide_token
 from .errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
 from .rows import DeadLetter, Row, Rows
 from .target import Target, TargetSpec, check_identifier, missing_table_hint
@@ -47,7 +48,7 @@ class ClickHouseTarget(Target):
         try:
             self.port = parts.port or DEFAULT_HTTP_PORT
         except ValueError:
-            raise SinkError(f"bad port in {url!r}") from None
+            raise SinkError(f"bad port in {hide_token(url)!r}") from None
         self.database = check_identifier(parts.path.strip("/") or "default", "database name")
         self._auth = {"user": unquote(parts.username or "default")}
         if parts.password:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
@@ -44,7 +44,7 @@ class SinkConfig:
 
     target: str  # sqlite:///file.db, postgresql://..., clickhouse://host:8123/db
     table: str
-    url: str = "logd://127.0.0.1:1774"
+    url: str = field(default="logd://127.0.0.1:1774", repr=False)  # may carry a token
     name: str = "default"
     format: str = "raw"  # raw | json
     create: bool = False
@@ -57,7 +57,7 @@ class SinkConfig:
     retry_max_s: float = 10.0
     json_status: str | None = None
     status_interval_s: float | None = None  # None: 0.5 on a terminal, else 5
-    token: str | None = None  # for logd, when the URL carries none
+    token: str | None = field(default=None, repr=False)  # for logd, when the URL carries none
     ssl_context: Any = None  # for a logds:// URL (None: the system's CAs)
 
     def __post_init__(self) -> None:

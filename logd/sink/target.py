@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from ..url import hide_token
 from .errors import SinkError
 from .rows import DeadLetter, Rows
 
@@ -128,7 +129,7 @@ def parse_target(url: str) -> tuple[str, str]:
     kinds = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql", "clickhouse": "clickhouse"}
     if scheme not in kinds:
         raise SinkError(
-            f"unknown target {url!r}: use sqlite:///path/file.db, postgresql://user@host:port/db "
+            f"unknown target {hide_token(url)!r}: use sqlite:///path/file.db, postgresql://user@host:port/db "
             "or clickhouse://host:8123/db"
         )
     return kinds[scheme], url

@@ -23,7 +23,16 @@ from typing import TextIO
 from ..errors import LockedError, StorageError
 from . import closed_head
 from .epochs import Epochs
-from .files import count_records, find_valid_record, nonzero_end, scan_records, segment_firsts, segment_name, write_all
+from .files import (
+    count_records,
+    find_valid_record,
+    fsync_dir,
+    nonzero_end,
+    scan_records,
+    segment_firsts,
+    segment_name,
+    write_all,
+)
 from .log import take_lock
 from .record import BadRecord, decode_record
 from .segment import INDEX_ENTRY
@@ -307,6 +316,8 @@ def _repair(path: str, scans: list[_Scan], cut: tuple[int, int] | None, say: Cal
             os.replace(t.log_path, broken)
             if os.path.exists(t.idx_path):
                 os.unlink(t.idx_path)  # derived from the segment; rebuilt if it is ever put back
+        if later:
+            fsync_dir(os.path.dirname(later[0].log_path))  # the renames are durable before any cut
         scans = scans[: i + 1]
     for s in scans:
         if s.size != s.end:
@@ -375,6 +386,7 @@ def _move_tail(s: _Scan, say: Callable[[str], None]) -> None:
                 os.fsync(out)  # the copy is durable before the original is cut
             finally:
                 os.close(out)
+            fsync_dir(os.path.dirname(s.log_path))  # and so is its name
         else:
             say(f"repair: {s.log_path}: cutting {s.size - s.end} zero bytes at offset {s.end}")
         os.ftruncate(fd, s.end)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from .files import fsync_dir
+
 FILE = "CLOSED_HEAD"
 
 
@@ -40,8 +42,4 @@ def save(directory: str | os.PathLike[str], head: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(os.fspath(directory))

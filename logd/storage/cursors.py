@@ -23,6 +23,8 @@ import threading
 
 from crc32c import crc32c
 
+from .files import fsync_dir
+
 FILE = "CURSORS"
 MAX_NAME = 64
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -165,11 +167,7 @@ class CursorStore:
             os.close(fd)
         with self._sync_lock:
             os.replace(tmp, self.path)
-            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.directory)
             old, self._fd = self._fd, os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             if old >= 0:
                 os.close(old)

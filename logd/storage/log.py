@@ -447,15 +447,19 @@ class Log:
         for seg in self._segments:
             seg.close()
         self.handles.clear()
-        # A deliberate cut: the clean-close head must not make the next open
-        # take it for damage (recovery refuses a log ending before it).
-        if closed_head.load(self.directory) > last_id:
-            closed_head.save(self.directory, last_id)
-        truncate.cut_files(self.directory, cut, offset, keep, later)
-        self._segments, _cut = open_segments(self.directory)
-        for seg in self._segments:
-            seg.handles = self.handles
-        self._segments[-1].sync_data()
+        try:
+            # A deliberate cut: the clean-close head must not make the next open
+            # take it for damage (recovery refuses a log ending before it).
+            if closed_head.load(self.directory) > last_id:
+                closed_head.save(self.directory, last_id)
+            truncate.cut_files(self.directory, cut, offset, keep, later)
+            self._segments, _cut = open_segments(self.directory)
+            for seg in self._segments:
+                seg.handles = self.handles
+            self._segments[-1].sync_data()
+        except BaseException as exc:  # the segments are closed: refuse everything rather than use them
+            self._failed = exc
+            raise
         with self._lock:
             self._firsts = [s.first_id for s in self._segments]
             self._rolled = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .files import write_all
+from .files import fsync_dir, write_all
 from .segment import INDEX_ENTRY, Segment
 
 DROPPED_PREFIX = "dropped-"
@@ -73,8 +73,4 @@ def cut_files(directory: str, cut: Segment, offset: int, keep: int, later: list[
             os.fsync(fd)
         finally:
             os.close(fd)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)

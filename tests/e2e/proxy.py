@@ -38,6 +38,7 @@ class Proxy:
         self.cut: set[str] = set()
         self.connections = 0  # accepted so far
         self.forwarded = {"up": 0, "down": 0}  # bytes
+        self.received = {"up": 0, "down": 0}  # bytes read, forwarded or held
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="test-proxy")
         self._server: asyncio.Server | None = None
@@ -159,6 +160,7 @@ class _Pipe:
                     if writer.can_write_eof():
                         writer.write_eof()
                     return
+                proxy.received[direction] += len(data)
                 if proxy.delay_s:
                     await asyncio.sleep(proxy.delay_s)  # the injected latency itself
                 await proxy.wait_healed(direction)

@@ -165,10 +165,7 @@ def test_faults_kills_and_failover_lose_nothing_acknowledged(start_server) -> No
             assert srv.terminate() == 0
 
     # No message the stale leader acknowledged after the promotion (none at all, here).
-    for r in stale_ok:
-        stale_id = int(r.split()[1])
-        assert acked.get(stale_id) not in (None, b"stale"), r
-    assert not stale_ok
+    assert not stale_ok, stale_ok
     check_cluster(new.data_dir, [other.data_dir, a.data_dir], acked)
 
 
@@ -200,7 +197,7 @@ def test_proxy_partition_holds_bytes_until_healed(start_server) -> None:  # type
         conn = via.connect()
         px.partition("up")
         conn.send(b"PING\r\n")
-        wait_for(lambda: px.connections == 1, what="proxied connection")
+        wait_for(lambda: px.received["up"] == 6, what="the proxy to hold the PING")
         assert px.forwarded["up"] == 0
         px.heal()
         assert conn.line() == b"PONG"

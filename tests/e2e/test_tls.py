@@ -136,8 +136,8 @@ def test_cli_over_tls_with_client_certificate_and_token(start_server, certs: Cer
     auth = tmp_path / "a.auth"
     admin = new_token(auth, "root", "admin")
     srv = start_server("--auth-file", str(auth), *tls_args(certs))
-    env = {**os.environ, "LOGD_TLS_CA": str(certs.ca), "LOGD_TLS_CERT": str(certs.client_cert),
-           "LOGD_TLS_KEY": str(certs.client_key), "LOGD_TOKEN": admin}
+    env = {**os.environ, "LOGD_CLIENT_TLS_CA": str(certs.ca), "LOGD_CLIENT_TLS_CERT": str(certs.client_cert),
+           "LOGD_CLIENT_TLS_KEY": str(certs.client_key), "LOGD_TOKEN": admin}
     base = [sys.executable, "-m", "logd.cli"]
     url = f"logds://127.0.0.1:{srv.port}"
     out = subprocess.run([*base, "append", "--url", url, "a", "b"], capture_output=True, env=env, timeout=60)

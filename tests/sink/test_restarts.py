@@ -89,3 +89,4 @@ def test_logd_killed_9_and_restarted_under_a_live_writer(
     log = log_records(server)
     assert sqlite_db.rows("ev") == log
     assert len(log) == head
+    assert '"sink_retrying"' in stderr.read_text()  # it did see logd go
