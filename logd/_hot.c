@@ -527,24 +527,13 @@ PyDoc_STRVAR(msg_commands_doc,
              "spelled \"MSG \", not complete in ``data``, or not one ``msg_lengths`` and\n"
              "``take_bodies`` would take; the caller's Python loop goes on from there.");
 
-static PyObject *
-msg_commands(PyObject *self, PyObject *args)
+/* Append to ``out`` the bodies (a list each) of the complete MSG commands at
+ * d[pos:], one after another, as msg_commands describes; return the position
+ * after the last one taken, or -1 with an exception set. */
+static Py_ssize_t
+take_msg_run(const char *d, Py_ssize_t size, Py_ssize_t pos, Py_ssize_t max_line, long long max_message,
+             long long max_batch, long long max_batch_bytes, PyObject *out)
 {
-    PyObject *data;
-    Py_ssize_t pos, max_line;
-    long long max_message, max_batch, max_batch_bytes;
-    if (!PyArg_ParseTuple(args, "O!nnLLL", &PyBytes_Type, &data, &pos, &max_line, &max_message, &max_batch,
-                          &max_batch_bytes))
-        return NULL;
-    const char *d = PyBytes_AS_STRING(data);
-    Py_ssize_t size = PyBytes_GET_SIZE(data);
-    if (pos < 0 || pos > size || max_line < 1) {
-        PyErr_SetString(PyExc_ValueError, "pos or max_line out of range");
-        return NULL;
-    }
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
     long long *lens = NULL;
     Py_ssize_t cap = 0;
     while (size - pos >= 4 && memcmp(d + pos, "MSG ", 4) == 0) {
@@ -587,11 +576,78 @@ msg_commands(PyObject *self, PyObject *args)
         pos = q;
     }
     PyMem_Free(lens);
-    return Py_BuildValue("(nN)", pos, out);
+    return pos;
 error:
     PyMem_Free(lens);
-    Py_DECREF(out);
-    return NULL;
+    return -1;
+}
+
+static PyObject *
+msg_commands(PyObject *self, PyObject *args)
+{
+    PyObject *data;
+    Py_ssize_t pos, max_line;
+    long long max_message, max_batch, max_batch_bytes;
+    if (!PyArg_ParseTuple(args, "O!nnLLL", &PyBytes_Type, &data, &pos, &max_line, &max_message, &max_batch,
+                          &max_batch_bytes))
+        return NULL;
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (pos < 0 || pos > size || max_line < 1) {
+        PyErr_SetString(PyExc_ValueError, "pos or max_line out of range");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    pos = take_msg_run(PyBytes_AS_STRING(data), size, pos, max_line, max_message, max_batch, max_batch_bytes, out);
+    if (pos < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return Py_BuildValue("(nN)", pos, out);
+}
+
+PyDoc_STRVAR(whole_msgs_doc,
+             "whole_msgs(data, max_line, max_message, max_batch, max_batch_bytes)\n"
+             "    -> [bodies, ...] or None\n\n"
+             "msg_commands(data, 0, ...)[1] when those MSG commands are the whole of\n"
+             "``data`` (at least one); None otherwise. The server session's fast lane\n"
+             "(one MSG per packet from each of many clients), so it takes its arguments\n"
+             "without a format string and builds no tuple.");
+
+static PyObject *
+whole_msgs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "whole_msgs(data: bytes, max_line, max_message, max_batch, max_batch_bytes)");
+        return NULL;
+    }
+    Py_ssize_t max_line = PyLong_AsSsize_t(args[1]);
+    long long max_message = PyLong_AsLongLong(args[2]);
+    long long max_batch = PyLong_AsLongLong(args[3]);
+    long long max_batch_bytes = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (max_line < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_line out of range");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t end = take_msg_run(PyBytes_AS_STRING(data), size, 0, max_line, max_message, max_batch,
+                                  max_batch_bytes, out);
+    if (end < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    if (end != size || PyList_GET_SIZE(out) == 0) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    return out;
 }
 
 PyDoc_STRVAR(take_bodies_doc,
@@ -681,6 +737,7 @@ static PyMethodDef methods[] = {
     {"msg_lengths", msg_lengths, METH_VARARGS, msg_lengths_doc},
     {"take_bodies", take_bodies, METH_VARARGS, take_bodies_doc},
     {"msg_commands", msg_commands, METH_VARARGS, msg_commands_doc},
+    {"whole_msgs", (PyCFunction)(void (*)(void))whole_msgs, METH_FASTCALL, whole_msgs_doc},
     {"crc32c", crc32c, METH_VARARGS, crc32c_doc},
     {"crc32c_table", crc32c_table, METH_VARARGS, crc32c_table_doc},
     {NULL, NULL, 0, NULL},

@@ -74,12 +74,13 @@ class ConnectionBackend:
 
     # --- the append queue's Submitter ---------------------------------------------
 
-    def batch_done(self, token: object, last_id: int) -> None:
+    def batch_done(self, token: object, last_id: int) -> bool:
         replicas = self.server.replication
         if replicas.min_replicas and last_id > replicas.hw:
             replicas.hold(self, token, last_id)  # type: ignore[arg-type]  # OK once replicas hold it
         else:
-            token.resolve(protocol.ok_id(last_id))  # type: ignore[attr-defined]
+            token.acknowledge(last_id)  # type: ignore[attr-defined]
+        return True
 
     def batch_failed(self, token: object, error: LogdError) -> None:
         err = error if isinstance(error, ServerError) else UnavailableError(str(error))

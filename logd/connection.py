@@ -19,7 +19,7 @@ from . import protocol
 from .access import ConnectionAuth
 from .backend import ConnectionBackend
 from .errors import ServerError
-from .protocol.session import ServerSession
+from .protocol.session import AppendReply, ServerSession
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -41,7 +41,8 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         self.read_paused = False
         self.stalled_since = 0.0  # when writing paused, or its peer last read while paused (0: not paused)
         self.stall_mark = 0  # the unsent bytes at stalled_since
-        self.last_active = time.monotonic()
+        self.last_active = time.monotonic()  # for the idle timeout: set by the sweeper while `active`
+        self.active = False  # data arrived since the sweeper last looked
         self.held = 0  # input bytes counted in the server's budget
         self.granted = 0  # the declared size of the MSG in progress, once the server budget took it
         self.unsent = 0  # output bytes counted in the server's budget
@@ -49,6 +50,9 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         # The session's two hottest Backend calls go straight to the server (one Python frame fewer each).
         self.refusal = server.msg_refusal  # type: ignore[method-assign]
         self.submit = partial(server.queue.submit, self)  # type: ignore[method-assign]
+        self.budgets = server.budgets
+        if not server.replication.min_replicas:  # fixed at start: no reply is ever held for replicas
+            self.batch_done = self._acknowledged  # type: ignore[method-assign, assignment]
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -80,10 +84,10 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         return True  # keep our side open: a tail goes on, replies still go out
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        self.active = True  # for the idle timeout (the sweeper reads and clears it)
         session = self.session
         if not session.receive(data) and not self.read_paused:
-            budgets = self.server.budgets
+            budgets = self.budgets
             if session.inflight_bytes <= budgets.conn_input and not budgets.over:
                 return  # the common case: a MSG waits for its commit, nothing else to do
         stream = self.stream
@@ -129,6 +133,33 @@ class Connection(ConnectionBackend, asyncio.Protocol):
 
     # --- output and budgets ----------------------------------------------------------
 
+    def _acknowledged(self, reply: AppendReply, last_id: int) -> bool:
+        """The queue's `batch_done` when no reply waits for replicas. The common reply (the one
+        MSG in flight on this connection) goes out at once; True: `flush` is needed after all."""
+        tr = self.transport
+        if tr is None or self.lost or self.write_paused or self.stream is not None:
+            reply.acknowledge(last_id)
+            return True
+        session = self.session
+        data = session.acknowledged(reply, last_id)
+        if data is None:
+            return True  # other replies come first, or with it: flush sends them in order
+        tr.write(data)
+        unsent = tr.get_write_buffer_size()
+        budgets = self.budgets
+        if unsent != self.unsent:
+            budgets.output_changed(self, unsent)
+        # As at the end of flush: anything held back needs a look at the budgets.
+        return bool(
+            self.read_paused
+            or self.held
+            or session.waiting_bytes
+            or session.partial_bytes
+            or session.closing
+            or budgets.over
+            or session.inflight_bytes > budgets.conn_input
+        )
+
     def flush(self) -> None:
         """Write every reply the session has ready; start a new stream; close when it says so."""
         session = self.session
@@ -166,10 +197,10 @@ class Connection(ConnectionBackend, asyncio.Protocol):
             or self.held
             or session.waiting_bytes
             or session.partial_bytes
-            or session.backlog
             or session.closing
             or budgets.over
             or session.inflight_bytes > budgets.conn_input
+            or session.backlog
         ):
             self._budget()
 

@@ -51,9 +51,10 @@ class _AfterSync:
         self._reply = reply
         self._conn = conn
 
-    def batch_done(self, token: object, last_id: int) -> None:
+    def batch_done(self, token: object, last_id: int) -> bool:
         self._reply.resolve(protocol.ok())
         self._cursors.moved()
+        return True
 
     def batch_failed(self, token: object, error: LogdError) -> None:
         err = error if isinstance(error, ServerError) else UnavailableError(str(error))

@@ -46,7 +46,8 @@ SyncDone = Callable[[BaseException | None], None]
 class Submitter(Protocol):
     """Who gets told the outcome of a batch (a connection)."""
 
-    def batch_done(self, token: object, last_id: int) -> None: ...
+    def batch_done(self, token: object, last_id: int) -> bool:
+        """The batch is committed, its last message with ``last_id``; True: call `flush` after the round."""
 
     def batch_failed(self, token: object, error: LogdError) -> None: ...
 
@@ -306,14 +307,18 @@ class AppendQueue:
         messages = sum([len(item[0]) for item in round_]) if len(round_) > 1 else len(round_[0][0])
         first = self.log.head + 1 - messages
         nbytes = 0
+        to_flush = []
         for batch, n, who, token in round_:
             first += len(batch)
             nbytes += n
-            who.batch_done(token, first - 1)
+            if who.batch_done(token, first - 1):
+                to_flush.append(who)
         self.appended_messages += messages
         self.appended_bytes += nbytes
         self.round_messages.observe(messages)
-        self._flush_all(round_)
+        # One transport.write per connection per round, however many batches it had.
+        for who in dict.fromkeys(to_flush) if len(to_flush) > 1 else to_flush:
+            who.flush()
         head = self.log.head
         for fn in self._listeners:
             fn(head)

@@ -343,8 +343,9 @@ class LogServer:
     def wake_streams(self) -> None:
         """Wake the parked streams a commit lets advance: replicas up to the commit point,
         readers up to the high watermark. Streams parked further ahead are not touched."""
-        for index, limit in ((self.replicas, self.log.head), (self.readers, self.visible_head())):
+        for index in (self.replicas, self.readers):
             if index.count:
+                limit = self.log.head if index is self.replicas else self.visible_head()
                 for stream in index.ready(limit):
                     if stream not in self.streams:  # detached by an earlier stream's writes this round
                         continue
@@ -588,7 +589,9 @@ class LogServer:
                     conn.transport.abort()  # closed, and its peer has read nothing since: free the buffer
             if idle:
                 for conn in list(self.connections):
-                    if conn.session.idle and not conn.session.closing and now - conn.last_active > idle:
+                    if conn.active:
+                        conn.active, conn.last_active = False, now
+                    elif conn.session.idle and not conn.session.closing and now - conn.last_active > idle:
                         conn.close(protocol.error_reply(IdleTimeoutError(f"no command for {idle:g} s")))
 
     async def _watermark_saver(self) -> None:

@@ -25,7 +25,7 @@ from logd.protocol import client as client_module
 from logd.protocol import parser as parser_module
 from logd.protocol import replica as replica_module
 from logd.protocol.client import ClientProtocol
-from logd.protocol.commands import Read
+from logd.protocol.commands import Msg, Read
 from logd.protocol.parser import CommandParser
 from logd.protocol.replica import ReplicaStreamParser, segment_marker
 from logd.storage import record as record_module
@@ -252,3 +252,48 @@ def test_rebase_adds_to_each_offset() -> None:
     assert list(got) == [7, 12, 2**40 + 7]
     with pytest.raises(ValueError):
         ext.rebase(b"123", 1)
+
+
+@settings(max_examples=400)
+@given(msg_streams(), st.integers(8, 4096))
+def test_whole_msgs_matches_python_and_feed(raw: bytes, max_line: int) -> None:
+    """The session's fast lane takes a chunk only when it is nothing but MSGs `feed` takes whole."""
+
+    def whole() -> Any:
+        return CommandParser(max_line_bytes=max_line, max_message_bytes=50, max_batch=6,
+                             max_batch_bytes=120).whole_msgs(raw)
+
+    fast, slow = both(parser_module, whole)
+    assert fast == slow
+    taken = fast[1]
+    if taken is not None:
+        parser = CommandParser(max_line_bytes=max_line, max_message_bytes=50, max_batch=6, max_batch_bytes=120)
+        items = parser.feed(raw)
+        assert [type(item) for item in items] == [Msg] * len(taken)
+        assert [item.bodies for item in items] == taken
+        assert parser.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"MSG 3\r\nabc\r\n", b"MSG 3\r\nabc\r\nMSG 1 2\r\nx\r\nyz\n", b"MSG 0\r\n\r\n", b"MSG 007\nabcdefg\n"],
+)
+def test_whole_msgs_takes_the_common_shapes(raw: bytes) -> None:
+    fast, slow = both(parser_module, lambda: CommandParser().whole_msgs(raw))
+    assert fast == slow and fast[1] is not None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"PING\r\n", b"MSG 3\r\nabc\r\nPING\r\n", b"MSG 3\r\nab", b"MSG 3\r\nabcd\r\n", b"msg 3\r\nabc\r\n",
+     b"MSG 3 \r\nabc\r\n", b"MSG 1  2\r\na\r\nbb\r\n", b"MSG " + b"9" * 19 + b"\r\n", b"MSG 3\r\nabc\r"],
+)
+def test_whole_msgs_leaves_everything_else_to_feed(raw: bytes) -> None:
+    fast, slow = both(parser_module, lambda: CommandParser().whole_msgs(raw))
+    assert fast == slow == ("ok", None)
+
+
+def test_whole_msgs_takes_nothing_while_the_parser_holds_input() -> None:
+    parser = CommandParser()
+    parser.feed(b"MSG 3\r\na")
+    assert parser.whole_msgs(b"MSG 3\r\nabc\r\n") is None

@@ -30,6 +30,7 @@ class ModelBackend:
     stream_left: int = 0
     acks: list[int] = field(default_factory=list)
     sent: int = 0
+    commits: int = 0
 
     def refusal(self) -> ServerError | None:
         return ReadOnlyError("- this server does not accept writes") if self.read_only else None
@@ -37,11 +38,22 @@ class ModelBackend:
     def submit(self, bodies: list[bytes], nbytes: int, reply: AppendReply) -> None:
         self.pending.append((bodies, reply))
 
-    def commit(self) -> None:
+    def commit(self, session: ServerSession | None = None) -> bytes:
+        """Commit what is pending. With ``session``, every other reply goes through
+        `ServerSession.acknowledged`, as the server's append queue does it (the bytes it
+        hands over are returned, to send before anything else)."""
+        now = []
         for bodies, reply in self.pending:
             self.log += bodies
-            reply.resolve(protocol.ok(len(self.log)))
+            self.commits += 1
+            if session is not None and self.commits % 2:
+                data = session.acknowledged(reply, len(self.log))
+                if data is not None:
+                    now.append(data)
+            else:
+                reply.resolve(protocol.ok(len(self.log)))
         self.pending.clear()
+        return b"".join(now)
 
     def head(self) -> int:
         return len(self.log)
@@ -92,7 +104,7 @@ def drive(session: ServerSession, backend: ModelBackend) -> bytes:
     """What the adapter does after each chunk: commit, write replies, run the stream as far as it goes."""
     out = []
     while True:
-        backend.commit()
+        out.append(backend.commit(session))
         out.append(session.data_to_send())
         if session.stream is None:
             if backend.pending:  # acting on waiting commands submitted more MSGs
@@ -310,3 +322,25 @@ def test_one_chunk_of_pipelined_commands_makes_bounded_output_at_a_time() -> Non
         assert len(data) <= 106
         total += len(data)
     assert total == 6000 and not session.backlog
+
+
+def test_acknowledged_hands_over_the_only_reply_outstanding() -> None:
+    backend = ModelBackend()
+    session = new_session(backend)
+    session.receive(b"MSG 1\r\na\r\n")
+    (_bodies, reply), = backend.pending
+    assert session.acknowledged(reply, 7) == b"OK 7\r\n"
+    assert session.inflight_bytes == 0 and session.idle and session.data_to_send() == b""
+
+
+def test_acknowledged_keeps_the_order_of_replies() -> None:
+    """A reply behind another unanswered one, or with a PONG after it, waits for data_to_send."""
+    backend = ModelBackend()
+    session = new_session(backend)
+    session.receive(b"MSG 1\r\na\r\nMSG 1\r\nb\r\nPING\r\n")
+    (_b1, first), (_b2, second) = backend.pending
+    assert session.acknowledged(second, 2) is None
+    assert session.data_to_send() == b""
+    assert session.acknowledged(first, 1) is None
+    assert session.data_to_send() == b"OK 1\r\nOK 2\r\nPONG\r\n"
+    assert session.inflight_bytes == 0

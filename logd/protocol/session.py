@@ -58,7 +58,7 @@ from .commands import (
     Stats,
 )
 from .parser import CommandParser
-from .replies import PONG, error_reply, ok, stats_reply
+from .replies import PONG, error_reply, ok, ok_id, stats_reply
 
 OK_EMPTY = ok()
 
@@ -79,6 +79,10 @@ class AppendReply:
     def resolve(self, reply: bytes) -> None:
         """Set the reply bytes (``OK <id>`` or an ``ERR`` line)."""
         self.reply = reply
+
+    def acknowledge(self, last_id: int) -> None:
+        """Resolve as ``OK <last_id>``: the MSG's messages are committed, the last with this id."""
+        self.reply = ok_id(last_id)
 
 
 class Hangup:
@@ -212,6 +216,12 @@ class ServerSession:
         if self.closing:
             return True
         parser = self._parser
+        if not self._waiting and self.stream is None and Msg in self.auth.allowed:
+            batches = parser.whole_msgs(data)
+            if batches is not None:  # the hot path: nothing but complete MSGs, nothing held
+                self.partial_bytes = 0
+                self._submit(batches)
+                return bool(self._out)
         items: list[Item] = parser.feed(data)  # type: ignore[assignment]
         self.partial_bytes = partial = parser.buffered
         if self._waiting or self.stream is not None:
@@ -241,6 +251,22 @@ class ServerSession:
                 self._hold(items, i + 1)
                 return True
         return bool(self._out) or partial > 0
+
+    def _submit(self, batches: list[list[bytes]]) -> None:
+        """Hand MSGs whose turn it is to the append queue (or answer the refusal of each)."""
+        backend = self._backend
+        refusal = backend.refusal()  # nothing a submit does changes it
+        if refusal is not None:
+            for _ in batches:
+                self._reply(error_reply(refusal))
+            return
+        replies = self._replies
+        for bodies in batches:
+            nbytes = len(bodies[0]) if len(bodies) == 1 else sum(map(len, bodies))
+            reply = AppendReply(nbytes)
+            self.inflight_bytes += nbytes
+            replies.append(reply)
+            backend.submit(bodies, nbytes, reply)
 
     def receive_eof(self) -> None:
         """The peer will send nothing more: answer what it asked, then close (a tail goes on)."""
@@ -425,7 +451,15 @@ class ServerSession:
         to be taken) act first, up to the output limit; the caller passes
         False while its peer is not reading what it was sent.
         """
-        if self._replies:
+        replies = self._replies
+        if replies:
+            if len(replies) == 1 and not self._out and not self._waiting:
+                # The hot path: one MSG's reply, nothing else to send.
+                first = replies[0]
+                if type(first) is AppendReply and first.reply is not None:
+                    replies.clear()
+                    self.inflight_bytes -= first.nbytes
+                    return first.reply
             self._settled()
         if act and self._waiting and self.stream is None:
             self._run_waiting()
@@ -436,6 +470,21 @@ class ServerSession:
         out.clear()
         self._out_bytes = 0
         return data
+
+    def acknowledged(self, reply: AppendReply, last_id: int) -> bytes | None:
+        """Resolve ``reply`` as ``OK <last_id>``. When it is the one reply outstanding and nothing
+        waits, it is taken at once: returns its bytes, for the caller to send now. Otherwise
+        None, and `data_to_send` sends it in its turn.
+
+        The append queue's hot path: one MSG in flight on each of many connections.
+        """
+        reply.reply = data = ok_id(last_id)
+        replies = self._replies
+        if len(replies) == 1 and replies[0] is reply and not self._out and not self._waiting:
+            replies.clear()
+            self.inflight_bytes -= reply.nbytes
+            return data
+        return None
 
     @property
     def backlog(self) -> bool:

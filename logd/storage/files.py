@@ -32,10 +32,12 @@ def segment_firsts(path: str) -> list[int]:
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """``os.write`` until every byte is written (a file write may be short)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    n = os.write(fd, data)
+    if n < len(data):
+        view = memoryview(data)[n:]
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
 
 
 def scan_records(
