@@ -250,16 +250,19 @@ class AppendQueue:
         self._check_idle()
 
     def _take_round(self) -> list[Batch]:
-        self._taken = self._take()
-        return self._taken
-
-    def _take(self) -> list[Batch]:
         pending = self._pending
-        if self._pending_bytes <= MAX_ROUND_BYTES:
+        if self._pending_bytes <= MAX_ROUND_BYTES:  # the common case: everything pending
             round_ = list(pending)
             pending.clear()
             self._pending_bytes = 0
-            return round_
+        else:
+            round_ = self._take_some()
+        self._taken = round_
+        return round_
+
+    def _take_some(self) -> list[Batch]:
+        """At least one batch, and no more than MAX_ROUND_BYTES once past the first."""
+        pending = self._pending
         round_ = []
         size = 0
         while pending and (size < MAX_ROUND_BYTES or not round_):
