@@ -152,7 +152,7 @@ class ClickHouseTarget(Target):
                        max_insert_block_size=block)
         else:
             self._insert_json(table, cast(Sequence[Row], rows), block)
-        self._position = rows[-1].id
+        self._position = rows[-1][0]
 
     def _insert_json(self, table: str, rows: Sequence[Row], block: int) -> None:
         listed = list(dict.fromkeys(k for shape in dict.fromkeys(r.keys for r in rows) for k in shape))
@@ -219,9 +219,9 @@ def row_binary(rows: Rows) -> bytes:
     parts = []
     short, pack = _U64_U8.pack, _U64.pack
     for row in rows:
-        body = row.body
+        id_, body = row[0], row[1]
         n = len(body)
-        parts.append(short(row.id, n) if n < 0x80 else pack(row.id) + varint(n))  # one call for most rows
+        parts.append(short(id_, n) if n < 0x80 else pack(id_) + varint(n))  # one call for most rows
         parts.append(body)
     return b"".join(parts)
 

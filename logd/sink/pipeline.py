@@ -23,7 +23,7 @@ import tenacity
 
 from .. import errors
 from ..client import Retry, parse_url
-from ..protocol import Record
+from ..protocol import RecordRow
 from .deliver import deliver
 from .errors import DatabaseUnavailableError
 from .rows import Mapper, json_mapper, map_records, raw_mapper
@@ -203,29 +203,30 @@ class Sink:
             self._reader = kind(source, c.batch, c.linger_ms / 1000, self.stopping_now)
         return self._reader
 
-    def _read(self) -> list[Record] | None:
+    def _read(self) -> list[RecordRow] | None:
         return self._reader_ready().get()
 
-    def _deliver(self, records: list[Record]) -> None:
+    def _deliver(self, records: list[RecordRow]) -> None:
         if not self._target_open:
             self.target.open()
             self._target_open = True
         target = self.target
         position = target.begin()
-        if position >= records[-1].id:  # all delivered already (a commit whose reply was lost)
+        first, last = records[0][0], records[-1][0]
+        if position >= last:  # all delivered already (a commit whose reply was lost)
             target.rollback()
             self._delivered(position, 0, [])
             return
-        if position + 1 < records[0].id:  # the database is behind what we read: read again from there
+        if position + 1 < first:  # the database is behind what we read: read again from there
             target.rollback()
-            log.warning("sink_repositioned", name=self.config.name, position=position, expected=records[0].id - 1)
+            log.warning("sink_repositioned", name=self.config.name, position=position, expected=first - 1)
             self._close_source()
             self.progress.last_id = position
             return
-        records = records[position + 1 - records[0].id :]
+        records = records[position + 1 - first :]
         rows, unmapped = map_records(records, self.mapper, target.columns)
-        done = deliver(target, rows, unmapped, records[-1].id, self.config.on_error == "stop")
-        self._delivered(records[-1].id, done.rows, done.dead)
+        done = deliver(target, rows, unmapped, last, self.config.on_error == "stop")
+        self._delivered(last, done.rows, done.dead)
 
     def _delivered(self, last_id: int, rows: int, dead: list[Any]) -> None:
         p = self.progress
