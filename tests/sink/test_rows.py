@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from logd.protocol import Record
 from logd.sink.rows import by_shape, json_mapper, map_records, raw_mapper
 
@@ -51,3 +56,39 @@ def test_rows_are_grouped_by_the_columns_they_fill_keeping_their_order() -> None
                           json_mapper, COLUMNS)
     groups = by_shape(rows)
     assert {k: [r.id for r in v] for k, v in groups.items()} == {("n",): [1, 3, 5], ("user",): [2, 4]}
+
+
+def _loads_outcome(body: bytes) -> tuple[str, object]:
+    """What the plain json.loads rule makes of a body: the object, or the error text."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return ("error", f"not JSON: {exc}")
+    return ("ok", value) if isinstance(value, dict) else ("error", f"not a JSON object but {type(value).__name__}")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400)
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=4),
+       st.sampled_from(["", " ", "\n", " \t\r\n", "x", "}", ",1", "\x00"]),
+       st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]), st.integers(0, 40), st.binary(max_size=2))
+def test_the_fast_json_path_reads_bodies_exactly_as_json_loads(
+    obj: dict[str, object], tail: str, encoding: str, cut: int, junk: bytes
+) -> None:
+    # Whole objects with trailing space or junk, other encodings, objects cut short or with bytes
+    # inserted: the same object, or the same error text, as json.loads gives.
+    text = json.dumps(obj, ensure_ascii=bool(cut % 2)) + tail
+    body = text.encode(encoding)
+    for candidate in (body, body[:cut], body[:cut] + junk + body[cut:]):
+        want = _loads_outcome(candidate)
+        try:
+            got: tuple[str, object] = ("ok", dict(json_mapper(Record(1, candidate))))
+        except ValueError as exc:
+            got = ("error", str(exc))
+        assert got == want
