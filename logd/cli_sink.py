@@ -45,11 +45,15 @@ EXIT_POISON = 2
               help="Keep the sink's figures in this JSON file (replaced every few seconds), for monitoring.")
 @click.option("--retry-max-s", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Longest wait between two attempts while the database or logd is unreachable.")
+@click.option("--report-cursor/--no-report-cursor", default=True, show_default=True,
+              help="Show the position on the server as the named cursor sink.NAME (logd cursors shows its lag); "
+                   "advisory: the sink resumes from the database's checkpoint.")
 @click.option("--log-format", default="console", show_default=True, type=click.Choice(["console", "json"]),
               help="Format of the log lines on stderr.")
 @client_options
 def sink(target: str, table: str, fmt: str, create: bool, name: str, batch: int, linger_ms: float, once: bool,
-         on_error: str, json_status: str | None, retry_max_s: float, log_format: str, url: str, timeout: float) -> None:
+         on_error: str, json_status: str | None, retry_max_s: float, report_cursor: bool, log_format: str, url: str,
+         timeout: float) -> None:
     """Deliver the log into TARGET's table, exactly once, and keep following it (or --once).
 
     TARGET is sqlite:///relative.db or sqlite:////absolute.db,
@@ -69,7 +73,8 @@ def sink(target: str, table: str, fmt: str, create: bool, name: str, batch: int,
     try:
         config = SinkConfig(target=target, table=table, url=url, name=name, format=fmt, create=create, batch=batch,
                             linger_ms=linger_ms, once=once, on_error=on_error, timeout=timeout,
-                            json_status=json_status, retry_max_s=retry_max_s, **logd_args)
+                            json_status=json_status, retry_max_s=retry_max_s, report_cursor=report_cursor,
+                            **logd_args)
         runner = Sink(config)
     except (ValueError, LogdError) as exc:
         raise click.UsageError(str(exc)) from None

@@ -24,12 +24,11 @@ from logd.errors import ProtocolError
 from logd.protocol import client as client_module
 from logd.protocol import parser as parser_module
 from logd.protocol import replica as replica_module
-from logd.protocol.client import ClientProtocol
-from logd.protocol.client import ReadRows, record_rows_py
+from logd.protocol.client import ClientProtocol, ReadRows, record_rows_py
 from logd.protocol.commands import Read
-from logd.protocol.replies import Record
 from logd.protocol.parser import CommandParser
 from logd.protocol.replica import ReplicaStreamParser, segment_marker
+from logd.protocol.replies import Record
 from logd.storage import record as record_module
 from logd.storage.record import encode_batch_py
 

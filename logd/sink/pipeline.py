@@ -24,6 +24,7 @@ import tenacity
 from .. import errors
 from ..client import Retry, parse_url
 from ..protocol import RecordRow
+from .cursor import CursorReport
 from .deliver import deliver
 from .errors import DatabaseUnavailableError
 from .rows import Mapper, json_mapper, map_records, raw_mapper
@@ -59,6 +60,7 @@ class SinkConfig:
     status_interval_s: float | None = None  # None: 0.5 on a terminal, else 5
     token: str | None = field(default=None, repr=False)  # for logd, when the URL carries none
     ssl_context: Any = None  # for a logds:// URL (None: the system's CAs)
+    report_cursor: bool = True  # show the position on the server as the cursor sink.<name> (advisory)
 
     def __post_init__(self) -> None:
         if self.format not in ("raw", "json"):
@@ -105,6 +107,7 @@ class Sink:
         self._stopping = False
         self._target_open = False
         self._reader: Reader | None = None
+        self.cursor: CursorReport | None = None
         self._logd_retry = Retry(attempts=4, initial=config.retry_initial_s, maximum=config.retry_max_s)
 
     def stop(self) -> None:
@@ -117,8 +120,13 @@ class Sink:
 
     def run(self) -> Progress:
         """Deliver until the head seen at start (``once``) or until `stop`; return the figures."""
+        c = self.config
+        if c.report_cursor:
+            self.cursor = CursorReport(c.name, c.url, token=c.token, ssl_context=c.ssl_context)
         try:
             self._step(self._open)
+            if self.cursor is not None:
+                self.cursor.delivered(self.progress.last_id)
             self.progress.state = "running"
             while not self._stopping:
                 records = self._step(self._read)
@@ -135,6 +143,8 @@ class Sink:
         finally:
             self._close()
             self.reporter.close()
+            if self.cursor is not None:
+                self.cursor.close()
         log.info("sink_stopped", name=self.config.name, last_id=self.progress.last_id,
                  delivered=self.progress.delivered, dead_letters=self.progress.dead_letters)
         return self.progress
@@ -231,6 +241,8 @@ class Sink:
     def _delivered(self, last_id: int, rows: int, dead: list[Any]) -> None:
         p = self.progress
         p.last_id = last_id
+        if self.cursor is not None:
+            self.cursor.delivered(last_id)
         p.delivered += rows
         p.dead_letters += len(dead)
         p.state = "running"

@@ -56,7 +56,7 @@ def json_mapper(record: Record) -> Mapping[str, Any]:
 
 # The json module's C scanner, called directly: json.loads on bytes spends more time guessing the
 # encoding and in two Python frames than in scanning a small object.
-_scan_once = json.JSONDecoder().scan_once
+_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _JSON_SPACE = " \t\n\r"
 _SCALARS = frozenset({str, int, float, bool, type(None)})  # JSON values a driver takes as they are
 

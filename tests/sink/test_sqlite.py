@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from logd.sink.errors import DatabaseUnavailableError, SchemaError
 from logd.protocol import RecordRow
+from logd.sink.errors import DatabaseUnavailableError, SchemaError
 from logd.sink.sqlite import SQLiteTarget
 from logd.sink.target import TargetSpec, open_target
 
