@@ -227,6 +227,14 @@ def auth_call(token: str) -> Call[None]:
 HEAD = Call(Head(), id_of)
 PING = Call(Ping(), pong_of)
 STATS = Call(Stats(), stats_of)
+
+
+def first_of(replies: list[Reply]) -> int:
+    """The oldest id still retained, from STATS ``first``: 1 for an empty log or a server that does not say."""
+    return max(1, int(stats_of(replies).get("first", "1")))
+
+
+FIRST = Call(Stats(), first_of)
 SHUTDOWN = Call(Shutdown(), ok_of, idempotent=False)
 REFUSE = Call(Refuse(), ok_of)  # sending it twice is harmless
 ACCEPT = Call(Accept(), ok_of)

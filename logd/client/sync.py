@@ -29,6 +29,7 @@ from .commands import (
     CURSORS,
     DEFAULT_PORT,
     DEFAULT_URL,
+    FIRST,
     HEAD,
     PING,
     RECV_BYTES,
@@ -268,6 +269,10 @@ class Client:
     def stats(self, *, timeout: float | None = None) -> dict[str, str]:
         """The server's figures, name -> value (see protocol.md, STATS)."""
         return self._execute(STATS, timeout)
+
+    def first(self, *, timeout: float | None = None) -> int:
+        """The oldest id still retained (where reading "from the beginning" starts; 1 for an empty log)."""
+        return self._execute(FIRST, timeout)
 
     def commit(self, name: str, id: int, *, timeout: float | None = None) -> None:
         """Move the named cursor forward to ``id`` (StaleCursorError if it is past that already)."""

@@ -39,7 +39,7 @@ class LogSource:
     def begin(self) -> None:
         """Settle where the run starts and, for ``--once``, where it ends."""
         if self.next_id < 1:  # nothing delivered yet: the oldest record still retained
-            self.next_id = max(1, int(self.client.stats().get("first", "1")))
+            self.next_id = self.client.first()
         if not self.follow:
             self.stop_at = self.client.head()
 
