@@ -26,7 +26,7 @@ from ..client import Retry, parse_url
 from ..protocol import RecordRow
 from .cursor import CursorReport
 from .deliver import deliver
-from .errors import DatabaseUnavailableError
+from .errors import DatabaseUnavailableError, GaveUpError
 from .rows import Mapper, json_mapper, map_records, raw_mapper
 from .source import POLL_S, LogSource, Prefetcher, Reader
 from .status import Progress, StatusReporter
@@ -61,6 +61,7 @@ class SinkConfig:
     token: str | None = field(default=None, repr=False)  # for logd, when the URL carries none
     ssl_context: Any = None  # for a logds:// URL (None: the system's CAs)
     report_cursor: bool = True  # show the position on the server as the cursor sink.<name> (advisory)
+    give_up_after_s: float | None = None  # stop retrying a step after this long (None: retry forever)
 
     def __post_init__(self) -> None:
         if self.format not in ("raw", "json"):
@@ -69,6 +70,8 @@ class SinkConfig:
             raise ValueError(f"on_error is dead-letter or stop, not {self.on_error!r}")
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if self.give_up_after_s is not None and self.give_up_after_s <= 0:
+            raise ValueError("give_up_after_s must be > 0")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -105,6 +108,7 @@ class Sink:
             self.progress, json_path=config.json_status, interval=config.status_interval_s
         )
         self._stopping = False
+        self._give_up_at = float("inf")  # when the step being retried gives up (--give-up-after)
         self._target_open = False
         self._reader: Reader | None = None
         self.cursor: CursorReport | None = None
@@ -155,17 +159,25 @@ class Sink:
     # --- steps, each retried while something is unreachable ---------------------------
 
     def _step(self, fn: Callable[..., T], *args: Any) -> T:
+        give_up = self.config.give_up_after_s
+        self._give_up_at = float("inf") if give_up is None else time.monotonic() + give_up
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_transient),
             wait=tenacity.wait_random_exponential(multiplier=self.config.retry_initial_s, max=self.config.retry_max_s),
-            stop=lambda state: self._stopping,  # after a stop request, report the failure instead of waiting
+            # After a stop request report the failure instead of waiting; likewise once the step's time is up.
+            stop=lambda state: self._stopping or time.monotonic() >= self._give_up_at,
             before_sleep=self._retrying,
             sleep=self._sleep,
             reraise=True,
         )
-        for attempt in retrying:
-            with attempt:
-                return fn(*args)
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return fn(*args)
+        except BaseException as exc:
+            if _transient(exc) and not self._stopping and time.monotonic() >= self._give_up_at:
+                raise GaveUpError(f"gave up after {give_up:g} s of retrying: {exc}") from exc
+            raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retrying(self, state: tenacity.RetryCallState) -> None:
@@ -183,7 +195,7 @@ class Sink:
 
     def _sleep(self, seconds: float) -> None:
         """Back off, looking at the stop flag now and then (a SIGTERM need not wait out the backoff)."""
-        deadline = time.monotonic() + seconds
+        deadline = min(time.monotonic() + seconds, self._give_up_at)  # no backoff past --give-up-after
         while not self._stopping and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, POLL_S))
 
