@@ -79,16 +79,16 @@ def record_rows_py(data: bytes, pos: int, next_id: int, rows: list[RecordRow]) -
     return pos
 
 
-
 class ClientProtocol:
     """The client's half of a connection: encodes commands, parses replies.
 
     `send` returns the bytes to write and notes the reply shape the command
     will get; `receive_data` takes received bytes (``b""`` at end of stream)
     and returns the complete replies in order. READ and REPLICATE yield
-    ``OkReply(None)``, then `Record` objects, then `EndOfStream` (or an
-    `ErrorReply` in place of the OK). ACK gets no reply. An ``ERR`` arriving
-    with nothing outstanding (BUSY on connect, TIMEOUT) is returned too.
+    ``OkReply(None)``, then `Record` objects (`RecordRow` tuples for a
+    `ReadRows`), then `EndOfStream` (or an `ErrorReply` in place of the
+    OK). ACK gets no reply. An ``ERR`` arriving with nothing outstanding
+    (BUSY on connect, TIMEOUT) is returned too.
 
     Raises `errors.ProtocolError` for replies that cannot be parsed,
     `errors.CorruptRecordError` for a record failing its checks, and
