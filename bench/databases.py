@@ -189,6 +189,12 @@ CLICKHOUSE_USERS = """<?xml version="1.0"?>
       <profile>default</profile>
       <quota>default</quota>
     </default>
+    <sinker>
+      <password>s3cret pass</password>
+      <networks><ip>127.0.0.1</ip></networks>
+      <profile>default</profile>
+      <quota>default</quota>
+    </sinker>
   </users>
   <quotas><default></default></quotas>
 </yandex>

@@ -41,7 +41,7 @@ from typing import Any
 
 import psycopg
 
-from logd.client import Client, Record
+from logd.client import Client, RecordRow
 from logd.sink import Sink, SinkConfig
 from logd.sink.clickhouse import ClickHouseTarget, row_binary
 from logd.sink.postgres import binary_copy
@@ -74,14 +74,15 @@ def fill(url: str, items: list[bytes]) -> None:
             pass
 
 
-def read_all(url: str, n: int) -> list[list[Record]]:
+def read_all(url: str, n: int) -> list[list[RecordRow]]:
+    """The log as (id, body) batches, as the sink reads it."""
     out = []
     with Client.from_url(url, timeout=60) as client:
         nxt = 1
         while nxt <= n:
-            batch = client.read(nxt, min(BATCH, n - nxt + 1))
+            batch = client.read_rows(nxt, min(BATCH, n - nxt + 1))
             out.append(batch)
-            nxt = batch[-1].id + 1
+            nxt = batch[-1][0] + 1
     return out
 
 
@@ -96,8 +97,10 @@ class Quiet(StatusReporter):
 
 
 def time_sink(url: str, target: str, table: str, json_mode: bool) -> tuple[float, int]:
+    # The sink reports its position to the server's cursor sink.<name>, as by default: one name per target and
+    # table, since every target drains the same log.
     config = SinkConfig(target=target, table=table, url=url, create=True, once=True, batch=BATCH,
-                        format="json" if json_mode else "raw", name=table)
+                        format="json" if json_mode else "raw", name=f"{target.split(':')[0]}_{table}")
     sink = Sink(config, reporter=Quiet(Progress("bench", target, table)))
     started = time.perf_counter()
     progress = sink.run()
@@ -129,7 +132,7 @@ def measure(results: list[dict[str, Any]], target: str, method: str, rows: int, 
           flush=True)
 
 
-def pg_executemany(pg_url: str, batches: list[list[Record]], round_: int) -> float:
+def pg_executemany(pg_url: str, batches: list[list[RecordRow]], round_: int) -> float:
     with psycopg.connect(pg_url) as conn:
         conn.execute(f"CREATE TABLE plain_em{round_} (id bigint PRIMARY KEY, body bytea)")
         conn.commit()
@@ -137,12 +140,12 @@ def pg_executemany(pg_url: str, batches: list[list[Record]], round_: int) -> flo
         with conn.cursor() as cur:
             for batch in batches:
                 cur.executemany(f"INSERT INTO plain_em{round_} (id, body) VALUES (%s, %s)",
-                                [(r.id, r.body) for r in batch])
+                                batch)
                 conn.commit()
         return time.perf_counter() - started
 
 
-def pg_copy_ceiling(pg_url: str, batches: list[list[Record]], r: int) -> float:
+def pg_copy_ceiling(pg_url: str, batches: list[list[RecordRow]], r: int) -> float:
     streams = [binary_copy(b) for b in batches]
     with psycopg.connect(pg_url) as conn:
         conn.execute(f"CREATE TABLE hand_copy{r} (id bigint PRIMARY KEY, body bytea)")
@@ -156,12 +159,11 @@ def pg_copy_ceiling(pg_url: str, batches: list[list[Record]], r: int) -> float:
         return time.perf_counter() - started
 
 
-def sqlite_ceiling(path: Path, batches: list[list[Record]]) -> float:
-    prepared = [[(r.id, r.body) for r in b] for b in batches]
+def sqlite_ceiling(path: Path, batches: list[list[RecordRow]]) -> float:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("CREATE TABLE hand (id INTEGER PRIMARY KEY, body BLOB)")
     started = time.perf_counter()
-    for rows in prepared:
+    for rows in batches:  # (id, body) tuples, as read
         db.execute("BEGIN")
         db.executemany("INSERT INTO hand (id, body) VALUES (?, ?)", rows)
         db.execute("COMMIT")
@@ -170,7 +172,7 @@ def sqlite_ceiling(path: Path, batches: list[list[Record]]) -> float:
     return seconds
 
 
-def ch_ceiling(ch: ClickHouse, database: str, batches: list[list[Record]], r: int) -> float:
+def ch_ceiling(ch: ClickHouse, database: str, batches: list[list[RecordRow]], r: int) -> float:
     ch.query(f"CREATE TABLE {database}.hand{r} (id UInt64, body String) ENGINE = MergeTree ORDER BY id")
     target = ClickHouseTarget(f"clickhouse://127.0.0.1:{ch.http_port}/{database}", TargetSpec(f"hand{r}"))
     streams = [row_binary(b) for b in batches]

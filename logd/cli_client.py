@@ -202,7 +202,7 @@ def _start_id(client: Any, spec: tuple[str, int]) -> int:
         return n
     if kind == "end":
         return int(client.head()) + 1
-    first = max(1, int(client.stats().get("first", "1")))
+    first = int(client.first())
     if kind == "beginning":
         return first
     return max(first, int(client.head()) - n + 1)

@@ -22,6 +22,7 @@ __all__ = ["sink"]
 
 EXIT_FAILED = 1
 EXIT_POISON = 2
+EXIT_GAVE_UP = 3
 
 
 @click.command()
@@ -45,11 +46,19 @@ EXIT_POISON = 2
               help="Keep the sink's figures in this JSON file (replaced every few seconds), for monitoring.")
 @click.option("--retry-max-s", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Longest wait between two attempts while the database or logd is unreachable.")
+@click.option("--give-up-after", "give_up_after", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS",
+              help="Stop retrying once the database or logd has been unreachable this long, and exit 3 "
+                   "(for cron with --once). Default: retry forever.")
+@click.option("--report-cursor/--no-report-cursor", default=True, show_default=True,
+              help="Show the position on the server as the named cursor sink.NAME (logd cursors shows its lag); "
+                   "advisory: the sink resumes from the database's checkpoint.")
 @click.option("--log-format", default="console", show_default=True, type=click.Choice(["console", "json"]),
               help="Format of the log lines on stderr.")
 @client_options
 def sink(target: str, table: str, fmt: str, create: bool, name: str, batch: int, linger_ms: float, once: bool,
-         on_error: str, json_status: str | None, retry_max_s: float, log_format: str, url: str, timeout: float) -> None:
+         on_error: str, json_status: str | None, retry_max_s: float, give_up_after: float | None,
+         report_cursor: bool, log_format: str, url: str, timeout: float) -> None:
     """Deliver the log into TARGET's table, exactly once, and keep following it (or --once).
 
     TARGET is sqlite:///relative.db or sqlite:////absolute.db,
@@ -62,14 +71,15 @@ def sink(target: str, table: str, fmt: str, create: bool, name: str, batch: int,
         logd sink sqlite:///events.db --table events --create --once
     """
     from .logging import configure_logging
-    from .sink import PoisonMessageError, Sink, SinkConfig
+    from .sink import GaveUpError, PoisonMessageError, Sink, SinkConfig
 
     configure_logging(log_format, "info")
     logd_args = connection_args(url)  # the token (URL or LOGD_TOKEN) and, for logds://, the TLS context
     try:
         config = SinkConfig(target=target, table=table, url=url, name=name, format=fmt, create=create, batch=batch,
                             linger_ms=linger_ms, once=once, on_error=on_error, timeout=timeout,
-                            json_status=json_status, retry_max_s=retry_max_s, **logd_args)
+                            json_status=json_status, retry_max_s=retry_max_s, report_cursor=report_cursor,
+                            give_up_after_s=give_up_after, **logd_args)
         runner = Sink(config)
     except (ValueError, LogdError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -83,6 +93,9 @@ def sink(target: str, table: str, fmt: str, create: bool, name: str, batch: int,
     signal.signal(signal.SIGINT, on_signal)
     try:
         runner.run()
+    except GaveUpError as exc:
+        click.echo(f"logd: {exc} (delivered up to {runner.progress.last_id}; run again to resume)", err=True)
+        sys.exit(EXIT_GAVE_UP)
     except PoisonMessageError as exc:
         click.echo(f"logd: {exc} (delivered up to {exc.id - 1}; fix or remove it, then run again)", err=True)
         sys.exit(EXIT_POISON)

@@ -263,7 +263,7 @@ class AppendQueue:
     def _take_some(self) -> list[Batch]:
         """At least one batch, and no more than MAX_ROUND_BYTES once past the first."""
         pending = self._pending
-        round_ = []
+        round_: list[Batch] = []
         size = 0
         while pending and (size < MAX_ROUND_BYTES or not round_):
             item = pending.popleft()

@@ -236,8 +236,21 @@ def test_not_found_after_retention(start_server: Callable[..., ServerProcess]) -
             c.read(1, 1)
         assert str(first) in str(info.value)
         assert c.read(first, 1)[0].id == first
+        assert c.first() == first  # the one rule the CLI, Consumer and sink start "from the beginning" with
         with pytest.raises(errors.NotFoundError), c.tail(1) as tail:
             next(tail)
+
+    async def first_async() -> int:
+        async with logd.AsyncClient.from_url(url_of(srv)) as a:
+            return await a.first()
+
+    assert asyncio.run(first_async()) == first
+
+
+def test_first_of_an_empty_log_is_1(start_server: Callable[..., ServerProcess]) -> None:
+    with logd.connect(url_of(start_server())) as c:
+        assert c.head() == 0
+        assert c.first() == 1
 
 
 def test_busy_is_retried_then_raised(start_server: Callable[..., ServerProcess]) -> None:

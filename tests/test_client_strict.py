@@ -181,6 +181,23 @@ def test_tail_skips_a_corrupt_record_only_when_told(scripted) -> None:  # type: 
             assert [next(tail).id for _ in range(4)] == [1, 2, 4, 5]
 
 
+def test_rows_come_as_id_body_tuples_with_the_same_checks(scripted) -> None:  # type: ignore[no-untyped-def]
+    srv = scripted(log_server)
+    with client_of(srv) as client:
+        assert client.read_rows(1, 2) == [(1, BODIES[1]), (2, BODIES[2])]
+        with pytest.raises(CorruptRecordError) as caught:
+            client.read_rows(1, 5)
+        assert caught.value.id == BAD
+        with client.tail(1, rows=True) as tail, pytest.raises(CorruptRecordError):
+            for _ in range(4):
+                next(tail)
+        with client.tail(1, skip_corrupt=True, rows=True) as tail:
+            got = [next(tail) for _ in range(4)]
+            assert tail.position == 6
+        assert got == [(i, BODIES[i]) for i in (1, 2, 4, 5)]
+        assert all(type(row) is tuple for row in got)
+
+
 async def test_async_read_and_tail_skip_a_corrupt_record(scripted) -> None:  # type: ignore[no-untyped-def]
     srv = scripted(log_server)
     client = AsyncClient("127.0.0.1", srv.port, timeout=5.0, retry=NO_RETRY)

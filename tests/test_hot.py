@@ -24,10 +24,11 @@ from logd.errors import ProtocolError
 from logd.protocol import client as client_module
 from logd.protocol import parser as parser_module
 from logd.protocol import replica as replica_module
-from logd.protocol.client import ClientProtocol
+from logd.protocol.client import ClientProtocol, ReadRows, record_rows_py
 from logd.protocol.commands import Msg, Read
 from logd.protocol.parser import CommandParser
 from logd.protocol.replica import ReplicaStreamParser, segment_marker
+from logd.protocol.replies import Record
 from logd.storage import record as record_module
 from logd.storage.record import encode_batch_py
 
@@ -170,6 +171,68 @@ def test_record_checks_match_python(
     cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=4))
     fast, slow = both(module, lambda: replayer(first, raw, cuts))
     assert fast == slow
+
+
+# --- READ replies as (id, body) rows (the sink's ReadRows) -----------------------------------
+
+def rows_replay(first: int, data: bytes, cuts: list[int], command: type[Read] = ReadRows) -> list[Any]:
+    """A READ reply fed in pieces to a client protocol that sent ``command``; Records as (id, body)."""
+    proto = ClientProtocol()
+    proto.send(command(first, 0))
+    out: list[Any] = []
+    prev = 0
+    for cut in [*sorted(cuts), len(data)]:
+        out += [(r.id, r.body) if isinstance(r, Record) else r for r in proto.receive_data(data[prev:cut])]
+        prev = cut
+    return out
+
+
+@needs_ext
+@settings(max_examples=400)
+@given(replica_streams(), st.data())
+def test_record_rows_matches_its_python_twin(stream: tuple[int, bytes], data: st.DataObject) -> None:
+    # From right after the OK (the usual case) or from anywhere, damaged or not: the same stop, the same rows.
+    first, raw = stream
+    pos = data.draw(st.sampled_from([min(4, len(raw))]) | st.integers(0, len(raw)))
+    fast: list[Any] = []
+    slow: list[Any] = []
+    assert ext.record_rows(raw, pos, first, fast) == record_rows_py(raw, pos, first, slow)
+    assert fast == slow
+    assert all(type(row) is tuple for row in fast)
+
+
+@needs_ext
+@settings(max_examples=300)
+@given(replica_streams(), st.data())
+def test_rows_stream_parses_the_same_with_and_without_c(stream: tuple[int, bytes], data: st.DataObject) -> None:
+    first, raw = stream
+    cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=4))
+    fast, slow = both(client_module, lambda: rows_replay(first, raw, cuts))
+    assert fast == slow
+
+
+@settings(max_examples=300)
+@given(replica_streams(), st.data())
+def test_rows_stream_gives_what_the_record_stream_gives(stream: tuple[int, bytes], data: st.DataObject) -> None:
+    # The same records, the same +EOF, the same CorruptRecordError (type and message) at the same place.
+    first, raw = stream
+    cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=4))
+
+    def outcome(command: type[Read]) -> Any:
+        try:
+            return ("ok", rows_replay(first, raw, cuts, command))
+        except Exception as exc:  # compared, not swallowed
+            return ("raised", type(exc), str(exc))
+
+    assert outcome(ReadRows) == outcome(Read)
+
+
+@needs_ext
+def test_record_rows_refuses_what_is_not_a_list() -> None:
+    with pytest.raises(TypeError):
+        ext.record_rows(b"", 0, 1, ())
+    with pytest.raises(ValueError, match="pos out of range"):
+        ext.record_rows(b"ab", 3, 1, [])
 
 
 # --- MSG parsing --------------------------------------------------------------------------

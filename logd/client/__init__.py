@@ -26,6 +26,7 @@ Failures and retries:
   its code to (`ReadOnlyError`, `NotFoundError`, `TooLargeError`, ...).
 """
 
+from ..protocol import RecordRow
 from .aio import AsyncClient, AsyncTail
 from .aio_producer import AsyncProducer
 from .commands import DEFAULT_URL, NO_RETRY, Record, Retry, parse_url
@@ -48,6 +49,7 @@ __all__ = [
     "PendingId",
     "Producer",
     "Record",
+    "RecordRow",
     "Retry",
     "ServerCursor",
     "Tail",

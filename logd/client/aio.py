@@ -17,6 +17,7 @@ from .commands import (
     CURSORS,
     DEFAULT_PORT,
     DEFAULT_URL,
+    FIRST,
     HEAD,
     PING,
     SHUTDOWN,
@@ -154,6 +155,10 @@ class AsyncClient:
     async def stats(self, *, timeout: float | None = None) -> dict[str, str]:
         """The server's figures, name -> value (see protocol.md, STATS)."""
         return await self._execute(STATS, timeout)
+
+    async def first(self, *, timeout: float | None = None) -> int:
+        """The oldest id still retained (where reading "from the beginning" starts; 1 for an empty log)."""
+        return await self._execute(FIRST, timeout)
 
     async def commit(self, name: str, id: int, *, timeout: float | None = None) -> None:
         """Move the named cursor forward to ``id`` (StaleCursorError if it is past that already)."""

@@ -35,6 +35,7 @@ from ..protocol import (
     Ping,
     PongReply,
     Read,
+    ReadRows,
     Record,
     Refuse,
     Reply,
@@ -163,8 +164,11 @@ def records_of(replies: list[Reply]) -> list[Record]:
     return replies[1:-1]  # type: ignore[return-value]
 
 
-def read_call(start: int, limit: int) -> Call[list[Record]]:
-    """READ start limit: exactly ``limit`` records (the server ends with ``+EOF`` after them)."""
+def read_call(start: int, limit: int, rows: bool = False) -> Call[list[Record]]:
+    """READ start limit: exactly ``limit`` records (the server ends with ``+EOF`` after them).
+
+    With ``rows`` the records are `RecordRow` tuples (`ReadRows`).
+    """
 
     def records(replies: list[Reply]) -> list[Record]:
         out = records_of(replies)
@@ -172,7 +176,7 @@ def read_call(start: int, limit: int) -> Call[list[Record]]:
             raise errors.ProtocolError(f"READ {start} {limit} got {len(out)} records")
         return out
 
-    return Call(Read(start, limit), records, stream=True)
+    return Call(ReadRows(start, limit) if rows else Read(start, limit), records, stream=True)
 
 
 def corrupt_id_in(exc: errors.CorruptRecordError, start: int, end: int) -> int:
@@ -223,6 +227,14 @@ def auth_call(token: str) -> Call[None]:
 HEAD = Call(Head(), id_of)
 PING = Call(Ping(), pong_of)
 STATS = Call(Stats(), stats_of)
+
+
+def first_of(replies: list[Reply]) -> int:
+    """The oldest id still retained, from STATS ``first``: 1 for an empty log or a server that does not say."""
+    return max(1, int(stats_of(replies).get("first", "1")))
+
+
+FIRST = Call(Stats(), first_of)
 SHUTDOWN = Call(Shutdown(), ok_of, idempotent=False)
 REFUSE = Call(Refuse(), ok_of)  # sending it twice is harmless
 ACCEPT = Call(Accept(), ok_of)
@@ -276,7 +288,7 @@ def tune(sock: Any) -> None:
             pass
 
 
-def stream_step(replies: list[Reply], out: deque[Record]) -> tuple[int, bool]:
+def stream_step(replies: list[Reply], out: deque[Any]) -> tuple[int, bool]:
     """Take a tail's replies: records go to ``out``.
 
     Returns (the id after the last record, or 0 if none; whether the stream
@@ -288,6 +300,9 @@ def stream_step(replies: list[Reply], out: deque[Record]) -> tuple[int, bool]:
         if isinstance(reply, Record):
             out.append(reply)
             nxt = reply.id + 1
+        elif type(reply) is tuple:  # a RecordRow (ReadRows)
+            out.append(reply)
+            nxt = reply[0] + 1
         elif isinstance(reply, EndOfStream):
             return nxt, True
         else:

@@ -218,7 +218,7 @@ class Consumer:
         with Client.from_url(self.url, **self._client_args) as client:
             start = committed + 1
             if not committed:
-                start = max(1, int(client.stats().get("first", "1")))
+                start = client.first()
             stop = None if self.follow else client.head()
             if stop is not None and start > stop:
                 return

@@ -17,6 +17,7 @@ waiting for a body it does no work at all until enough bytes have arrived.
 
 from .client import (
     ClientProtocol,
+    ReadRows,
 )
 from .commands import (
     DEFAULT_PORT,
@@ -50,6 +51,7 @@ from .replies import (
     OkReply,
     PongReply,
     Record,
+    RecordRow,
     Reply,
     StatsReply,
     error_reply,
@@ -80,7 +82,9 @@ __all__ = [
     "Ping",
     "PongReply",
     "Read",
+    "ReadRows",
     "Record",
+    "RecordRow",
     "Refuse",
     "Replicate",
     "Reply",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from crc32c import crc32c
 
@@ -23,6 +24,7 @@ from .replies import (
     ErrorReply,
     OkReply,
     Record,
+    RecordRow,
     Reply,
     StatsReply,
     _set_record_body,
@@ -33,6 +35,48 @@ _LINE = 0  # OK [value] or ERR
 _PONG = 1  # PONG or ERR
 _STATS = 2  # OK <n> + n lines, or ERR
 _STREAM = 3  # OK + records until +EOF (or ERR)
+_ROWS = 4  # the same, records handed over as RecordRow tuples (ReadRows)
+_MAX_HEADER = 51  # "+", 19 + 19 digits, 2 spaces, 8 hex, CRLF: no header is longer (MAX_HEADER in _hot.c)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRows(Read):
+    """``READ``, sent as `Read` is; its records come back as `RecordRow` tuples instead of `Record`s.
+
+    For callers that hand records straight to a database driver (the sink):
+    the rows are built in C (``_hot.record_rows``) with the same checks.
+    """
+
+
+def record_rows_py(data: bytes, pos: int, next_id: int, rows: list[RecordRow]) -> int:
+    """Pure-Python twin of ``_hot.record_rows``: append the well-formed records from ``pos`` as rows.
+
+    Stops (returning where) at the first record that is incomplete or fails a
+    check (header, id, CRLF, CRC), or at anything that is not a record; the
+    caller's slow path then says why, exactly as for `Record`s.
+    """
+    find = data.find
+    size = len(data)
+    add = rows.append
+    while size - pos >= 2 and data[pos] == 43 and 48 <= data[pos + 1] <= 57:  # "+" and a digit
+        nl = find(b"\n", pos, pos + _MAX_HEADER)
+        if nl < 0:
+            break
+        start = nl + 1
+        parts = data[pos + 1 : nl - 1].split(b" ")
+        if len(parts) != 3 or not parts[1].isdigit() or len(parts[1]) > 19:
+            break
+        n = int(parts[1])
+        end = start + n
+        if end + 2 > size:
+            break
+        body = data[start:end]
+        if data[pos:start] != b"+%d %d %08x\r\n" % (next_id, n, crc32c(body)) or data[end : end + 2] != b"\r\n":
+            break
+        add((next_id, body))
+        next_id += 1
+        pos = end + 2
+    return pos
 
 
 class ClientProtocol:
@@ -41,9 +85,10 @@ class ClientProtocol:
     `send` returns the bytes to write and notes the reply shape the command
     will get; `receive_data` takes received bytes (``b""`` at end of stream)
     and returns the complete replies in order. READ and REPLICATE yield
-    ``OkReply(None)``, then `Record` objects, then `EndOfStream` (or an
-    `ErrorReply` in place of the OK). ACK gets no reply. An ``ERR`` arriving
-    with nothing outstanding (BUSY on connect, TIMEOUT) is returned too.
+    ``OkReply(None)``, then `Record` objects (`RecordRow` tuples for a
+    `ReadRows`), then `EndOfStream` (or an `ErrorReply` in place of the
+    OK). ACK gets no reply. An ``ERR`` arriving with nothing outstanding
+    (BUSY on connect, TIMEOUT) is returned too.
 
     Raises `errors.ProtocolError` for replies that cannot be parsed,
     `errors.CorruptRecordError` for a record failing its checks, and
@@ -58,6 +103,7 @@ class ClientProtocol:
         "_buf",
         "_need",
         "_streaming",
+        "_rows",
         "_next_id",
         "_stats",
         "_stats_left",
@@ -81,6 +127,7 @@ class ClientProtocol:
         self._need = 0
         # The READ/REPLICATE at the head of _expect got its OK; records follow.
         self._streaming = False
+        self._rows = False  # the stream hands over RecordRow tuples (ReadRows)
         self._next_id = 0
         self._stats: dict[str, str] | None = None
         self._stats_left = 0
@@ -99,7 +146,9 @@ class ClientProtocol:
         if self._closed:
             raise errors.ConnectionError("connection closed by the server")
         data = encode_command(cmd)
-        if isinstance(cmd, Read | Replicate):
+        if isinstance(cmd, ReadRows):
+            self._expect.append((_ROWS, cmd.start))
+        elif isinstance(cmd, Read | Replicate):
             self._expect.append((_STREAM, cmd.start))
         elif isinstance(cmd, Ping):
             self._expect.append((_PONG, 0))
@@ -185,7 +234,17 @@ class ClientProtocol:
         incomplete body (then ``_need`` says how many bytes it takes).
         """
         add = out.append
-        if ext is not None:
+        rows = self._rows
+        if rows:
+            # The good records become rows in one call (C, or its twin); the
+            # loop below then sees why it stopped, as for Records.
+            before = len(out)
+            if ext is not None:
+                p = ext.record_rows(data, p, self._next_id, out)
+            else:
+                p = record_rows_py(data, p, self._next_id, out)  # type: ignore[arg-type]
+            self._next_id += len(out) - before
+        elif ext is not None:
             # C checks the good records and cuts their bodies out; the loop
             # below then sees why it stopped (+EOF, an error, more to come).
             bodies: list[bytes] = []
@@ -248,12 +307,15 @@ class ClientProtocol:
                 if why is None:
                     why = "CRC mismatch" if data[end : end + 2] == b"\r\n" else "no CRLF after body"
                 raise self._corrupt(why)
-            # Bypass the frozen dataclass __init__ (about twice as slow):
-            # records are the bulk of what a client parses.
-            record = _new(Record)
-            _set_record_id(record, nxt)
-            _set_record_body(record, body)
-            add(record)
+            if rows:
+                add((nxt, body))
+            else:
+                # Bypass the frozen dataclass __init__ (about twice as slow):
+                # records are the bulk of what a client parses.
+                record = _new(Record)
+                _set_record_id(record, nxt)
+                _set_record_body(record, body)
+                add(record)
             nxt += 1
             if nxt == bump:
                 k += 1
@@ -320,11 +382,12 @@ class ClientProtocol:
             value = line[3:].decode("utf-8", "replace")
         else:
             raise ProtocolError(f"unexpected reply {_show(line)}")
-        if kind == _STREAM:
+        if kind == _STREAM or kind == _ROWS:
             if value is not None:
                 raise ProtocolError(f"unexpected reply {_show(line)}")
             out.append(_OK_REPLY)
             self._streaming = True
+            self._rows = kind == _ROWS
             self._next_id = start
         elif kind == _STATS:
             if value is None or not line[3:].isdigit() or len(line) > 12:

@@ -93,12 +93,18 @@ class Record:
     body: bytes
 
 
+# A record as a plain ``(id, body)`` tuple: what `ReadRows` streams give, checked as a `Record` is.
+# A plain tuple is what database drivers bind fastest (sqlite3's executemany, COPY), with no
+# per-row Python work; it is built in C straight from the received bytes.
+RecordRow = tuple[int, bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class EndOfStream:
     """``+EOF``: the READ is over."""
 
 
-Reply = OkReply | PongReply | ErrorReply | StatsReply | Record | EndOfStream
+Reply = OkReply | PongReply | ErrorReply | StatsReply | Record | RecordRow | EndOfStream
 
 _PONG_REPLY = PongReply()
 _EOF_REPLY = EndOfStream()

@@ -17,7 +17,7 @@ record your own way. Modules: `pipeline` (the loop, retries, stop),
 """
 
 from .deliver import Delivery, deliver
-from .errors import BadRowsError, DatabaseUnavailableError, PoisonMessageError, SchemaError, SinkError
+from .errors import BadRowsError, DatabaseUnavailableError, GaveUpError, PoisonMessageError, SchemaError, SinkError
 from .pipeline import Sink, SinkConfig
 from .rows import DeadLetter, Mapper, Row, json_mapper, raw_mapper
 from .status import Progress, StatusReporter
@@ -28,6 +28,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "DeadLetter",
     "Delivery",
+    "GaveUpError",
     "Mapper",
     "PoisonMessageError",
     "Progress",

@@ -8,7 +8,9 @@ resumes right after it and a replayed batch can never duplicate a row.
 Raw bodies go in as ``RowBinary`` (bytes exactly, nothing escaped); JSON
 rows as ``JSONEachRow`` (columns a row lacks take their defaults).
 
-``clickhouse://[user[:password]@]host[:8123]/database``.
+``clickhouse://[user[:password]@]host[:8123]/database``. The user and
+password travel in the ``X-ClickHouse-User`` and ``X-ClickHouse-Key``
+headers, never in the request's URL (which proxies and logs keep).
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ class ClickHouseTarget(Target):
         except ValueError:
             raise SinkError(f"bad port in {hide_token(url)!r}") from None
         self.database = check_identifier(parts.path.strip("/") or "default", "database name")
-        self._auth = {"user": unquote(parts.username or "default")}
+        # Header values as UTF-8 bytes: http.client would encode str as Latin-1 and fail on other letters.
+        self._auth = {"X-ClickHouse-User": unquote(parts.username or "default").encode()}
         if parts.password:
-            self._auth["password"] = unquote(parts.password)
+            self._auth["X-ClickHouse-Key"] = unquote(parts.password).encode()
         self._http: http.client.HTTPConnection | None = None
         self._default_kinds: dict[str, str] = {}
         self._default_exprs: dict[str, str] = {}
@@ -67,14 +70,14 @@ class ClickHouseTarget(Target):
 
     def query(self, sql: str, data: bytes | None = None, **settings: Any) -> bytes:
         """Run ``sql`` (with ``data`` as the INSERT's rows); the response body, or a sink error."""
-        params = {"database": self.database, **self._auth, **settings}
+        params = {"database": self.database, **settings}
         if data is not None:
             params["query"] = sql
         body = data if data is not None else sql.encode()
         try:
             if self._http is None:
                 self._http = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT_S)
-            self._http.request("POST", "/?" + urlencode(params), body=body)
+            self._http.request("POST", "/?" + urlencode(params), body=body, headers=self._auth)
             response = self._http.getresponse()
             payload = response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -152,7 +155,7 @@ class ClickHouseTarget(Target):
                        max_insert_block_size=block)
         else:
             self._insert_json(table, cast(Sequence[Row], rows), block)
-        self._position = rows[-1].id
+        self._position = rows[-1][0]
 
     def _insert_json(self, table: str, rows: Sequence[Row], block: int) -> None:
         listed = list(dict.fromkeys(k for shape in dict.fromkeys(r.keys for r in rows) for k in shape))
@@ -219,9 +222,9 @@ def row_binary(rows: Rows) -> bytes:
     parts = []
     short, pack = _U64_U8.pack, _U64.pack
     for row in rows:
-        body = row.body
+        id_, body = row[0], row[1]
         n = len(body)
-        parts.append(short(row.id, n) if n < 0x80 else pack(row.id) + varint(n))  # one call for most rows
+        parts.append(short(id_, n) if n < 0x80 else pack(id_) + varint(n))  # one call for most rows
         parts.append(body)
     return b"".join(parts)
 

@@ -65,7 +65,7 @@ def _runs(rows: Rows, unmapped: Sequence[DeadLetter]) -> list[tuple[Rows, DeadLe
     i = 0
     for letter in unmapped:
         j = i
-        while j < len(rows) and rows[j].id < letter.id:
+        while j < len(rows) and rows[j][0] < letter.id:
             j += 1
         out.append((rows[i:j], letter))
         i = j
@@ -81,7 +81,7 @@ def _insert(target: Target, rows: Rows, done: Delivery, stop_on_error: bool) -> 
         target.rollback_savepoint()
         if len(rows) == 1:
             row = rows[0]
-            _dead(target, DeadLetter(row.id, row.body, str(exc)), done, stop_on_error)
+            _dead(target, DeadLetter(row[0], row[1], str(exc)), done, stop_on_error)
             return
         mid = len(rows) // 2
         _insert(target, rows[:mid], done, stop_on_error)

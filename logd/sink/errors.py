@@ -8,6 +8,7 @@
 - `SinkError` itself, and `SchemaError`: a mistake that retrying will not fix
   (a missing table or column, a bad URL). The sink stops with a message.
 - `PoisonMessageError`: ``--on-error stop`` met a row it cannot deliver.
+- `GaveUpError`: ``--give-up-after``: the database or logd stayed unreachable that long.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class BadRowsError(SinkError):
 
 class DatabaseUnavailableError(SinkError):
     """The database cannot be reached right now; worth retrying."""
+
+
+class GaveUpError(SinkError):
+    """The database or logd stayed unreachable for ``--give-up-after`` seconds (the last error is the cause)."""
 
 
 class PoisonMessageError(SinkError):

@@ -23,9 +23,10 @@ import tenacity
 
 from .. import errors
 from ..client import Retry, parse_url
-from ..protocol import Record
+from ..protocol import RecordRow
+from .cursor import CursorReport
 from .deliver import deliver
-from .errors import DatabaseUnavailableError
+from .errors import DatabaseUnavailableError, GaveUpError
 from .rows import Mapper, json_mapper, map_records, raw_mapper
 from .source import POLL_S, LogSource, Prefetcher, Reader
 from .status import Progress, StatusReporter
@@ -59,6 +60,8 @@ class SinkConfig:
     status_interval_s: float | None = None  # None: 0.5 on a terminal, else 5
     token: str | None = field(default=None, repr=False)  # for logd, when the URL carries none
     ssl_context: Any = None  # for a logds:// URL (None: the system's CAs)
+    report_cursor: bool = True  # show the position on the server as the cursor sink.<name> (advisory)
+    give_up_after_s: float | None = None  # stop retrying a step after this long (None: retry forever)
 
     def __post_init__(self) -> None:
         if self.format not in ("raw", "json"):
@@ -67,6 +70,8 @@ class SinkConfig:
             raise ValueError(f"on_error is dead-letter or stop, not {self.on_error!r}")
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if self.give_up_after_s is not None and self.give_up_after_s <= 0:
+            raise ValueError("give_up_after_s must be > 0")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -103,8 +108,10 @@ class Sink:
             self.progress, json_path=config.json_status, interval=config.status_interval_s
         )
         self._stopping = False
+        self._give_up_at = float("inf")  # when the step being retried gives up (--give-up-after)
         self._target_open = False
         self._reader: Reader | None = None
+        self.cursor: CursorReport | None = None
         self._logd_retry = Retry(attempts=4, initial=config.retry_initial_s, maximum=config.retry_max_s)
 
     def stop(self) -> None:
@@ -117,8 +124,13 @@ class Sink:
 
     def run(self) -> Progress:
         """Deliver until the head seen at start (``once``) or until `stop`; return the figures."""
+        c = self.config
+        if c.report_cursor:
+            self.cursor = CursorReport(c.name, c.url, token=c.token, ssl_context=c.ssl_context)
         try:
             self._step(self._open)
+            if self.cursor is not None:
+                self.cursor.delivered(self.progress.last_id)
             self.progress.state = "running"
             while not self._stopping:
                 records = self._step(self._read)
@@ -135,6 +147,8 @@ class Sink:
         finally:
             self._close()
             self.reporter.close()
+            if self.cursor is not None:
+                self.cursor.close()
         log.info("sink_stopped", name=self.config.name, last_id=self.progress.last_id,
                  delivered=self.progress.delivered, dead_letters=self.progress.dead_letters)
         return self.progress
@@ -145,17 +159,25 @@ class Sink:
     # --- steps, each retried while something is unreachable ---------------------------
 
     def _step(self, fn: Callable[..., T], *args: Any) -> T:
+        give_up = self.config.give_up_after_s
+        self._give_up_at = float("inf") if give_up is None else time.monotonic() + give_up
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_transient),
             wait=tenacity.wait_random_exponential(multiplier=self.config.retry_initial_s, max=self.config.retry_max_s),
-            stop=lambda state: self._stopping,  # after a stop request, report the failure instead of waiting
+            # After a stop request report the failure instead of waiting; likewise once the step's time is up.
+            stop=lambda state: self._stopping or time.monotonic() >= self._give_up_at,
             before_sleep=self._retrying,
             sleep=self._sleep,
             reraise=True,
         )
-        for attempt in retrying:
-            with attempt:
-                return fn(*args)
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return fn(*args)
+        except BaseException as exc:
+            if _transient(exc) and not self._stopping and time.monotonic() >= self._give_up_at:
+                raise GaveUpError(f"gave up after {give_up:g} s of retrying: {exc}") from exc
+            raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retrying(self, state: tenacity.RetryCallState) -> None:
@@ -173,7 +195,7 @@ class Sink:
 
     def _sleep(self, seconds: float) -> None:
         """Back off, looking at the stop flag now and then (a SIGTERM need not wait out the backoff)."""
-        deadline = time.monotonic() + seconds
+        deadline = min(time.monotonic() + seconds, self._give_up_at)  # no backoff past --give-up-after
         while not self._stopping and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, POLL_S))
 
@@ -203,33 +225,36 @@ class Sink:
             self._reader = kind(source, c.batch, c.linger_ms / 1000, self.stopping_now)
         return self._reader
 
-    def _read(self) -> list[Record] | None:
+    def _read(self) -> list[RecordRow] | None:
         return self._reader_ready().get()
 
-    def _deliver(self, records: list[Record]) -> None:
+    def _deliver(self, records: list[RecordRow]) -> None:
         if not self._target_open:
             self.target.open()
             self._target_open = True
         target = self.target
         position = target.begin()
-        if position >= records[-1].id:  # all delivered already (a commit whose reply was lost)
+        first, last = records[0][0], records[-1][0]
+        if position >= last:  # all delivered already (a commit whose reply was lost)
             target.rollback()
             self._delivered(position, 0, [])
             return
-        if position + 1 < records[0].id:  # the database is behind what we read: read again from there
+        if position + 1 < first:  # the database is behind what we read: read again from there
             target.rollback()
-            log.warning("sink_repositioned", name=self.config.name, position=position, expected=records[0].id - 1)
+            log.warning("sink_repositioned", name=self.config.name, position=position, expected=first - 1)
             self._close_source()
             self.progress.last_id = position
             return
-        records = records[position + 1 - records[0].id :]
+        records = records[position + 1 - first :]
         rows, unmapped = map_records(records, self.mapper, target.columns)
-        done = deliver(target, rows, unmapped, records[-1].id, self.config.on_error == "stop")
-        self._delivered(records[-1].id, done.rows, done.dead)
+        done = deliver(target, rows, unmapped, last, self.config.on_error == "stop")
+        self._delivered(last, done.rows, done.dead)
 
     def _delivered(self, last_id: int, rows: int, dead: list[Any]) -> None:
         p = self.progress
         p.last_id = last_id
+        if self.cursor is not None:
+            self.cursor.delivered(last_id)
         p.delivered += rows
         p.dead_letters += len(dead)
         p.state = "running"

@@ -177,8 +177,8 @@ def binary_copy(rows: Rows) -> bytes:
     pack = _ROW_HEAD.pack
     parts = [COPY_HEADER]
     for row in rows:
-        body = row.body
-        parts.append(pack(2, 8, row.id, len(body)))
+        id_, body = row[0], row[1]
+        parts.append(pack(2, 8, id_, len(body)))
         parts.append(body)
     parts.append(COPY_TRAILER)
     return b"".join(parts)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..client import Client, Retry, Tail
-from ..protocol import Record
+from ..protocol import RecordRow
 
 __all__ = ["LogSource", "Prefetcher", "Reader"]
 
@@ -39,7 +39,7 @@ class LogSource:
     def begin(self) -> None:
         """Settle where the run starts and, for ``--once``, where it ends."""
         if self.next_id < 1:  # nothing delivered yet: the oldest record still retained
-            self.next_id = max(1, int(self.client.stats().get("first", "1")))
+            self.next_id = self.client.first()
         if not self.follow:
             self.stop_at = self.client.head()
 
@@ -52,28 +52,29 @@ class LogSource:
         """A ``--once`` run has read everything up to the head seen at start."""
         return self.stop_at is not None and self.next_id > self.stop_at
 
-    def batch(self, size: int, linger: float, stopping: Callable[[], bool]) -> list[Record]:
+    def batch(self, size: int, linger: float, stopping: Callable[[], bool]) -> list[RecordRow]:
         """The next batch (possibly empty: nothing new yet, or a stop was asked for)."""
         if not self.follow:
             assert self.stop_at is not None
             n = min(size, self.stop_at - self.next_id + 1)
-            records = self.client.read(self.next_id, n, wait=True) if n > 0 else []
+            # (id, body) tuples built in C from the received bytes: no per-record Python work.
+            records = self.client.read_rows(self.next_id, n) if n > 0 else []
         else:
             records = self._from_tail(size, linger, stopping)
         if records:
-            self.next_id = records[-1].id + 1
+            self.next_id = records[-1][0] + 1
         return records
 
-    def _from_tail(self, size: int, linger: float, stopping: Callable[[], bool]) -> list[Record]:
+    def _from_tail(self, size: int, linger: float, stopping: Callable[[], bool]) -> list[RecordRow]:
         if self._tail is None:
-            self._tail = self.client.tail(self.next_id)
-        records: list[Record] = []
+            self._tail = self.client.tail(self.next_id, rows=True)
+        records: list[RecordRow] = []
         closes: float | None = None  # when the batch closes: linger after its first record
         while len(records) < size and not stopping():
             wait = POLL_S if closes is None else min(POLL_S, closes - time.monotonic())
             if wait <= 0 and records:
                 break
-            records += self._tail.batch(size - len(records), timeout=max(wait, 0.0))
+            records += self._tail.batch(size - len(records), timeout=max(wait, 0.0))  # type: ignore[arg-type]  # rows
             if records and closes is None:
                 closes = time.monotonic() + linger
                 if linger <= 0:
@@ -96,7 +97,7 @@ class Reader:
         self.source = source
         self._args = (size, linger, stopping)
 
-    def get(self) -> list[Record] | None:
+    def get(self) -> list[RecordRow] | None:
         """The next batch ([] when nothing came in a while); None once a ``--once`` run has read everything."""
         return None if self.source.done else self.source.batch(*self._args)
 
@@ -117,7 +118,7 @@ class Prefetcher(Reader):
 
     def __init__(self, source: LogSource, size: int, linger: float, stopping: Callable[[], bool]) -> None:
         super().__init__(source, size, linger, stopping)
-        self._ready: queue.Queue[list[Record] | BaseException | None] = queue.Queue(maxsize=1)
+        self._ready: queue.Queue[list[RecordRow] | BaseException | None] = queue.Queue(maxsize=1)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="logd-sink-reader", daemon=True)
         self._thread.start()
@@ -126,7 +127,7 @@ class Prefetcher(Reader):
         size, linger, stopping = self._args
         while not self._closed.is_set():
             try:
-                item: list[Record] | BaseException | None = (
+                item: list[RecordRow] | BaseException | None = (
                     None if self.source.done else self.source.batch(size, linger, stopping)
                 )
             except BaseException as exc:  # noqa: BLE001 - handed to the caller by get()
@@ -140,7 +141,7 @@ class Prefetcher(Reader):
             if item is None or isinstance(item, BaseException):
                 return
 
-    def get(self) -> list[Record] | None:
+    def get(self) -> list[RecordRow] | None:
         """The next batch ([] when nothing came in a while, or after a stop request).
 
         After a stop request the reader hands over the batch it was filling

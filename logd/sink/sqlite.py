@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from operator import attrgetter
 from typing import Any, cast
 
 from .errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
@@ -19,7 +18,6 @@ from .rows import DeadLetter, Row, Rows, by_shape
 from .target import CHECKPOINT_TABLE, Target, TargetSpec, missing_table_hint
 
 BUSY_TIMEOUT_MS = 10_000
-_ID_BODY = attrgetter("id", "body")  # record -> (id, body), without a Python-level loop
 
 
 class SQLiteTarget(Target):
@@ -107,8 +105,8 @@ class SQLiteTarget(Target):
     def insert(self, rows: Rows) -> None:
         t = self.spec.table
         try:
-            if not self.spec.json:  # raw: the records themselves
-                self.db.executemany(f'INSERT INTO "{t}" (id, body) VALUES (?, ?)', map(_ID_BODY, rows))
+            if not self.spec.json:  # raw: the records themselves; (id, body) tuples are bound as they are
+                self.db.executemany(f'INSERT INTO "{t}" (id, body) VALUES (?, ?)', rows)
                 return
             for keys, group in by_shape(cast(Sequence[Row], rows)).items():
                 names = ", ".join(f'"{k}"' for k in keys)

@@ -42,9 +42,12 @@ def sink_command(target_url: str, table: str, *flags: str) -> list[str]:
 
 
 def run_sink(server: ServerProcess | None, target_url: str, table: str, *flags: str,
-             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run `logd sink` to completion (add --once); its exit status and output. No server: a port nobody uses."""
-    env = dict(os.environ, LOGD_URL=logd_url(server) if server is not None else "logd://127.0.0.1:9")
+             timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `logd sink` to completion (add --once); its exit status and output. No server: a port nobody uses.
+
+    ``env``: more environment variables (TLS files, a token).
+    """
+    env = dict(os.environ, LOGD_URL=logd_url(server) if server is not None else "logd://127.0.0.1:9", **(env or {}))
     return subprocess.run(sink_command(target_url, table, *flags), env=env, capture_output=True, text=True,
                           timeout=timeout)
 

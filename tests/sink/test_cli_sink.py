@@ -46,3 +46,20 @@ def test_help_names_the_three_targets() -> None:
     assert done.returncode == 0
     for word in ("sqlite:///", "postgresql://", "clickhouse://", "--once", "--on-error"):
         assert word in done.stdout
+
+
+def test_give_up_after_bounds_the_retries_when_logd_is_unreachable_and_exits_3(tmp_path: Path) -> None:
+    # No server (port 9): without --give-up-after this would retry until run_sink's own timeout fails the test.
+    done = run_sink(None, f"sqlite:///{tmp_path}/x.db", "ev", "--create", "--once", "--give-up-after", "1",
+                    "--retry-max-s", "0.2")
+    assert done.returncode == 3, done.stderr
+    assert "logd: gave up after 1 s of retrying" in done.stderr
+    assert "delivered up to 0; run again to resume" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_give_up_after_bounds_the_retries_when_the_database_is_unreachable(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fill(server, [b"a"])
+    done = run_sink(server, "postgresql://postgres@127.0.0.1:9/nowhere", "ev", "--once", "--give-up-after", "1",
+                    "--retry-max-s", "0.2")
+    assert done.returncode == 3, done.stderr
+    assert "logd: gave up after 1 s of retrying" in done.stderr and "Traceback" not in done.stderr

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 
 from logd.sink.clickhouse import ClickHouseTarget, varint
-from logd.sink.errors import BadRowsError, DatabaseUnavailableError, SchemaError
+from logd.sink.errors import BadRowsError, DatabaseUnavailableError, SchemaError, SinkError
 from logd.sink.rows import RAW_KEYS, DeadLetter, Row
 from logd.sink.target import TargetSpec
 from tests.sink.dbs import ClickHouseDB
@@ -83,3 +86,45 @@ def test_an_unreachable_server_is_worth_retrying() -> None:
     target = ClickHouseTarget(f"clickhouse://127.0.0.1:{free_port()}/default", TargetSpec("ev"))
     with pytest.raises(DatabaseUnavailableError):
         target.open()
+
+
+def test_a_user_and_password_from_the_url_are_what_clickhouse_checks(clickhouse_db: ClickHouseDB) -> None:
+    # bench/databases.py configures the user sinker with the password "s3cret pass".
+    good = clickhouse_db.url.replace("clickhouse://", "clickhouse://sinker:s3cret%20pass@")
+    target = ClickHouseTarget(good, TargetSpec("ev", create=True))
+    target.open()
+    target.insert([(1, b"a")])
+    assert clickhouse_db.rows("ev") == [(1, b"a")]
+    bad = clickhouse_db.url.replace("clickhouse://", "clickhouse://sinker:wrong-one@")
+    with pytest.raises(SinkError, match="Wrong password") as info:
+        ClickHouseTarget(bad, TargetSpec("ev")).open()
+    assert "wrong-one" not in str(info.value)
+
+
+def test_credentials_travel_in_headers_not_in_the_url() -> None:
+    # What goes on the wire, caught by a listener on loopback that answers as ClickHouse does to SELECT 1.
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            seen.append(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n1\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    target = ClickHouseTarget(f"clickhouse://sinker:s3cr%C3%A9t@127.0.0.1:{port}/db", TargetSpec("ev"))
+    assert target.query("SELECT 1") == b"1\n"
+    target.close()
+    thread.join(10)
+    listener.close()
+    request_line, _, rest = seen[0].partition(b"\r\n")
+    assert b"sinker" not in request_line and b"s3cr" not in request_line
+    headers = rest.lower()
+    assert b"x-clickhouse-user: sinker\r\n" in headers
+    assert "x-clickhouse-key: s3crét\r\n".encode() in headers  # UTF-8, as typed in the URL

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from logd.protocol import Record
+from logd.protocol import RecordRow
 from logd.sink.deliver import deliver
 from logd.sink.errors import PoisonMessageError
 from logd.sink.rows import DeadLetter, json_mapper, map_records
@@ -24,8 +24,8 @@ def _target(tmp_path: Path) -> SQLiteTarget:
     return target
 
 
-def _records(values: dict[int, bytes], n: int) -> list[Record]:
-    return [Record(i, values.get(i, b'{"n": %d}' % i)) for i in range(1, n + 1)]
+def _records(values: dict[int, bytes], n: int) -> list[RecordRow]:
+    return [(i, values.get(i, b'{"n": %d}' % i)) for i in range(1, n + 1)]
 
 
 def test_bad_rows_are_split_out_to_dead_letters_and_the_rest_committed_with_the_position(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from logd.protocol import Record
 from logd.sink import Sink, SinkConfig
-from logd.sink.errors import SchemaError
+from logd.sink.errors import GaveUpError, SchemaError
 from logd.sink.sqlite import SQLiteTarget
 from logd.sink.target import TargetSpec
 from tests.e2e.conftest import wait_for
@@ -97,3 +97,19 @@ def test_two_named_sinks_drain_one_log_into_one_database(server, tmp_path: Path)
         assert list(conn.execute("SELECT body FROM ev")) == list(conn.execute("SELECT body FROM copy"))
         assert list(conn.execute("SELECT name, last_id FROM logd_sink_checkpoints ORDER BY name")) == [
             ("first", 3), ("second", 3)]
+
+
+def test_a_database_locked_longer_than_give_up_after_ends_the_run_with_gave_up(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "x.db"
+    fill(server, [b"x"] * 10)
+    Sink(_config(server, db)).run()  # creates the tables, delivers 1-10
+    fill(server, [b"y"] * 5)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # held until the sink has given up
+    target = SQLiteTarget(str(db), TargetSpec("ev"), busy_timeout_ms=20)
+    sink = Sink(_config(server, db, give_up_after_s=0.5), target=target)
+    with pytest.raises(GaveUpError, match="gave up after 0.5 s of retrying: SQLite: database is locked"):
+        sink.run()
+    assert (sink.progress.state, sink.progress.last_id) == ("failed", 10)
+    holder.execute("ROLLBACK")
+    assert Sink(_config(server, db, give_up_after_s=0.5)).run().last_id == 15  # the next run resumes

@@ -1,9 +1,10 @@
 """The sink keeps exactly-once while the things around it crash: PostgreSQL and logd killed -9 and restarted.
 
 The sink runs as a child process under a live writer; the database or
-logd is SIGKILLed by pid at moments drawn from a seeded generator, and
+logd is SIGKILLed by pid at ten moments drawn from a seeded generator, and
 restarted on the same port and data. The sink retries with backoff and
-resumes where it was; at the end the table equals the log.
+resumes where it was; after the writer stops it catches up and ends on
+SIGTERM, then a ``--once`` run finds nothing left: the table equals the log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from logd.client import Client
 from tests.e2e.conftest import wait_for
 from tests.sink.dbs import TargetDB
-from tests.sink.helpers import Writer, log_records, start_sink
+from tests.sink.helpers import Writer, log_records, run_sink, start_sink
+
+CRASHES = 10  # the issue's "10 random moments"
 
 
 def _delivered(db: TargetDB) -> int:
@@ -43,7 +46,7 @@ def test_postgres_killed_9_and_restarted_under_a_live_writer(
     sink = start_sink(server, postgres_db.url, "ev", "--create", "--batch", "500", "--log-format", "json",
                       "--retry-max-s", "0.5", stderr=stderr)
     try:
-        for crash in range(2):
+        for crash in range(CRASHES):
             goal = _delivered(postgres_db) + rng.randrange(100, 2000)
             wait_for(lambda goal=goal: _delivered(postgres_db) >= goal, 60, f"progress before crash {crash}")
             postgres_server.kill()  # postmaster and backends, SIGKILL: crash recovery at the next start
@@ -57,8 +60,10 @@ def test_postgres_killed_9_and_restarted_under_a_live_writer(
         if sink.poll() is None:
             sink.kill()
             sink.wait()
+    once = run_sink(server, postgres_db.url, "ev", "--once")
+    assert once.returncode == 0, once.stderr
     assert postgres_db.rows("ev") == log_records(server)
-    assert '"sink_retrying"' in stderr.read_text()  # it did see the database go
+    assert stderr.read_text().count('"sink_retrying"') >= CRASHES  # it did see the database go, each time
 
 
 def test_logd_killed_9_and_restarted_under_a_live_writer(
@@ -72,7 +77,7 @@ def test_logd_killed_9_and_restarted_under_a_live_writer(
     sink = start_sink(server, sqlite_db.url, "ev", "--create", "--batch", "500", "--log-format", "json",
                       "--retry-max-s", "0.5", stderr=stderr)
     try:
-        for crash in range(3):
+        for crash in range(CRASHES):
             goal = _delivered(sqlite_db) + rng.randrange(100, 2000)
             wait_for(lambda goal=goal: _delivered(sqlite_db) >= goal, 60, f"progress before crash {crash}")
             server.kill()
@@ -86,7 +91,10 @@ def test_logd_killed_9_and_restarted_under_a_live_writer(
         if sink.poll() is None:
             sink.kill()
             sink.wait()
+    once = run_sink(server, sqlite_db.url, "ev", "--once")
+    assert once.returncode == 0, once.stderr
     log = log_records(server)
     assert sqlite_db.rows("ev") == log
     assert len(log) == head
-    assert '"sink_retrying"' in stderr.read_text()  # it did see logd go
+    # It did see logd go (the tail also reconnects by itself when logd is back quickly: not every crash shows).
+    assert '"sink_retrying"' in stderr.read_text()

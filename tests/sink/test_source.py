@@ -29,9 +29,9 @@ def test_following_closes_a_batch_after_linger_or_when_full(server) -> None:  # 
     # A timeout far longer than the linger: only the linger can close the second batch.
     source = LogSource(logd_url(server), 2, follow=True, timeout=600, retry=Retry())
     source.begin()
-    assert [r.body for r in source.batch(2, 10.0, _never)] == [b"b", b"c"]  # full: no waiting for linger
+    assert [body for _, body in source.batch(2, 10.0, _never)] == [b"b", b"c"]  # full: no waiting for linger
     fill(server, [b"d"])
-    assert [r.body for r in source.batch(100, 0.05, _never)] == [b"d"]  # lingered 50 ms for more, then closed
+    assert [body for _, body in source.batch(100, 0.05, _never)] == [b"d"]  # lingered 50 ms for more, then closed
     source.close()
 
 

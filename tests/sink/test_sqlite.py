@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from logd.protocol import RecordRow
 from logd.sink.errors import DatabaseUnavailableError, SchemaError
-from logd.sink.rows import RAW_KEYS, Row
 from logd.sink.sqlite import SQLiteTarget
 from logd.sink.target import TargetSpec, open_target
 
 
-def _rows(ids: range) -> list[Row]:
-    return [Row(i, b"b%d" % i, RAW_KEYS, (b"b%d" % i,)) for i in ids]
+def _rows(ids: range) -> list[RecordRow]:
+    return [(i, b"b%d" % i) for i in ids]
 
 
 def test_sqlite_urls_follow_the_sqlalchemy_convention(tmp_path: Path) -> None:
