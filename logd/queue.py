@@ -138,6 +138,7 @@ class AppendQueue:
         self._listeners: list[Callable[[int], None]] = []
         self._on_failure = on_failure
         self._always = log_.policy.mode == "always"
+        self._never = log_.policy.mode == "never"
         self._scheduled = False
         self._syncing: list[Batch] | None = None  # the round whose fsync is running
         self._taken: list[Batch] = []  # the round being written, until answered (for a fail-stop)
@@ -230,7 +231,8 @@ class AppendQueue:
                     self._syncer.request(self._synced)  # type: ignore[union-attr]
         except Exception as exc:  # a bug or an unforeseen fault: stop, loudly, rather than hang
             self._fail_stop("append queue failed", exc)
-        self._check_idle()
+        if self.backlogged or self._idle_waiters:
+            self._check_idle()
 
     def _synced(self, error: BaseException | None) -> None:
         round_, self._syncing = self._syncing, None
@@ -293,7 +295,7 @@ class AppendQueue:
         except OSError as exc:  # unexpected: report as storage failure
             self._fail(round_, UnavailableError(f"storage error: {exc}"))
             return False
-        if self.log.needs_sync and self.log.policy.mode == "never":
+        if self._never and self.log.needs_sync:
             self._sync_later()  # a roll left a closed segment to finish
         return True
 
@@ -308,7 +310,8 @@ class AppendQueue:
         """Hand out the id ranges of a committed round, in submission order, and tell the listeners."""
         self._taken = []
         messages = sum([len(item[0]) for item in round_]) if len(round_) > 1 else len(round_[0][0])
-        first = self.log.head + 1 - messages
+        head = self.log.head
+        first = head + 1 - messages
         nbytes = 0
         to_flush = []
         for batch, n, who, token in round_:
@@ -322,7 +325,6 @@ class AppendQueue:
         # One transport.write per connection per round, however many batches it had.
         for who in dict.fromkeys(to_flush) if len(to_flush) > 1 else to_flush:
             who.flush()
-        head = self.log.head
         for fn in self._listeners:
             fn(head)
 

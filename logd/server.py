@@ -336,9 +336,11 @@ class LogServer:
     # --- commit fan-out -------------------------------------------------------------
 
     def _on_commit(self, head: int) -> None:
-        if self.replication.on_commit(head):
-            self.replication.release()
-        self.wake_streams()
+        replication = self.replication
+        if replication.on_commit(head) and replication.min_replicas:  # only then are replies held
+            replication.release()
+        if self.replicas.count or self.readers.count:
+            self.wake_streams()
 
     def wake_streams(self) -> None:
         """Wake the parked streams a commit lets advance: replicas up to the commit point,

@@ -199,7 +199,8 @@ class Log:
         """
         if not bodies:
             raise ValueError("empty batch")
-        self._check_failed()
+        if self._failed is not None:
+            self._check_failed()
         active = self._segments[-1]
         if nbytes is None:
             nbytes = sum(map(len, bodies))
