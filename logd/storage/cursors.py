@@ -23,7 +23,7 @@ import threading
 
 from crc32c import crc32c
 
-from .files import fsync_dir
+from .files import replace_durably
 
 FILE = "CURSORS"
 MAX_NAME = 64
@@ -158,16 +158,9 @@ class CursorStore:
 
     def _rewrite(self, cursors: dict[str, int]) -> None:
         data = b"".join(encode_line(name, id) for name, id in sorted(cursors.items()))
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # Nothing writes to the old file meanwhile: `set` runs on this thread.
+        replace_durably(self.path, data)
         with self._sync_lock:
-            os.replace(tmp, self.path)
-            fsync_dir(self.directory)
             old, self._fd = self._fd, os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             if old >= 0:
                 os.close(old)
