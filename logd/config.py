@@ -118,7 +118,8 @@ def _word(text: str) -> str:
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("host", str, "Address to listen on (0.0.0.0 for every interface)."),
+    Setting("host", str, "Address or name to listen on; a name is bound on each of its addresses "
+            "(localhost: 127.0.0.1 and ::1). 0.0.0.0 for every interface."),
     Setting("port", _int, "TCP port; 0 picks a free one and prints it.", (int,)),
     Setting("data_dir", str, "Directory holding the segments."),
     Setting("fsync", FsyncPolicy.parse, "Durability: always (group commit), interval:<ms>, or never."),
