@@ -21,6 +21,7 @@ from .helpers import crash_body, first_id_of, log_files, python_child
 CYCLES = 50
 # Cursor moves between compactions: each move writes two lines of about 20 bytes.
 MOVES_PER_COMPACTION = COMPACT_MIN_BYTES // 40
+CURSOR_CYCLES = 12
 SEGMENT_BYTES = 16 * 1024
 
 CHILD = r"""
@@ -114,7 +115,7 @@ def test_sigkill_during_cursor_compactions_never_loses_a_synced_cursor(tmp_path:
     rng = random.Random(20261130)
     acked = 0
     during = 0  # kills that landed while a compaction ran
-    for cycle in range(20):
+    for cycle in range(CURSOR_CYCLES):
         child = python_child(CURSOR_CHILD, str(tmp_path))
         assert child.stdout is not None and child.stdin is not None
         child.stdin.close()
@@ -149,4 +150,4 @@ def test_sigkill_during_cursor_compactions_never_loses_a_synced_cursor(tmp_path:
         finally:
             store.close()
     assert acked > 4 * MOVES_PER_COMPACTION  # enough work for several compactions
-    print(f"20 kills, {acked} cursor moves, {during} during a compaction")
+    print(f"{CURSOR_CYCLES} kills, {acked} cursor moves, {during} during a compaction")
