@@ -29,6 +29,7 @@ from .files import (
     find_valid_record,
     fsync_dir,
     nonzero_end,
+    replace_durably,
     scan_records,
     segment_firsts,
     segment_name,
@@ -345,14 +346,7 @@ def _repair(
             same = False
         if not same:
             say(f"repair: {s.idx_path}: rebuilt ({len(s.offsets)} entries)")
-            tmp = s.idx_path + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                write_all(fd, want)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, s.idx_path)
+            replace_durably(s.idx_path, want)
     first, last = scans[0].first_id, scans[-1].next_id - 1
     try:
         saved = closed_head.load(path)
