@@ -83,9 +83,19 @@ def server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _resolve(flags: dict[str, Any], config_file: str | None) -> Resolved:
     try:
-        return resolve(flags, environment(), config_file)
+        resolved = resolve(flags, environment(), config_file)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if flags.get("replica_token") is not None:
+        # Kept working for existing scripts, but any user of the machine can read it.
+        click.echo("logd: warning: --replica-token is visible to other users of this machine (ps, "
+                   "/proc/PID/cmdline); use --replica-token-file PATH or LOGD_REPLICA_TOKEN", err=True)
+    token_file = resolved.config.replica_token_file
+    if token_file is not None:
+        from .auth import loose_permissions
+    if token_file is not None and loose_permissions(token_file):
+        click.echo(f"logd: warning: {token_file} may be read by other users; chmod 600 it", err=True)
+    return resolved
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -118,7 +118,8 @@ def _word(text: str) -> str:
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("host", str, "Address to listen on (0.0.0.0 for every interface)."),
+    Setting("host", str, "Address or name to listen on; a name is bound on each of its addresses "
+            "(localhost: 127.0.0.1 and ::1). 0.0.0.0 for every interface."),
     Setting("port", _int, "TCP port; 0 picks a free one and prints it.", (int,)),
     Setting("data_dir", str, "Directory holding the segments."),
     Setting("fsync", FsyncPolicy.parse, "Durability: always (group commit), interval:<ms>, or never."),
@@ -163,8 +164,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.", (float, int)),
     Setting("metrics_port", _int, "Serve Prometheus metrics on this port (0: any free one; unset: off).", (int,)),
     Setting("metrics_host", str, "Address the metrics endpoint listens on."),
-    Setting("replica_token", str, "The follower's token for its leader (better in the environment than as a flag).",
-            secret=True),
+    Setting("replica_token", str, "The follower's token for its leader. As a flag it is visible to other users "
+            "(ps): prefer --replica-token-file or the environment.", secret=True),
+    Setting("replica_token_file", str, "A file holding the follower's token for its leader (first line)."),
     Setting("auth_file", str, "Tokens and roles (see `logd token`); turns authentication on. SIGHUP rereads it."),
     Setting("insecure", parse_bool, "Allow a non-loopback --host without --auth-file.", (bool,), flag_only=True),
     Setting("tls_cert", str, "TLS certificate (chain), PEM: the server speaks TLS on its port."),
@@ -213,6 +215,7 @@ class Config:
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = defaults.METRICS_HOST
     replica_token: str | None = field(default=None, repr=False)  # never shown
+    replica_token_file: str | None = None  # read into replica_token by `resolve`
     auth_file: str | None = None  # tokens and roles; None: no authentication
     insecure: bool = False  # allow a non-loopback --host without --auth-file
     tls_cert: str | None = None
@@ -335,11 +338,31 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str], config_file: str |
             values[name], sources[name] = from_file[name], f"file {config_file}"
         else:
             sources[name] = "default"
+    if values.get("replica_token_file") is not None:
+        if values.get("replica_token") is not None:
+            raise ConfigError(f"replica-token ({sources['replica_token']}) and replica-token-file "
+                              f"({sources['replica_token_file']}): give one of them")
+        values["replica_token"] = read_token_file(values["replica_token_file"])
+        sources["replica_token"] = f"replica-token-file {values['replica_token_file']}"
     try:
         config = replace(DEFAULTS, **values)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return Resolved(config, sources, config_file)
+
+
+def read_token_file(path: str) -> str:
+    """The token in the first line of ``path`` (a file keeps it out of ``ps``, unlike a flag)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read replica-token-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"replica-token-file {path}: not text") from None
+    if not token:
+        raise ConfigError(f"replica-token-file {path} is empty")
+    return token
 
 
 def _toml_value(value: Any) -> str:

@@ -1,4 +1,8 @@
-"""The listening socket: accept connections, and refuse them cleanly when out of descriptors.
+"""The listening sockets: accept connections, and refuse them cleanly when out of descriptors.
+
+A host name can stand for several addresses (``localhost``: 127.0.0.1 and
+::1): one socket is bound for each, on one port, as asyncio's create_server
+does, so a client reaches the server whichever address it tries first.
 
 uvloop's own server hides what happens at EMFILE: libuv accepts and closes
 pending connections with a descriptor it holds in reserve, without a log
@@ -28,6 +32,7 @@ log = structlog.get_logger("logd.server")
 ACCEPT_BATCH = 64  # connections accepted per readiness callback, so other work is not starved
 REFUSED_LOG_S = 1.0  # at most one accept_refused line per this many seconds
 PAUSE_S = 0.1  # how long accepting pauses when no descriptor can be freed to refuse with
+BIND_ATTEMPTS = 5  # tries to find an ephemeral port free on every address
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -39,6 +44,43 @@ def _peer(conn: socket.socket) -> str:
     return f"{host}:{port}"
 
 
+def resolve(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[str, int]]]:
+    """``(family, (address, port))`` of every address ``host`` stands for, in getaddrinfo's order, once each."""
+    out: list[tuple[socket.AddressFamily, tuple[str, int]]] = []
+    for family, _type, _proto, _name, addr in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, addr[:2]) not in out:
+            out.append((family, (str(addr[0]), int(addr[1]))))
+    return out
+
+
+def bind_all(addresses: list[tuple[socket.AddressFamily, tuple[str, int]]], backlog: int) -> list[socket.socket]:
+    """A listening socket on each address, all on one port (port 0: the one the first socket got).
+
+    With port 0 the port chosen for the first address may be taken on another
+    one; then every socket is closed and binding starts again, a few times.
+    """
+    for attempt in range(BIND_ATTEMPTS):
+        socks: list[socket.socket] = []
+        try:
+            for family, (host, port) in addresses:
+                if socks and port == 0:
+                    port = socks[0].getsockname()[1]
+                # create_server sets IPV6_V6ONLY: :: and 0.0.0.0 can be bound side by side.
+                sock = socket.create_server((host, port), family=family, backlog=backlog)
+                sock.setblocking(False)
+                socks.append(sock)
+            return socks
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            ephemeral_clash = exc.errno == errno.EADDRINUSE and socks and addresses[0][1][1] == 0
+            if not ephemeral_clash or attempt == BIND_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _open_reserve() -> int:
     try:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -47,14 +89,12 @@ def _open_reserve() -> int:
 
 
 class Listener:
-    """A listening TCP socket feeding accepted connections to ``protocol_factory``'s protocols."""
+    """Listening TCP sockets (see `bind_all`) feeding accepted connections to ``protocol_factory``'s protocols."""
 
     def __init__(
         self,
         protocol_factory: Callable[[], asyncio.Protocol],
-        host: str,
-        port: int,
-        backlog: int,
+        sockets: list[socket.socket],
         ssl: SSLContext | None = None,
         on_handshake_failure: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -63,11 +103,7 @@ class Listener:
         # sees the connection; a failed one is reported as (peer, reason), without a traceback.
         self._ssl = ssl
         self._on_handshake_failure = on_handshake_failure
-        family, _type, _proto, _name, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        self.sock = socket.create_server(addr[:2], family=family, backlog=backlog)
-        self.sock.setblocking(False)
+        self.sockets = sockets
         self._reserve = _open_reserve()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resume: asyncio.TimerHandle | None = None
@@ -78,46 +114,57 @@ class Listener:
         self._reported_at = 0.0
 
     @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of each socket, the first one first."""
+        return [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self.sockets]
+
+    @property
     def address(self) -> tuple[str, int]:
-        host, port = self.sock.getsockname()[:2]
-        return host, port
+        """The first socket's ``(host, port)``: the one announced at start-up."""
+        return self.addresses[0]
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        for host, port in self.addresses:
+            log.info("listening_on", host=host, port=port)
         self._read(True)
 
     def close(self) -> None:
-        """Stop accepting and close the socket (and the reserve descriptor)."""
+        """Stop accepting and close the sockets (and the reserve descriptor)."""
         self._read(False)
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
-        self.sock.close()
+        for sock in self.sockets:
+            sock.close()
         if self._reserve >= 0:
             os.close(self._reserve)
             self._reserve = -1
 
     def _read(self, on: bool) -> None:
-        if self._loop is None or on == self._reading or self.sock.fileno() < 0:
+        if self._loop is None or on == self._reading:
             return
-        if on:
-            self._loop.add_reader(self.sock.fileno(), self._accept)
-        else:
-            self._loop.remove_reader(self.sock.fileno())
+        for sock in self.sockets:
+            if sock.fileno() < 0:
+                continue  # closed
+            if on:
+                self._loop.add_reader(sock.fileno(), self._accept, sock)
+            else:
+                self._loop.remove_reader(sock.fileno())
         self._reading = on
 
-    def _accept(self) -> None:
+    def _accept(self, sock: socket.socket) -> None:
         assert self._loop is not None
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = self.sock.accept()
+                conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
                 if exc.errno in _OUT_OF_DESCRIPTORS:
-                    self._refuse_pending(exc)
+                    self._refuse_pending(sock, exc)
                 else:
                     log.error("accept_failed", error=str(exc))
                     self._pause()
@@ -148,7 +195,7 @@ class Listener:
             conn.close()
             log.warning("connection_setup_failed", error=str(exc))
 
-    def _refuse_pending(self, exc: OSError) -> None:
+    def _refuse_pending(self, sock: socket.socket, exc: OSError) -> None:
         """Out of descriptors: free the reserve one, accept and close every pending connection with it."""
         refused = 0
         if self._reserve >= 0:
@@ -156,7 +203,7 @@ class Listener:
             self._reserve = -1
             while True:
                 try:
-                    conn, _addr = self.sock.accept()
+                    conn, _addr = sock.accept()
                 except OSError:
                     break
                 conn.close()

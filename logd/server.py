@@ -40,7 +40,7 @@ from .errors import (
     UnavailableError,
 )
 from .fdlimit import fit_connections
-from .listener import Listener
+from .listener import Listener, bind_all, resolve
 from .logging import configure_logging
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
@@ -128,8 +128,9 @@ class LogServer:
         self.queue.start()
         # Our own accept loop: out of descriptors it refuses connections visibly (listener.py);
         # with TLS it takes each connection through the handshake and reports failures (tls.py).
-        self._listener = Listener(lambda: Connection(self), self.config.host, self.config.port, backlog=1024,
-                                  ssl=self.tls, on_handshake_failure=self._tls_failed)
+        sockets = bind_all(resolve(self.config.host, self.config.port), backlog=1024)
+        self._listener = Listener(lambda: Connection(self), sockets, ssl=self.tls,
+                                  on_handshake_failure=self._tls_failed)
         self._listener.start()
         host, port = self._listener.address
         if self.config.metrics_port is not None:

@@ -139,3 +139,42 @@ def test_serve_reads_the_config_file(start_server, tmp_path: Path) -> None:  # t
     assert conn.line() == b"OK 2"
     assert conn.line() == b"OK"
     assert srv.proc.wait(timeout=20) == 0
+
+
+def test_replica_token_file_gives_the_token_and_is_never_shown(tmp_path: Path) -> None:
+    path = tmp_path / "replica.token"
+    path.write_text("s3cret-token\n")
+    r = resolve({"replica_of": "127.0.0.1:1774", "replica_token_file": str(path)}, {})
+    assert r.config.replica_secret == "s3cret-token"
+    assert r.sources["replica_token"] == f"replica-token-file {path}"
+    assert "s3cret-token" not in describe(r) and 'replica-token = "***"' in describe(r)
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "both"])
+def test_replica_token_file_problems_are_config_errors(tmp_path: Path, problem: str) -> None:
+    path = tmp_path / "replica.token"
+    flags = {"replica_token_file": str(path)}
+    if problem == "empty":
+        path.write_text("\n")
+    if problem == "both":
+        path.write_text("one\n")
+        flags["replica_token"] = "two"
+    with pytest.raises(ConfigError, match="replica-token"):
+        resolve(flags, {})
+
+
+def test_replica_token_flag_works_but_warns_that_ps_shows_it(tmp_path: Path) -> None:
+    path = tmp_path / "replica.token"
+    path.write_text("from-file\n")
+    path.chmod(0o600)
+    flag = CliRunner().invoke(main, ["config", "--replica-token", "on-the-command-line"])
+    assert flag.exit_code == 0 and 'replica-token = "***"' in flag.stdout
+    assert "--replica-token is visible to other users" in flag.stderr
+    from_file = CliRunner().invoke(main, ["config", "--replica-token-file", str(path)])
+    assert from_file.exit_code == 0 and 'replica-token = "***"' in from_file.stdout
+    assert "visible to other users" not in from_file.stderr and "chmod 600" not in from_file.stderr
+    path.chmod(0o644)
+    loose = CliRunner().invoke(main, ["config", "--replica-token-file", str(path)])
+    assert loose.exit_code == 0 and f"{path} may be read by other users; chmod 600 it" in loose.stderr
+    env = CliRunner().invoke(main, ["config"], env={"LOGD_REPLICA_TOKEN": "from-env"})
+    assert env.exit_code == 0 and "# env LOGD_REPLICA_TOKEN" in env.stdout and not env.stderr

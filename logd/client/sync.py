@@ -79,6 +79,9 @@ class Connection:
 
     def __init__(self, endpoint: Endpoint, timeout: float | None) -> None:
         address = endpoint.address
+        # One deadline for connecting, the TLS handshake and AUTH together, as
+        # AsyncConnection.open: a fresh timeout per step made it N x ``timeout``.
+        deadline = deadline_after(timeout)
         try:
             sock = socket.create_connection(address, timeout=timeout)
         except TimeoutError:
@@ -87,8 +90,9 @@ class Connection:
             raise errors.ConnectionError(f"cannot connect to {where(address)}: {why(exc)}") from None
         if endpoint.tls is not None:
             try:
+                sock.settimeout(remaining(deadline))
                 sock = endpoint.tls.wrap_socket(sock, server_hostname=endpoint.host)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            except (OSError, ValueError, errors.TimeoutError) as exc:  # ssl.SSLError is an OSError
                 sock.close()
                 reason = why(exc) if isinstance(exc, OSError) else str(exc)
                 raise errors.ConnectionError(f"TLS handshake with {where(address)} failed: {reason}") from None
@@ -100,8 +104,8 @@ class Connection:
         if endpoint.token is not None:
             try:
                 call = auth_call(endpoint.token)
-                self.send(call.command, deadline_after(timeout))
-                call.result([self.reply(deadline_after(timeout))])
+                self.send(call.command, deadline)
+                call.result([self.reply(deadline)])
             except BaseException:
                 self.close()
                 raise

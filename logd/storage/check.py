@@ -22,12 +22,14 @@ from typing import TextIO
 
 from ..errors import LockedError, StorageError
 from . import closed_head
+from .epochs import FILE as EPOCHS_FILE
 from .epochs import Epochs
 from .files import (
     count_records,
     find_valid_record,
     fsync_dir,
     nonzero_end,
+    replace_durably,
     scan_records,
     segment_firsts,
     segment_name,
@@ -241,6 +243,14 @@ def _check(path: str, repair: bool, say: Callable[[str], None]) -> int:
     kept = scans if cut is None else scans[: cut[0] + 1]
     last_id = kept[-1].next_id - 1
     try:
+        # Loaded before anything is changed: a repair that stopped half-way, at
+        # an EPOCHS it cannot read, would leave the log cut and EPOCHS unmatched.
+        epochs: Epochs | None = Epochs.load(path)
+    except StorageError as exc:
+        say(f"{exc} (logd will not start with it)")
+        epochs = None
+        problems += 1
+    try:
         saved = closed_head.load(path)
     except ValueError as exc:
         say(f"{exc} (logd will not start with it)")
@@ -258,8 +268,12 @@ def _check(path: str, repair: bool, say: Callable[[str], None]) -> int:
         f"{len(scans)} segments, {sum(len(s.offsets) for s in kept)} records, {ids}, "
         f"{sum(s.size for s in scans)} bytes: " + (f"{problems} problem{'s' * (problems > 1)}" if problems else "OK")
     )
-    if repair:
-        _repair(path, scans, cut, say)
+    if repair and epochs is None:
+        say(f"logd check: refusing to repair: {os.path.join(path, EPOCHS_FILE)} cannot be read; "
+            "nothing was changed; fix or restore it (protocol.md section 2) and run the repair again")
+        return EXIT_CANNOT_CHECK
+    if repair and epochs is not None:
+        _repair(path, scans, cut, epochs, say)
     return EXIT_PROBLEMS if problems else EXIT_OK
 
 
@@ -298,7 +312,9 @@ def _check_index(s: _Scan, *, complete: bool, active: bool, say: Callable[[str],
     return 1
 
 
-def _repair(path: str, scans: list[_Scan], cut: tuple[int, int] | None, say: Callable[[str], None]) -> None:
+def _repair(
+    path: str, scans: list[_Scan], cut: tuple[int, int] | None, epochs: Epochs, say: Callable[[str], None]
+) -> None:
     """Cut the log at ``cut``, moving what follows to ``.broken`` files; make kept files match their records."""
     if cut is not None:
         i, offset = cut
@@ -330,14 +346,7 @@ def _repair(path: str, scans: list[_Scan], cut: tuple[int, int] | None, say: Cal
             same = False
         if not same:
             say(f"repair: {s.idx_path}: rebuilt ({len(s.offsets)} entries)")
-            tmp = s.idx_path + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                write_all(fd, want)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, s.idx_path)
+            replace_durably(s.idx_path, want)
     first, last = scans[0].first_id, scans[-1].next_id - 1
     try:
         saved = closed_head.load(path)
@@ -345,14 +354,13 @@ def _repair(path: str, scans: list[_Scan], cut: tuple[int, int] | None, say: Cal
         saved = last + 1
     if saved > last:
         say(f"repair: accepting the loss of ids {last + 1}..{saved}: the next message gets id {last + 1}")
-    _forget_epochs_after(path, last + 1, say)
+    _forget_epochs_after(epochs, last + 1, say)
     closed_head.save(path, last)  # fsyncs the dir, making the renames above durable too
     say("repair: done; the log now holds " + (f"ids {first}..{last}" if last >= first else "no records"))
 
 
-def _forget_epochs_after(path: str, next_id: int, say: Callable[[str], None]) -> None:
+def _forget_epochs_after(epochs: Epochs, next_id: int, say: Callable[[str], None]) -> None:
     """Leader epochs that start past the repaired log's next id no longer describe it (protocol.md 3.4)."""
-    epochs = Epochs.load(path)
     before = list(epochs.entries)
     epochs.truncate_after(next_id)  # keeps an epoch that starts at the next id (no record yet)
     if epochs.entries != before:

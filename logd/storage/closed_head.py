@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from .files import fsync_dir
+from .files import replace_durably
 
 FILE = "CLOSED_HEAD"
 
@@ -33,13 +33,4 @@ def load(directory: str | os.PathLike[str]) -> int:
 
 def save(directory: str | os.PathLike[str], head: int) -> None:
     """Replace the saved head with ``head``: a temp file, fsynced, renamed over, the dir fsynced."""
-    path = os.path.join(directory, FILE)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, b"%d\n" % head)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(os.fspath(directory))
+    replace_durably(os.path.join(directory, FILE), b"%d\n" % head)

@@ -7,7 +7,8 @@ hex digits. The file is synced with the log (`Log.attach`): under
 ``fsync=always`` a commit is acknowledged only after the group commit's
 sync covered its line. When the file has grown well past its live content
 it is rewritten (one line per cursor) to a temporary file, synced and
-renamed over.
+renamed over, on a thread of its own so the server's loop never waits for
+those fsyncs (see `CursorStore._compact_in_background`).
 
 At open every line is checked; a bad or cut-off line (a torn tail after a
 crash, or zeros) is skipped, and if there was one the file is rewritten
@@ -17,13 +18,14 @@ is its value whatever order the lines are in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 
 from crc32c import crc32c
 
-from .files import fsync_dir
+from .files import fsync_dir, replace_durably, write_all
 
 FILE = "CURSORS"
 MAX_NAME = 64
@@ -66,15 +68,22 @@ class CursorStore:
     """The cursors of a data directory: read at open, appended to on commit, synced with the log.
 
     `set` runs on the server's loop thread and never waits for a sync;
-    `sync` may run on the log's sync thread at the same time. `_sync_lock`
-    is held across the fdatasync and by a compaction (rare) while it swaps
-    the file descriptor, so a sync never meets a closed descriptor.
+    `sync` may run on the log's sync thread at the same time, and a
+    compaction on its own thread. `_write_lock` orders `set`'s writes with
+    the compaction's swap of the file (so no line goes to a file about to be
+    replaced); `_sync_lock` is held across the fdatasync and while the old
+    descriptor is closed, so a sync never meets a closed descriptor.
     """
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.path = os.path.join(directory, FILE)
         self._sync_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._compactor: threading.Thread | None = None
+        self._written_meanwhile: list[bytes] | None = None  # lines `set` wrote while a compaction runs
+        self._dir_unsynced = False  # a compaction renamed the file and has not fsynced the dir yet
+        self.compaction_error: OSError | None = None  # the last background compaction's failure
         self._cursors: dict[str, int] = {}
         self._dirty = False
         self.version = 0  # bumped on every change, so a replica feed can tell nothing moved
@@ -124,13 +133,16 @@ class CursorStore:
         The caller has checked that it only moves forward. Raises OSError if the write fails.
         """
         line = encode_line(name, id)
-        os.write(self._fd, line)
-        self._size += len(line)
+        with self._write_lock:
+            os.write(self._fd, line)
+            self._size += len(line)
+            if self._written_meanwhile is not None:
+                self._written_meanwhile.append(line)
         self._dirty = True  # after the write: a sync that sees it set starts after the line is in the file
         self._cursors[name] = id
         self.version += 1
-        if self._size > COMPACT_MIN_BYTES and self._size > 4 * self._live_bytes():
-            self.compact()
+        if self._compactor is None and self._size > COMPACT_MIN_BYTES and self._size > 4 * self._live_bytes():
+            self._compact_in_background()
 
     @property
     def dirty(self) -> bool:
@@ -140,34 +152,101 @@ class CursorStore:
     def sync(self) -> None:
         """Make every committed line durable (fdatasync), if any was written since the last sync."""
         with self._sync_lock:
+            fd = self._fd  # read before the flag: a compaction sets the flag before it swaps the file
+            if self._dir_unsynced:
+                # Lines in a renamed-in file are durable only once the rename is.
+                fsync_dir(self.directory)
             if not self._dirty:
                 return
             self._dirty = False  # before the sync: a line written during it makes the file dirty again
             try:
-                os.fdatasync(self._fd)
+                os.fdatasync(fd)
             except OSError:
                 self._dirty = True
                 raise
 
     def compact(self) -> None:
         """Rewrite the file with one line per cursor (temporary file, fsync, rename, fsync of the directory)."""
+        self.wait_compacted()
         self._rewrite(self._cursors)
+
+    @property
+    def compacting(self) -> bool:
+        """Whether a background compaction is running."""
+        return self._compactor is not None
+
+    def wait_compacted(self) -> None:
+        """Wait for a background compaction to finish."""
+        compactor = self._compactor  # read once: the thread clears it as it ends
+        if compactor is not None:
+            compactor.join()
+
+    def _compact_in_background(self) -> None:
+        """Start rewriting the file on a thread; `set` goes on appending to the current file meanwhile.
+
+        Crash safety is the synchronous rewrite's: the new file is complete
+        and fsynced before it is renamed over, so a crash leaves the old file
+        or the new one, each holding every line written so far. Lines written
+        during the compaction are copied to the new file (and it fsynced again)
+        until none came in since the last copy; only then, under the write
+        lock, is it renamed in. Until the directory is fsynced after that,
+        `sync` fsyncs it too, so no commit counts as durable on a rename that
+        is not.
+        """
+        snapshot = b"".join(encode_line(name, id) for name, id in sorted(self._cursors.items()))
+        with self._write_lock:
+            self._written_meanwhile = []
+        self._compactor = threading.Thread(target=self._compact, args=(snapshot,), name="logd-cursors", daemon=True)
+        self._compactor.start()
+
+    def _compact(self, data: bytes) -> None:
+        tmp = self.path + ".tmp"
+        fd = -1
+        try:
+            # Opened for appending now: after the rename this descriptor is the file's, so
+            # nothing can fail between the rename and the swap (an open could: EMFILE).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            size = 0
+            while True:
+                write_all(fd, data)
+                size += len(data)
+                os.fsync(fd)
+                with self._write_lock:
+                    assert self._written_meanwhile is not None
+                    data = b"".join(self._written_meanwhile)
+                    self._written_meanwhile.clear()
+                    if data:
+                        continue  # copy them outside the lock, then look again
+                    os.replace(tmp, self.path)
+                    self._dir_unsynced = True  # before the swap: a sync that reads the new fd sees it
+                    old, self._fd, fd = self._fd, fd, -1
+                    self._written_meanwhile = None
+                    self._size = size
+                    break
+            with self._sync_lock:
+                os.close(old)
+            fsync_dir(self.directory)
+            self._dir_unsynced = False
+        except OSError as exc:
+            # The current file is untouched and still appended to: only the compaction is lost.
+            self.compaction_error = exc
+            with self._write_lock:
+                self._written_meanwhile = None
+            if fd >= 0:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        finally:
+            self._compactor = None
 
     def _live_bytes(self) -> int:
         return sum(len(name) + 30 for name in self._cursors)
 
     def _rewrite(self, cursors: dict[str, int]) -> None:
         data = b"".join(encode_line(name, id) for name, id in sorted(cursors.items()))
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # Nothing writes to the old file meanwhile: `set` runs on this thread, no compaction is running.
+        replace_durably(self.path, data)
         with self._sync_lock:
-            os.replace(tmp, self.path)
-            fsync_dir(self.directory)
             old, self._fd = self._fd, os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             if old >= 0:
                 os.close(old)
@@ -175,7 +254,8 @@ class CursorStore:
             self._dirty = False  # the new file was synced whole
 
     def close(self) -> None:
-        """Sync and close the file."""
+        """Wait for a compaction, sync and close the file."""
+        self.wait_compacted()
         if self._fd < 0:
             return
         try:

@@ -20,7 +20,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from ..errors import StorageError
-from .files import fsync_dir
+from .files import replace_durably
 
 FILE = "EPOCHS"
 
@@ -136,13 +136,4 @@ class Epochs:
         lines.append(b"seen %d\n" % self.seen)
         if self.refused:
             lines.append(b"refused\n")
-        path = os.path.join(self.directory, FILE)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, b"".join(lines))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(self.directory)
+        replace_durably(os.path.join(self.directory, FILE), b"".join(lines))

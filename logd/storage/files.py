@@ -160,3 +160,21 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(path: str, data: bytes) -> None:
+    """Make ``data`` the content of ``path``, whole or not at all, even across a power cut.
+
+    Written to ``<path>.tmp`` and fsynced, renamed over ``path``, then the
+    directory fsynced: a crash leaves either the old file or the new one,
+    never a mix, and once this returns the new one survives.
+    """
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")

@@ -52,21 +52,37 @@ def open_segments(directory: str, closed_head: int = 0) -> tuple[list[Segment], 
         firsts.pop()
     # A crash between a roll and its sync may leave zeros after the newest
     # closed segments; those before the newest clean one were synced.
+    try:
+        closed = _open_closed(directory, firsts)
+    except BaseException:
+        if active is not None:
+            active.close()  # the caller never sees it, so nothing else would close its descriptors
+        raise
+    return (closed + [active] if active is not None else closed), cut_bytes
+
+
+def _open_closed(directory: str, firsts: list[int]) -> list[Segment]:
+    """The closed segments (all of ``firsts`` but the last), oldest first."""
     closed: list[Segment] = []
     check_tail = True
-    for first, nxt in reversed(list(zip(firsts, firsts[1:], strict=False))):
-        check_tail = check_tail and cut_zero_tail(Segment(directory, first).log_path)
-        try:
-            closed.append(Segment.open_closed(directory, first, nxt - first))
-        except CorruptRecordError as exc:  # its index had to be rebuilt, and the segment is bad
-            raise DamagedLogError(
-                f"{exc}; run `logd check DATA_DIR` (and --repair to move the bad bytes aside)",
-                path=exc.where,
-                offset=exc.offset,
-                id=exc.id,
-            ) from None
+    try:
+        for first, nxt in reversed(list(zip(firsts, firsts[1:], strict=False))):
+            check_tail = check_tail and cut_zero_tail(Segment(directory, first).log_path)
+            try:
+                closed.append(Segment.open_closed(directory, first, nxt - first))
+            except CorruptRecordError as exc:  # its index had to be rebuilt, and the segment is bad
+                raise DamagedLogError(
+                    f"{exc}; run `logd check DATA_DIR` (and --repair to move the bad bytes aside)",
+                    path=exc.where,
+                    offset=exc.offset,
+                    id=exc.id,
+                ) from None
+    except BaseException:
+        for seg in closed:
+            seg.close()  # an index map may be open
+        raise
     closed.reverse()
-    return (closed + [active] if active is not None else closed), cut_bytes
+    return closed
 
 
 def recover_active(directory: str, first_id: int, closed_head: int = 0) -> tuple[Segment, int]:

@@ -134,14 +134,6 @@ def push_until_stalled(socks: list[socket.socket], unit: bytes, totals: list[int
     return sent
 
 
-def stats(conn: RawConn) -> dict[str, str]:
-    """One STATS round trip on a blocking connection."""
-    conn.send(b"STATS\r\n")
-    head = conn.line()
-    assert head.startswith(b"OK "), head
-    return dict(conn.line().decode().split(" ", 1) for _ in range(int(head.split()[1])))
-
-
 def read_stream(conn: RawConn, first_id: int) -> tuple[int, bytes]:
     """Read records with consecutive ids from ``first_id`` until a non-record line; return (next id, that line)."""
     expect = first_id

@@ -23,9 +23,9 @@ from .adversary import (
     raise_nofile,
     read_stream,
     rss,
-    stats,
 )
 from .conftest import RawConn, ServerProcess, wait_for
+from .helpers import stats_of
 
 SLACK = 48 * MiB  # allocator, parser and transport buffers, code paged in by the first requests
 
@@ -50,7 +50,7 @@ def fill_log(srv: ServerProcess, messages: int) -> RawConn:
 
 def warm_baseline(srv: ServerProcess, conn: RawConn) -> int:
     """RSS after a few round trips have paged in the paths the test exercises."""
-    stats(conn)
+    stats_of(conn)
     conn.send(b"PING\r\n")
     assert conn.line() == b"PONG"
     return rss(srv.pid)
@@ -147,7 +147,7 @@ def test_stalled_tails_hold_their_budget_then_are_dropped(start_server, hold) ->
     def dropped_or_over() -> bool:
         nonlocal peak
         peak = max(peak, rss(srv.pid) - base)
-        return peak > bound or stats(ctl)["tails"] == "0"
+        return peak > bound or stats_of(ctl)["tails"] == "0"
 
     # Until the stall timeout drops them (tails 0), watch that RSS stays bounded.
     wait_for(dropped_or_over, timeout=30, what="the stalled tails to be dropped")
@@ -158,7 +158,7 @@ def test_stalled_tails_hold_their_budget_then_are_dropped(start_server, hold) ->
     last.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MiB)
     data, closed = drain(last, timeout=30)
     assert peak < bound, f"server RSS grew by {peak / MiB:.0f} MiB with {tails} stalled tails"
-    assert stats(ctl)["tails"] == "0"
+    assert stats_of(ctl)["tails"] == "0"
     conn = RawConn(last)
     conn.buf = bytearray(data)
     assert conn.line() == b"OK"

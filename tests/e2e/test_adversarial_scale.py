@@ -13,8 +13,9 @@ import socket
 import struct
 import time
 
-from .adversary import MiB, connect_small_window, peek_reply, raise_nofile, readable, stats, writable
+from .adversary import MiB, connect_small_window, peek_reply, raise_nofile, readable, writable
 from .conftest import wait_for
+from .helpers import stats_of
 
 
 def parse_stats_replies(data: bytes) -> tuple[list[dict[bytes, bytes]], bytes]:
@@ -97,7 +98,7 @@ def test_connection_and_tail_counters_stay_exact_under_churn(start_server) -> No
     assert ctl.line() == b"OK 1"
 
     def counts() -> tuple[int, int]:
-        s = stats(ctl)
+        s = stats_of(ctl)
         return int(s["connections"]), int(s["tails"])
 
     def settle(expected: tuple[int, int]) -> None:
@@ -199,6 +200,6 @@ def test_thousands_of_far_tails_get_nothing_and_near_tails_everything(start_serv
         assert sock.recv(4096) == b"OK\r\n"
     t31 = next(t for t, (start, _) in later.items() if start == 31)
     assert not readable(t31.sock) and not t31.buf
-    assert stats(ctl)["tails"] == str(far_count + 2)  # the far ones, the near one, the one waiting for 31
+    assert stats_of(ctl)["tails"] == str(far_count + 2)  # the far ones, the near one, the one waiting for 31
     for sock in far:
         sock.close()

@@ -18,6 +18,7 @@ from logd import errors
 from logd.client import Client
 
 from .conftest import RawConn, ServerProcess, new_token, wait_for
+from .helpers import url_of
 
 ROLES = ("read", "write", "replicate", "admin")
 _READ = {"PING", "CLOSE", "HEAD", "STATS", "READ", "COMMIT", "CURSOR", "CURSORS"}
@@ -230,7 +231,7 @@ def test_cli_takes_the_token_from_the_url_or_logd_token(start_server, tokens) ->
     srv = start_server("--auth-file", str(path))
     base = [sys.executable, "-m", "logd.cli"]
     env = {k: v for k, v in os.environ.items() if k != "LOGD_TOKEN"}
-    url = f"logd://{srv.host}:{srv.port}"
+    url = url_of(srv)
     denied = subprocess.run([*base, "append", "--url", url, "m"], capture_output=True, env=env, timeout=60)
     assert denied.returncode == 1 and denied.stderr == b"logd: DENIED authentication required\n"
     ok = subprocess.run([*base, "append", "--url", url, "m"], capture_output=True, timeout=60,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import crc32c
 
-from .conftest import ServerProcess
+from logd.listener import resolve
+
+from .conftest import RawConn, ServerProcess
 
 
 def rec(id: int, body: bytes) -> bytes:
@@ -36,6 +39,17 @@ def test_ping_head_msg_read(server: ServerProcess) -> None:
     # The connection takes commands again after a finite READ.
     c.send(b"PING\r\n")
     assert c.line() == b"PONG"
+
+
+def test_host_localhost_is_served_on_each_of_its_addresses(start_server) -> None:  # type: ignore[no-untyped-def]
+    # Review finding: only getaddrinfo's first address was bound (127.0.0.1, not ::1).
+    # Here localhost may stand for 127.0.0.1 alone; tests/test_listener.py covers two addresses.
+    srv = start_server("--host", "localhost")
+    for family, (host, _port) in resolve("localhost", srv.port):
+        c = RawConn(socket.create_connection((host, srv.port), timeout=10))
+        c.send(b"PING\r\n")
+        assert c.line() == b"PONG", (family, host)
+        c.close()
 
 
 def test_bare_lf_for_people_typing(server: ServerProcess) -> None:

@@ -18,7 +18,7 @@ import logd
 from logd.client import Client, Consumer, ServerCursor
 
 from .conftest import RawConn, ServerProcess, wait_for
-from .test_replication import head, send_msgs, stats
+from .helpers import addr, head, send_msgs, stats, url_of
 
 
 def ask(srv: ServerProcess, *lines: bytes) -> list[bytes]:
@@ -130,7 +130,7 @@ def test_cursors_reach_a_follower_and_survive_its_promotion(start_server) -> Non
     leader = start_server("--segment-bytes", "4KiB")
     send_msgs(leader, [b"early-%d" % i for i in range(50)])
     assert ask(leader, b"COMMIT before 20") == [b"OK"]  # committed before the follower exists
-    follower = start_server("--replica-of", f"{leader.host}:{leader.port}")
+    follower = start_server("--replica-of", addr(leader))
     wait_for(lambda: cursor_of(follower, "before") == 20, 30, "the early cursor on the follower")
     top = send_msgs(leader, [b"late-%d" % i for i in range(200)])
     assert ask(leader, b"COMMIT after %d" % top, b"COMMIT before 30") == [b"OK", b"OK"]
@@ -180,7 +180,7 @@ def test_retention_cap_drops_segments_a_cursor_needs(start_server) -> None:  # t
 
 
 def test_client_server_cursor_and_consumer(server: ServerProcess) -> None:
-    url = f"logd://{server.host}:{server.port}"
+    url = url_of(server)
     with Client.from_url(url) as client:
         client.append(*[b"a%d" % i for i in range(7)])
         assert client.cursor("svc") == 0
@@ -200,7 +200,7 @@ def test_client_server_cursor_and_consumer(server: ServerProcess) -> None:
 
 
 def test_cli_consume_with_a_cursor_and_logd_cursors(server: ServerProcess, tmp_path: Path) -> None:
-    url = f"logd://{server.host}:{server.port}"
+    url = url_of(server)
     send_msgs(server, [b"one", b"two", b"three"])
     logd_cli = [sys.executable, "-m", "logd.cli"]
     out = tmp_path / "out"

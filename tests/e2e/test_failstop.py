@@ -21,6 +21,7 @@ from logd.storage.record import encode_record
 
 from ..storage.helpers import flip_bit, log_files
 from .conftest import ServerProcess, wait_for
+from .helpers import addr, url_of
 
 SEGMENT = "64KiB"
 BODY = 1000
@@ -277,7 +278,7 @@ def test_consumer_skips_a_corrupt_record_only_when_told(start_server, tmp_path: 
     closed = log_files(srv.data_dir)[0]
     flip_bit(closed, record_offset(closed, 10) + 40)
     srv = start_server("--segment-bytes", SEGMENT, data_dir=srv.data_dir)
-    url = f"logd://{srv.host}:{srv.port}"
+    url = url_of(srv)
     for _ in range(2):  # every attempt stops at the same record
         strict = Consumer(url, FileCheckpoint(tmp_path / "strict.ckpt"), follow=False)
         with pytest.raises(CorruptRecordError) as caught:
@@ -293,7 +294,7 @@ def test_consumer_skips_a_corrupt_record_only_when_told(start_server, tmp_path: 
 def test_follower_over_a_corrupt_leader_record_reports_why_it_cannot_follow(start_server) -> None:  # type: ignore[no-untyped-def]
     leader = start_server("--segment-bytes", SEGMENT)
     fill(leader, 100)
-    follower = start_server("--replica-of", f"{leader.host}:{leader.port}")
+    follower = start_server("--replica-of", addr(leader))
     with Client(follower.host, follower.port) as client:
         wait_for(lambda: client.stats()["log_head"] == "100", 30, "the follower to catch up")
     assert follower.terminate() == 0
@@ -305,7 +306,7 @@ def test_follower_over_a_corrupt_leader_record_reports_why_it_cannot_follow(star
     assert path != log_files(leader.data_dir)[-1]
     flip_bit(path, record_offset(path, 100) + 40)
     leader = start_server("--segment-bytes", SEGMENT, data_dir=leader.data_dir, port=leader.port)
-    follower = start_server("--replica-of", f"{leader.host}:{leader.port}", data_dir=follower.data_dir)
+    follower = start_server("--replica-of", addr(leader), data_dir=follower.data_dir)
     with Client(follower.host, follower.port) as client:
         error = wait_for(lambda: "corrupt" in client.stats()["replication_error"] and client.stats(), 30,
                          "the follower to report the leader's refusal")["replication_error"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import ServerProcess, _readline_with_deadline, wait_for
-from .test_replication import send_msgs
+from .helpers import addr, send_msgs
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS_LINE = re.compile(rb"logd metrics on (http://[\d.]+:\d+/metrics)")
@@ -73,7 +73,7 @@ def test_metrics_move_with_appends_replicas_and_cursors(start_server) -> None:  
     assert value(after, "logd_fsync_duration_seconds_sum") > 0
     assert value(after, "logd_group_commit_messages_sum") == 10
     conn.close()
-    follower = start_server("--replica-of", f"{leader.host}:{leader.port}", "--metrics-port", "0")
+    follower = start_server("--replica-of", addr(leader), "--metrics-port", "0")
     follower_url = metrics_url(follower)
     peer = wait_for(lambda: [dict(k[1])["replica"] for k in scrape(url) if k[0] == "logd_replica_acked_id"],
                     30, "the replica in the metrics")[0]

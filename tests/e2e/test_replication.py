@@ -5,142 +5,27 @@ No sleeps as synchronisation: every wait polls a condition with a deadline.
 
 from __future__ import annotations
 
-import filecmp
 import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
-from .conftest import RawConn, ServerProcess, wait_for
+from .conftest import RawConn, wait_for
+from .helpers import Writer, addr, closed_segments_identical, head, logd_cli, read_all, send_msgs, stats
 
 SEGMENT = "64KiB"
 
 
-def stats(srv: ServerProcess) -> dict[str, str]:
-    conn = srv.connect()
-    try:
-        conn.send(b"STATS\r\n")
-        n = int(conn.line().split()[1])
-        out = {}
-        for _ in range(n):
-            name, _, value = conn.line().decode().partition(" ")
-            out[name] = value
-        return out
-    finally:
-        conn.close()
-
-
-def head(srv: ServerProcess) -> int:
-    conn = srv.connect()
-    try:
-        conn.send(b"HEAD\r\n")
-        return int(conn.line().split()[1])
-    finally:
-        conn.close()
-
-
-def read_all(srv: ServerProcess, start: int, count: int) -> list[tuple[int, bytes]]:
-    conn = srv.connect(timeout=30)
-    try:
-        conn.send(b"READ %d %d\r\n" % (start, count))
-        assert conn.line() == b"OK"
-        out = []
-        while (rec := conn.record()) is not None:
-            out.append(rec)
-        return out
-    finally:
-        conn.close()
-
-
-def send_msgs(srv: ServerProcess, bodies: list[bytes]) -> int:
-    """One MSG with ``bodies``; return the id of the last one."""
-    conn = srv.connect(timeout=30)
-    try:
-        conn.send(b"MSG " + b" ".join(b"%d" % len(b) for b in bodies) + b"\r\n")
-        conn.send(b"".join(b + b"\r\n" for b in bodies))
-        reply = conn.line()
-        assert reply.startswith(b"OK "), reply
-        return int(reply.split()[1])
-    finally:
-        conn.close()
-
-
-class Writer(threading.Thread):
-    """Writes one-message MSGs, pipelined, until stopped; remembers the body of every acked id."""
-
-    def __init__(self, srv: ServerProcess, prefix: bytes, window: int = 64, limit: int = 0) -> None:
-        super().__init__(daemon=True)
-        self.conn = srv.connect(timeout=30)
-        self.prefix = prefix
-        self.window = window
-        self.limit = limit
-        self.acked: dict[int, bytes] = {}
-        self.errors: list[bytes] = []
-        self.stop_event = threading.Event()
-        self.failure: BaseException | None = None
-
-    def run(self) -> None:
-        sent: list[bytes] = []
-        k = 0
-        try:
-            while not self.stop_event.is_set() and (not self.limit or k < self.limit):
-                while len(sent) - len(self.acked) - len(self.errors) < self.window:
-                    body = b"%s-%08d" % (self.prefix, k)
-                    k += 1
-                    sent.append(body)
-                    self.conn.send(b"MSG %d\r\n%s\r\n" % (len(body), body))
-                self._take_reply(sent)
-            while len(self.acked) + len(self.errors) < len(sent):
-                self._take_reply(sent)
-        except (OSError, ConnectionError) as exc:
-            self.failure = exc
-        finally:
-            self.conn.close()
-
-    def _take_reply(self, sent: list[bytes]) -> None:
-        reply = self.conn.line()
-        body = sent[len(self.acked) + len(self.errors)]
-        if reply.startswith(b"OK "):
-            self.acked[int(reply.split()[1])] = body
-        else:
-            self.errors.append(reply)
-
-    def finish(self, timeout: float = 30) -> None:
-        self.stop_event.set()
-        self.join(timeout)
-        assert not self.is_alive(), "writer did not finish"
-
-
-def closed_segments_identical(dirs: list[Path]) -> int:
-    """Assert every closed segment (and index) of dirs[0] is byte-identical in the others."""
-    names = sorted(n for n in os.listdir(dirs[0]) if n.endswith(".log"))
-    for d in dirs[1:]:
-        assert sorted(n for n in os.listdir(d) if n.endswith(".log")) == names, f"segment names differ in {d}"
-    for name in names[:-1]:
-        for ext in (".log", ".idx"):
-            f = name[:-4] + ext
-            for d in dirs[1:]:
-                assert filecmp.cmp(dirs[0] / f, d / f, shallow=False), f"{f} differs in {d}"
-    return len(names) - 1
-
-
-def logd_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "logd.cli", *args], capture_output=True, text=True, timeout=30)
-
-
 def test_two_followers_under_writes_are_byte_identical(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     leader = start_server("--segment-bytes", SEGMENT)
-    addr = f"{leader.host}:{leader.port}"
-    f1 = start_server("--replica-of", addr)
+    leader_addr = addr(leader)
+    f1 = start_server("--replica-of", leader_addr)
     writer = Writer(leader, b"a")
     writer.start()
     try:
         wait_for(lambda: len(writer.acked) > 5000, what="some writes")
-        f2 = start_server("--replica-of", addr)  # joins mid-stream, catches up from id 1
+        f2 = start_server("--replica-of", leader_addr)  # joins mid-stream, catches up from id 1
         wait_for(lambda: len(writer.acked) > 20000, what="more writes")
     finally:
         writer.finish()
@@ -153,12 +38,12 @@ def test_two_followers_under_writes_are_byte_identical(start_server, tmp_path: P
     # Followers serve reads and say who they follow; MSG is refused with the leader's address.
     assert read_all(f2, 1, last) == sorted(writer.acked.items())
     s = stats(f1)
-    assert s["role"] == "follower" and s["leader"] == addr and s["lag_messages"] == "0"
+    assert s["role"] == "follower" and s["leader"] == leader_addr and s["lag_messages"] == "0"
     s = stats(leader)
     assert s["replicas"] == "2" and sum(k.endswith("_acked") and v == str(last) for k, v in s.items()) == 2
     conn = f1.connect()
     conn.send(b"MSG 1\r\nx\r\n")
-    assert conn.line().startswith(b"ERR READONLY " + addr.encode())
+    assert conn.line().startswith(b"ERR READONLY " + leader_addr.encode())
     conn.close()
     for srv in (leader, f1, f2):
         assert srv.terminate() == 0
@@ -168,8 +53,8 @@ def test_two_followers_under_writes_are_byte_identical(start_server, tmp_path: P
 
 def test_follower_killed_and_restarted_catches_up(start_server) -> None:  # type: ignore[no-untyped-def]
     leader = start_server("--segment-bytes", SEGMENT)
-    addr = f"{leader.host}:{leader.port}"
-    follower = start_server("--replica-of", addr)
+    leader_addr = addr(leader)
+    follower = start_server("--replica-of", leader_addr)
     writer = Writer(leader, b"k")
     writer.start()
     try:
@@ -193,7 +78,7 @@ def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # ty
     big = 40 << 20  # more than the socket buffers between the two can hold
     a = start_server("--segment-bytes", SEGMENT, "--min-replicas", "1", "--replica-timeout", "2",
                      "--max-message-bytes", "64MiB")
-    a_addr = f"{a.host}:{a.port}"
+    a_addr = addr(a)
     # Nothing is accepted while no replica is in sync, and nothing is written.
     conn = a.connect()
     conn.send(b"MSG 1\r\nx\r\n")
@@ -231,10 +116,10 @@ def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # ty
     # watermark; what it holds past that, received but never acknowledged by a,
     # becomes visible as it takes over.)
     b_head = int(stats(b)["log_head"])
-    refused = logd_cli("promote", "--next-id", str(b_head + 5), f"{b.host}:{b.port}")
+    refused = logd_cli("promote", "--next-id", str(b_head + 5), addr(b))
     assert refused.returncode != 0 and f"next id is {b_head + 1}" in refused.stderr
     assert stats(b)["role"] == "follower"
-    assert logd_cli("promote", "--next-id", str(b_head + 1), f"{b.host}:{b.port}").returncode == 0
+    assert logd_cli("promote", "--next-id", str(b_head + 1), addr(b)).returncode == 0
     wait_for(lambda: stats(b)["role"] == "leader", what="promotion")
     assert stats(b)["epoch"] == "1"
     assert last_acked <= b_head < a_head and head(b) == b_head
@@ -244,7 +129,7 @@ def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # ty
     # The old leader holds ids b never got (b_head+1 .. a_head, never acknowledged):
     # restarted as b's follower it moves them to a file named by epoch and first
     # id, cuts its log there and follows b, ending byte-identical.
-    old = start_server("--replica-of", f"{b.host}:{b.port}", "--max-message-bytes", "64MiB", data_dir=a.data_dir)
+    old = start_server("--replica-of", addr(b), "--max-message-bytes", "64MiB", data_dir=a.data_dir)
     wait_for(lambda: head(old) == b_last, what="old leader caught up as a follower")
     dropped = a.data_dir / f"dropped-e0-{b_head + 1:020d}.dropped"
     assert dropped.exists()
@@ -263,7 +148,7 @@ def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # ty
 def test_paused_follower_catches_up(start_server) -> None:  # type: ignore[no-untyped-def]
     total = 1_000_000  # as the issue asks: a follower paused while a million messages are written
     leader = start_server("--segment-bytes", "1MiB")
-    follower = start_server("--replica-of", f"{leader.host}:{leader.port}")
+    follower = start_server("--replica-of", addr(leader))
     wait_for(lambda: stats(leader)["replicas"] == "1", what="follower connected")
     os.kill(follower.pid, signal.SIGSTOP)
     try:
@@ -290,23 +175,23 @@ def test_paused_follower_catches_up(start_server) -> None:  # type: ignore[no-un
 
 def test_demote_and_promote_commands(start_server) -> None:  # type: ignore[no-untyped-def]
     srv = start_server()
-    addr = f"{srv.host}:{srv.port}"
+    srv_addr = addr(srv)
     send_msgs(srv, [b"one"])
-    assert logd_cli("demote", addr).returncode == 0
+    assert logd_cli("demote", srv_addr).returncode == 0
     conn = srv.connect()
     conn.send(b"MSG 1\r\nx\r\nHEAD\r\n")
     assert conn.line().startswith(b"ERR READONLY")
     assert conn.line() == b"OK 1"  # still serves reads
     conn.close()
     assert stats(srv)["role"] == "readonly"
-    assert logd_cli("promote", addr).returncode == 0
+    assert logd_cli("promote", srv_addr).returncode == 0
     assert send_msgs(srv, [b"two"]) == 2
     assert logd_cli("promote", "127.0.0.1:1").returncode != 0
 
 
 def test_min_replicas_hides_unreplicated_records_from_readers(start_server) -> None:  # type: ignore[no-untyped-def]
     leader = start_server("--min-replicas", "1", "--replica-timeout", "1")
-    follower = start_server("--replica-of", f"{leader.host}:{leader.port}")
+    follower = start_server("--replica-of", addr(leader))
     wait_for(lambda: stats(leader)["replicas_in_sync"] == "1", what="replica in sync")
     assert send_msgs(leader, [b"seen"]) == 1
     os.kill(follower.pid, signal.SIGSTOP)
@@ -331,7 +216,7 @@ def test_min_replicas_hides_unreplicated_records_from_readers(start_server) -> N
 
 def test_restarted_leader_shows_the_high_watermark_it_saved(start_server) -> None:  # type: ignore[no-untyped-def]
     a = start_server("--min-replicas", "1", "--replica-timeout", "5")
-    b = start_server("--replica-of", f"{a.host}:{a.port}")
+    b = start_server("--replica-of", addr(a))
     wait_for(lambda: stats(a)["replicas_in_sync"] == "1", what="replica in sync")
     last = send_msgs(a, [b"m%d" % i for i in range(1, 101)])
     assert head(a) == last == 100

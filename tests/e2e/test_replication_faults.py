@@ -25,9 +25,8 @@ from logd.storage import Log
 from logd.storage.epochs import Epochs
 
 from .conftest import ServerProcess, wait_for
+from .helpers import Writer, addr, closed_segments_identical, head, logd_cli, stats, try_msg
 from .proxy import Proxy
-from .test_replication import Writer, closed_segments_identical, head, logd_cli, stats
-from .test_replication_safety import addr, try_msg
 
 SEGMENT = "16KiB"
 STEP = 300  # acknowledged writes between faults

@@ -13,22 +13,8 @@ import threading
 from logd.storage.record import encode_record
 
 from .conftest import ServerProcess, wait_for
+from .helpers import addr, closed_segments_identical, head, logd_cli, read_all, send_msgs, stats, try_msg
 from .proxy import Proxy
-from .test_replication import closed_segments_identical, head, logd_cli, read_all, send_msgs, stats
-
-
-def addr(srv: ServerProcess) -> str:
-    return f"{srv.host}:{srv.port}"
-
-
-def try_msg(srv: ServerProcess, body: bytes) -> bytes:
-    """One MSG; the reply line, whatever it is."""
-    conn = srv.connect(timeout=30)
-    try:
-        conn.send(b"MSG %d\r\n%s\r\n" % (len(body), body))
-        return conn.line()
-    finally:
-        conn.close()
 
 
 def test_old_leader_coming_back_is_fenced(start_server) -> None:  # type: ignore[no-untyped-def]
@@ -178,7 +164,7 @@ def test_cutting_acknowledged_records_stops_the_follower(start_server) -> None: 
         wait_for(lambda: saved.exists() and saved.read_bytes() == b"20\n", what="B saved the acknowledged id")
         a.kill()
         # The operator promotes the replica that lacks acknowledged messages ...
-        assert logd_cli("promote", "--next-id", "11", f"{c.host}:{c.port}").returncode == 0
+        assert logd_cli("promote", "--next-id", "11", addr(c)).returncode == 0
         b.kill()
         # ... and B, pointed at it, would have to drop them: it stops instead (exit 4).
         b2 = ServerProcess(b.data_dir, ["--replica-of", addr(c)]).start()

@@ -99,6 +99,21 @@ def test_follower_takes_its_token_from_logd_replica_token(start_server, certs: C
         wait_for(lambda: f.head() == 2, what="replicated")
 
 
+def test_follower_takes_its_token_from_replica_token_file(start_server, certs: Certs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    auth = tmp_path / "a.auth"
+    replica, writer = new_token(auth, "replica", "replicate"), new_token(auth, "app", "write")
+    leader = start_server("--auth-file", str(auth), *tls_args(certs))
+    token_file = tmp_path / "replica.token"
+    token_file.write_text(replica + "\n")
+    token_file.chmod(0o600)
+    follower = start_server(*tls_args(certs), "--replica-of", f"logds://127.0.0.1:{leader.port}",
+                            "--replica-token-file", str(token_file))
+    Client(leader.host, leader.port, token=writer, ssl_context=good_context(certs)).append("one", "two")
+    with Client(follower.host, follower.port, ssl_context=good_context(certs)) as f:
+        wait_for(lambda: f.head() == 2, what="replicated")
+    assert "visible to other users" not in follower.stderr()
+
+
 def test_a_follower_with_a_read_token_stops_with_status_4(start_server, certs: Certs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     auth = tmp_path / "a.auth"
     reader = new_token(auth, "ops", "read")

@@ -374,3 +374,20 @@ def test_check_agrees_with_recovery_on_a_bad_record_followed_by_valid_ones(data:
     assert code == 1
     with Log(str(data)) as log:
         assert log.head == bad - 1
+
+
+def test_repair_refuses_an_unparsable_epochs_before_changing_anything(data: Path) -> None:
+    # Review finding: repair cut the log, then crashed loading EPOCHS, leaving it half-repaired.
+    bad = first_id_of(log_files(data)[1]) + 1
+    path, offset = record_of(data, bad)
+    flip_bit(path, offset + len(encode_record(bad, body_of(bad))) - 5)
+    (data / "EPOCHS").write_bytes(b"0 1\nnot an epoch line\n")
+    before = snapshot(data)
+    code, out = run_check(data)
+    assert code == 1 and "EPOCHS line 2: cannot parse" in out and out.splitlines()[-1].endswith("2 problems")
+    result = subprocess.run([sys.executable, "-m", "logd.cli", "check", "--repair", str(data)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "logd check: refusing to repair: " in result.stdout and "nothing was changed" in result.stdout
+    assert snapshot(data) == before

@@ -14,10 +14,14 @@ import time
 from pathlib import Path
 
 from logd.storage import Log
+from logd.storage.cursors import COMPACT_MIN_BYTES, CursorStore
 
 from .helpers import crash_body, first_id_of, log_files, python_child
 
 CYCLES = 50
+# Cursor moves between compactions: each move writes two lines of about 20 bytes.
+MOVES_PER_COMPACTION = COMPACT_MIN_BYTES // 40
+CURSOR_CYCLES = 12
 SEGMENT_BYTES = 16 * 1024
 
 CHILD = r"""
@@ -87,3 +91,63 @@ def test_sigkill_never_loses_an_acknowledged_batch(tmp_path: Path) -> None:
     assert acked > 200  # the children did real work between kills
     assert len(log_files(tmp_path)) > 3  # and rolled segments on the way
     print(f"{CYCLES} kills, {acked} records, {cuts} torn tails cut")
+
+
+CURSOR_CHILD = r"""
+import os, sys
+from logd.storage.cursors import CursorStore
+
+store = CursorStore(sys.argv[1])
+i = store.get("busy")
+os.write(1, b"ready %d\n" % i)
+while True:
+    i += 1
+    store.set("busy", i)
+    store.set("c%d" % (i % 50), i)  # 50 live cursors: a compaction has lines to copy
+    store.sync()
+    os.write(1, b"%d %d\n" % (i, store.compacting))  # acknowledged, and whether a compaction runs
+"""
+
+
+def test_sigkill_during_cursor_compactions_never_loses_a_synced_cursor(tmp_path: Path) -> None:
+    # Compaction runs on its own thread while set() goes on: a kill at any moment of
+    # it, before, during or after its rename, must keep every value a sync acknowledged.
+    rng = random.Random(20261130)
+    acked = 0
+    during = 0  # kills that landed while a compaction ran
+    for cycle in range(CURSOR_CYCLES):
+        child = python_child(CURSOR_CHILD, str(tmp_path))
+        assert child.stdout is not None and child.stdin is not None
+        child.stdin.close()
+        try:
+            ready = child.stdout.readline()
+            assert ready.startswith(b"ready "), ready
+            assert int(ready.split()[1]) >= acked
+            # Kill while a compaction runs: at a random line reported during one (most fall within it).
+            skip = rng.randint(0, 40)
+            seen = b""
+            while skip >= 0:
+                line = child.stdout.readline()
+                assert line, "the child stopped"
+                seen += line
+                skip -= line.endswith(b" 1\n")
+            child.send_signal(signal.SIGKILL)
+            out = seen + child.stdout.read()
+        finally:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+        lines = out.split(b"\n")[:-1]
+        if lines:
+            last, compacting = (int(x) for x in lines[-1].split())
+            acked, during = last, during + compacting
+        store = CursorStore(str(tmp_path))
+        try:
+            busy = store.get("busy")
+            assert busy >= acked, f"cycle {cycle}: acknowledged {acked}, recovered {busy}"
+            for k in range(max(1, acked - 49), acked + 1):  # each of the last 50 acknowledged moved one cursor
+                assert store.get(f"c{k % 50}") >= k, f"cycle {cycle}: c{k % 50} lost its move to {k}"
+        finally:
+            store.close()
+    assert acked > 4 * MOVES_PER_COMPACTION  # enough work for several compactions
+    print(f"{CURSOR_CYCLES} kills, {acked} cursor moves, {during} during a compaction")

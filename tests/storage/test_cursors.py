@@ -63,10 +63,37 @@ def test_compaction_bounds_the_file(tmp_path: Path) -> None:
     store = CursorStore(str(tmp_path))
     for i in range(1, 20_000):
         store.set("busy", i)
-    store.set("idle", 1)
+    store.wait_compacted()  # compaction runs on a thread of its own
+    store.set("idle", 1)  # compacts again if the lines written during the last one made the file too big
+    store.wait_compacted()
     assert os.path.getsize(tmp_path / FILE) <= COMPACT_MIN_BYTES + 64
     store.close()
     assert CursorStore(str(tmp_path)).items() == {"busy": 19_999, "idle": 1}
+    assert not (tmp_path / (FILE + ".tmp")).exists()
+
+
+def test_compaction_runs_beside_set_and_keeps_every_line(tmp_path: Path) -> None:
+    # Review finding: compaction fsynced on the caller's thread (the server's event loop).
+    store = CursorStore(str(tmp_path))
+    want: dict[str, int] = {}
+    i = 0
+    while not store.compacting:  # the set that starts a compaction returns while it runs
+        i += 1
+        assert i < 100_000, "no compaction started"
+        store.set("busy", i)
+    for _ in range(5000):  # lines written during the compaction reach the new file too
+        i += 1
+        store.set("busy", i)
+        store.set(f"c{i % 50}", i)
+        want[f"c{i % 50}"] = i
+    want["busy"] = i
+    store.wait_compacted()
+    assert store.compaction_error is None and not store.compacting
+    assert store.items() == dict(sorted(want.items()))
+    store.close()
+    again = CursorStore(str(tmp_path))
+    assert again.items() == dict(sorted(want.items())) and again.bad_lines_skipped == 0
+    again.close()
     assert not (tmp_path / (FILE + ".tmp")).exists()
 
 

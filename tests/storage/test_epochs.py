@@ -9,6 +9,7 @@ import pytest
 from logd.errors import NotFoundError, StorageError
 from logd.storage import Log, closed_head
 from logd.storage.epochs import FILE, Epochs
+from logd.storage.files import replace_durably
 from logd.storage.record import decode_record
 from logd.storage.truncate import dropped_name
 
@@ -148,3 +149,11 @@ def test_truncate_after_a_clean_close_lowers_the_closed_head(tmp_path: Path) -> 
     again = Log(str(tmp_path), segment_bytes=200)
     assert again.head == 22
     again.close()
+
+
+def test_replace_durably_swaps_the_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "FILE"
+    path.write_bytes(b"old\n")
+    replace_durably(str(path), b"new\n" * 1000)
+    assert path.read_bytes() == b"new\n" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["FILE"]  # no temp file left behind

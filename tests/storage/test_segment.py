@@ -219,6 +219,22 @@ def test_closed_index_rebuild_refuses_a_short_segment(template: Path, tmp_path: 
     assert not list(d.glob("*.tmp"))
 
 
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_refusing_a_damaged_closed_segment_closes_the_active_one(template: Path, tmp_path: Path) -> None:
+    # Review finding: the active segment, recovered first, kept its two descriptors open.
+    d = copy_of(template, tmp_path)
+    path = log_files(d)[1]
+    os.truncate(path, path.stat().st_size - 10)
+    path.with_suffix(".idx").unlink()
+    before = open_fds()
+    with pytest.raises(DamagedLogError):
+        Log(str(d))
+    assert open_fds() == before
+
+
 @pytest.mark.parametrize("how", ["zeroed tail", "swapped", "huge", "past the end"])
 def test_closed_index_of_right_size_but_wrong_entries_never_gives_wrong_data(
     template: Path, tmp_path: Path, how: str
