@@ -23,9 +23,12 @@ import os
 import re
 import threading
 
+import structlog
 from crc32c import crc32c
 
 from .files import fsync_dir, replace_durably, write_all
+
+log = structlog.get_logger("logd.cursors")
 
 FILE = "CURSORS"
 MAX_NAME = 64
@@ -230,6 +233,7 @@ class CursorStore:
         except OSError as exc:
             # The current file is untouched and still appended to: only the compaction is lost.
             self.compaction_error = exc
+            log.warning("cursor_compaction_failed", path=self.path, error=str(exc), hint="CURSORS keeps growing")
             with self._write_lock:
                 self._written_meanwhile = None
             if fd >= 0:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from crc32c import crc32c
 
 from logd.protocol.replica import CursorCommit, ReplicaStreamParser, StreamOk, cursor_marker
@@ -133,3 +134,20 @@ def test_follower_parser_reads_cursor_markers() -> None:
         assert got[-1] == CursorCommit("c", 1), cut
     with pytest.raises(Exception, match="unexpected line"):
         ReplicaStreamParser(1).feed(b"OK\r\n+CURSOR b@d 1\r\n")
+
+
+def test_a_failed_compaction_is_logged_and_loses_nothing(tmp_path: Path) -> None:
+    store = CursorStore(str(tmp_path))
+    (tmp_path / (FILE + ".tmp")).mkdir()  # the compacted file cannot be created: EISDIR
+    with structlog.testing.capture_logs() as logs:
+        i = 0
+        while not store.compacting:
+            i += 1
+            assert i < 100_000, "no compaction started"
+            store.set("busy", i)
+        store.wait_compacted()
+    assert isinstance(store.compaction_error, OSError)
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["cursor_compaction_failed"]
+    store.set("after", 1)
+    store.close()
+    assert CursorStore(str(tmp_path)).items() == {"after": 1, "busy": i}
