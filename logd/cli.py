@@ -115,7 +115,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
     """
     from .auth import is_loopback
     from .logging import configure_logging
-    from .server import run
+    from .runner import run
 
     resolved = _resolve(flags, config_file)
     config = resolved.config

@@ -1,50 +1,41 @@
 """asyncio wiring: the listener, connections -> queue -> replies, commit fan-out, stop.
 
 `LogServer` holds the state (config, log, append queue, connections, parked
-streams, replicas); `serve` runs it until a signal or SHUTDOWN; `run` is the
-CLI's blocking entry point. The per-connection protocol is in `connection.py`.
+streams, replicas). Its parts: `roles.py` (leader, read-only, follower; epochs),
+`housekeeping.py` (sweeps, retention, reloads); `runner.py` runs it. The
+per-connection protocol is in `connection.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import signal
-import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import structlog
 
 from . import __version__, protocol, systemd, tls
 from .access import AuthGate, LogLimiter
-from .auth import AuthFileError, load_table, loose_permissions
+from .auth import load_table, loose_permissions
 from .budgets import Budgets
 from .config import Config
 from .connection import Connection
 from .cursor_commands import ServerCursors
 from .errors import (
     BusyError,
-    CorruptRecordError,
-    DeniedError,
-    DivergedError,
-    FencedError,
     HandshakeAnswer,
-    IdleTimeoutError,
     LogdError,
-    ReadOnlyError,
     ServerError,
     UnavailableError,
 )
 from .fdlimit import fit_connections
+from .housekeeping import Housekeeping
 from .listener import Listener, bind_all, resolve
-from .logging import configure_logging
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
-from .replication.leader import replicate_handshake
+from .roles import Roles
 from .storage import Log, watermark
 from .storage.epochs import Epochs
 from .streams import STREAM_CHUNK, ParkedStreams, Stream
@@ -54,12 +45,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("logd.server")
 
-WATERMARK_SAVE_S = 1.0  # how often a changed high watermark is saved (--min-replicas)
 EXIT_FAIL_STOPPED = 5  # the server stopped after a fail-stop (see LogServer.fail_stop)
-STOP_GRACE_S = 5.0  # beyond shutdown_timeout, for the final commit and sync, before a signal forces the exit
 
 
-class LogServer:
+class LogServer(Roles, Housekeeping):
     """The server state: config, log, queue, connections, streams, budgets."""
 
     def __init__(self, config: Config) -> None:
@@ -174,18 +163,6 @@ class LogServer:
         await self._stop.wait()
         systemd.notify("STOPPING=1")
         await self.shutdown()
-
-    def reload(self, read_config: Callable[[], Config]) -> None:
-        """SIGHUP: read the configuration again and apply what can change while running (log level)."""
-        try:
-            new = read_config()
-        except ValueError as exc:  # a bad edit to the file: keep running as before
-            log.error("reload_failed", error=str(exc))
-            return
-        if new.log_level != self.config.log_level:
-            configure_logging(self.config.log_format, new.log_level)
-            self.config = replace(self.config, log_level=new.log_level)
-        log.warning("config_reloaded", log_level=self.config.log_level)
 
     async def shutdown(self) -> None:
         """Stop accepting, commit what is in flight, close streams with +EOF, close the log."""
@@ -355,134 +332,7 @@ class LogServer:
                     stream.pump()
                     stream.sink.flush()  # type: ignore[attr-defined]
 
-    # --- replication hooks ------------------------------------------------------------
-
-    def visible_head(self) -> int:
-        """The highest id readers may see: the commit point, capped by the high
-        watermark (with --min-replicas, or on a follower, the leader's)."""
-        head = self.log.head
-        if self.follower is not None:
-            return min(head, self.follower.leader_visible)
-        if self.replication.min_replicas:
-            return min(head, self.replication.hw)
-        return head
-
-    def replica_ack(self, stream: Stream, id: int) -> None:
-        """A replica holds everything up to ``id``."""
-        if self.replication.ack(stream, id):
-            self.replication.release()
-            self.wake_streams()
-            # Replicas cap their readers at our high watermark: tell the idle ones.
-            for s in list(self.replica_streams):
-                if s.parked:
-                    s.send_position()
-
-    def send_cursor_markers(self) -> None:
-        """A cursor moved: replica streams waiting for records get its ``+CURSOR`` marker now."""
-        for s in list(self.replica_streams):  # a copy: a write may drop a stream (budgets)
-            if s.parked:
-                s.send_cursors()
-
-    def refuse_writes(self, peer: str = "-") -> None:
-        """REFUSE: stop accepting MSG (failover: the old leader steps down); reads go on.
-
-        Recorded in the data dir first, so a restart stays read-only until ACCEPT.
-        """
-        try:
-            self.epochs.see(self.epochs.seen, refused=True)
-        except OSError as exc:
-            raise UnavailableError(f"cannot record REFUSE: {exc}") from None
-        if not self.read_only:
-            log.warning("writes_refused", head=self.log.head, peer=peer)
-        self.read_only = True
-
-    def accept_writes(self, peer: str = "-", next_id: int | None = None) -> None:
-        """ACCEPT [next_id]: stop following (if we were) and accept MSG from the next id.
-
-        A server that was not writable starts a new epoch (the highest seen +
-        1) at its next id, durably, before it takes any MSG. With ``next_id``
-        it refuses (`DeniedError`) unless that is its next id, so an operator
-        promotes exactly the replica they checked.
-        """
-        nxt = self.log.written + 1
-        if next_id is not None and next_id != nxt:
-            raise DeniedError(f"ACCEPT {next_id}: this server's next id is {nxt} (nothing changed)")
-        if self.follower is None and not self.read_only:
-            return  # already a leader: same epoch
-        epoch = max(self.epochs.seen, self.epochs.current) + 1
-        try:
-            self.epochs.start(epoch, nxt, refused=False)
-        except OSError as exc:
-            raise UnavailableError(f"cannot record the new epoch: {exc}") from None
-        follower, self.follower = self.follower, None
-        if follower is not None:
-            # What the old leader's readers could see stays visible here.
-            self.replication.hw = max(self.replication.hw, follower.leader_visible)
-            follower.cancel()
-        log.warning("promoted", former_leader=follower.leader if follower else None, head=self.log.head,
-                    epoch=epoch, first_id=nxt, peer=peer)
-        self.read_only = False
-        self.fenced_by = None
-        self.leader_address = None
-        self.wake_streams()  # readers may see more now (the follower's cap is gone)
-
-    def step_down(self, epoch: int, replica: str) -> None:
-        """A replica has seen a newer epoch than ours: a newer leader exists, so stop taking writes
-        (as a Raft leader on a higher term). Durable, like REFUSE; held MSG replies fail."""
-        if epoch <= self.epochs.current:
-            return
-        try:
-            self.epochs.see(epoch, refused=True if self.follower is None else None)
-        except OSError as exc:
-            log.error("step_down_not_recorded", error=str(exc))
-        if self.follower is None:
-            if not self.read_only or self.fenced_by is None:
-                log.warning("stepped_down", epoch=self.epochs.current, newer_epoch=epoch, replica=replica,
-                            head=self.log.head)
-            self.read_only = True
-            self.fenced_by = epoch
-            self.replication.abandon("before this leader stepped down (a newer epoch exists)")
-
-    def replica_handshake(self, cmd: protocol.Replicate, peer: str) -> tuple[bytes, bool]:
-        """A REPLICATE with epochs: the OK line, and whether records follow it (else close after it).
-
-        Raises `FencedError` (after stepping down) when the replica has seen
-        a newer epoch than ours.
-        """
-        assert cmd.seen is not None
-        if max(cmd.seen, cmd.epoch or 0) > self.epochs.current:
-            self.step_down(max(cmd.seen, cmd.epoch or 0), peer)
-            raise FencedError(
-                f"this server's epoch {self.epochs.current} is older than epoch {cmd.seen} "
-                f"the replica has seen; it no longer accepts writes"
-            )
-        return replicate_handshake(self.epochs, cmd, self.log.head + 1, self.replication.min_replicas)
-
-    def reload_auth(self) -> None:
-        """SIGHUP: reread the auth file. New AUTHs use it at once; connections whose token was
-        removed are closed, others take their token's new role (protocol.md 3.7)."""
-        path = self.config.auth_file
-        if path is None:
-            log.warning("auth_reload_ignored", reason="started without --auth-file")
-            return
-        try:
-            table = load_table(path)
-        except AuthFileError as exc:
-            log.error("auth_reload_failed", error=str(exc), kept_tokens=len(self.gate.table or ()))
-            return
-        self.gate.table = table
-        revoked = [c for c in list(self.connections) if not c.auth.rebind(table)]
-        for conn in revoked:
-            conn.drop(DeniedError("token revoked"))
-        log.warning("auth_reloaded", tokens=len(table), connections_closed=len(revoked))
-
-    def _tls_failed(self, peer: str, why: str) -> None:
-        """A TLS handshake failed (bad certificate, plain TCP client, ...): one line, rate-limited."""
-        allowed, held = self.tls_failure_log.allow()
-        if held:
-            log.warning("tls_failures_not_logged", count=held, window_s=self.tls_failure_log.window)
-        if allowed:
-            log.warning("tls_handshake_failed", peer=peer, error=why)
+    # --- failures ----------------------------------------------------------------------
 
     def fail(self, exit_code: int, reason: str) -> None:
         """Stop the server with a non-zero exit status (e.g. a follower that diverged)."""
@@ -496,28 +346,13 @@ class LogServer:
             self.exit_code = EXIT_FAIL_STOPPED  # a later stop exits non-zero: it did not end well
             log.error("server_failed", reason=self.failure, hint="MSG is refused with ERR UNAVAILABLE; restart logd")
 
-    def check_replica_start(self, start: int, prev_crc: int | None) -> None:
-        """Refuse a follower whose history differs from ours (DIVERGED)."""
-        prev = start - 1
-        if prev > self.log.head:
-            raise DivergedError(f"follower is ahead: it has id {prev}, this server's head is {self.log.head}")
-        if prev_crc is None or prev < self.log.first or prev == 0:
-            return
-        try:
-            ours = self.log.crc_of(prev)
-        except CorruptRecordError as exc:
-            # Our copy of the follower's last record is damaged: we cannot tell
-            # whether the histories agree. The follower backs off and retries.
-            log.error("replica_start_corrupt", id=prev, error=str(exc), hint="run logd check on this server")
-            raise UnavailableError(
-                f"cannot check prev_crc: this server's record {prev} is corrupt ({exc}); run logd check here"
-            ) from None
-        if ours != prev_crc:
-            raise DivergedError(f"id {prev} differs: leader crc {ours:08x}, follower crc {prev_crc:08x}")
-
-    def readonly_error(self) -> ReadOnlyError:
-        where = self.leader_address or "-"
-        return ReadOnlyError(f"{where} this server does not accept writes")
+    def _tls_failed(self, peer: str, why: str) -> None:
+        """A TLS handshake failed (bad certificate, plain TCP client, ...): one line, rate-limited."""
+        allowed, held = self.tls_failure_log.allow()
+        if held:
+            log.warning("tls_failures_not_logged", count=held, window_s=self.tls_failure_log.window)
+        if allowed:
+            log.warning("tls_handshake_failed", peer=peer, error=why)
 
     # --- figures ------------------------------------------------------------------------
 
@@ -564,140 +399,3 @@ class LogServer:
         figures.update(self.replication.stats())
         figures.update(self.cursors.stats(figures["head"]))  # type: ignore[arg-type]
         return figures
-
-    # --- housekeeping ---------------------------------------------------------------------
-
-    async def _sweeper(self) -> None:
-        """Drop stalled streams and idle connections; recount output while streams wait for the budget."""
-        stall = self.config.tail_stall_timeout
-        idle = self.config.idle_timeout or 0.0
-        period = max(0.05, min(1.0, stall / 4, idle / 4 if idle else 1.0))
-        while True:
-            await asyncio.sleep(0.05 if self.budgets.throttled else period)
-            now = time.monotonic()
-            if self.budgets.throttled or self.budgets.output_over():
-                self.budgets.recount_output(self.connections)
-                if self.budgets.throttled and not self.budgets.output_over():
-                    self._room()  # the edge may have passed while _room ran: do not leave them waiting
-            for conn in list(self.stalled):
-                if conn.transport is None:
-                    continue
-                unsent = conn.transport.get_write_buffer_size()
-                if unsent < conn.stall_mark:  # its peer reads, however slowly: not stalled
-                    conn.stall_mark, conn.stalled_since = unsent, now
-                elif conn.stream is not None and now - conn.stalled_since > stall:
-                    log.warning("stream_stalled", peer=conn.peer, seconds=round(now - conn.stalled_since, 1))
-                    conn.drop(BusyError(f"stream output not read for {stall:g} s"))
-                elif conn.session.closed and now - conn.stalled_since > stall:
-                    conn.transport.abort()  # closed, and its peer has read nothing since: free the buffer
-            if idle:
-                for conn in list(self.connections):
-                    if conn.active:
-                        conn.active, conn.last_active = False, now
-                    elif conn.session.idle and not conn.session.closing and now - conn.last_active > idle:
-                        conn.close(protocol.error_reply(IdleTimeoutError(f"no command for {idle:g} s")))
-
-    async def _watermark_saver(self) -> None:
-        saved = -1
-        while True:
-            hw = self.replication.hw
-            if hw != saved:
-                self.save_watermark()
-                saved = hw
-            await asyncio.sleep(WATERMARK_SAVE_S)
-
-    def save_watermark(self) -> None:
-        """Keep the high watermark for a restart (--min-replicas); a failure only costs visibility.
-
-        While following, the file is the follower's acknowledged floor (it saves it itself):
-        the leader-side value, frozen since start, must not write over it.
-        """
-        if self.follower is not None:
-            return
-        try:
-            watermark.save(self.config.data_dir, self.replication.hw)
-        except OSError as exc:
-            log.warning("watermark_not_saved", error=str(exc))
-
-    async def _retention_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            keep = self.cursors.keep_from() if self.config.retention_keep_cursors else None
-            deleted = self.log.apply_retention(keep_from=keep, cap_bytes=self.config.retention_cap_bytes)
-            self.retention_passes += 1
-            if deleted:
-                log.info("retention_deleted", segments=deleted, first=self.log.first)
-            if self.log.forced:
-                log.warning("retention_dropped_for_cursors", segments=self.log.forced, first=self.log.first,
-                            needed_from=keep, cap_bytes=self.config.retention_cap_bytes)
-
-
-async def serve(
-    config: Config,
-    ready: Callable[[str, int], None] | None = None,
-    reload: Callable[[], Config] | None = None,
-    metrics_ready: Callable[[str, int], None] | None = None,
-) -> int:
-    """Run a server until it is asked to stop (signal or SHUTDOWN); return the exit status.
-
-    ``ready`` and ``metrics_ready`` are told where the server and its metrics
-    endpoint listen. ``reload`` (SIGHUP) returns the configuration read
-    afresh; its reloadable parts (the log level) are applied.
-    """
-    server = LogServer(config)
-    host, port = await server.start()
-    loop = asyncio.get_running_loop()
-    signals = {"count": 0}
-
-    def on_signal(sig: signal.Signals) -> None:
-        signals["count"] += 1
-        if signals["count"] > 1:
-            log.warning("forced_exit", signal=sig.name)
-            os._exit(1)
-        server.request_stop(sig.name)
-        # Whatever state the server is in (a stuck task, a hung disk), a
-        # signal stops the process: a thread that needs no event loop.
-        grace = 2 * config.shutdown_timeout + STOP_GRACE_S  # shutdown() allows up to twice the timeout
-        watchdog = threading.Timer(grace, _force_exit, args=(sig.name, grace))
-        watchdog.daemon = True
-        watchdog.start()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, on_signal, sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
-    def on_hangup() -> None:
-        # SIGHUP: the config file's reloadable settings, and the auth file.
-        if reload is not None:
-            server.reload(reload)
-        server.reload_auth()
-
-    try:
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    except (NotImplementedError, RuntimeError):
-        pass
-    if ready is not None:
-        ready(host, port)
-    if metrics_ready is not None and server.metrics is not None:
-        metrics_ready(*server.metrics.address)
-    systemd.notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")
-    await server.wait_stopped()
-    return server.exit_code
-
-
-def _force_exit(signal_name: str, after_s: float) -> None:
-    log.error("forced_exit", signal=signal_name, reason="graceful stop did not finish", after_s=after_s)
-    os._exit(EXIT_FAIL_STOPPED)
-
-
-def run(
-    config: Config,
-    ready: Callable[[str, int], None] | None = None,
-    reload: Callable[[], Config] | None = None,
-    metrics_ready: Callable[[str, int], None] | None = None,
-) -> int:
-    """Blocking entry point for the CLI: uvloop, then `serve`; returns the exit status."""
-    import uvloop
-
-    return uvloop.run(serve(config, ready, reload, metrics_ready))
