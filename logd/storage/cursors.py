@@ -141,7 +141,7 @@ class CursorStore:
             self._size += len(line)
             if self._written_meanwhile is not None:
                 self._written_meanwhile.append(line)
-        self._dirty = True  # after the write: a sync that sees it set starts after the line is in the file
+            self._dirty = True  # with the write: `sync` reads the file and the flag under this lock
         self._cursors[name] = id
         self.version += 1
         if self._compactor is None and self._size > COMPACT_MIN_BYTES and self._size > 4 * self._live_bytes():
@@ -155,17 +155,22 @@ class CursorStore:
     def sync(self) -> None:
         """Make every committed line durable (fdatasync), if any was written since the last sync."""
         with self._sync_lock:
-            fd = self._fd  # read before the flag: a compaction sets the flag before it swaps the file
-            if self._dir_unsynced:
-                # Lines in a renamed-in file are durable only once the rename is.
-                fsync_dir(self.directory)
-            if not self._dirty:
-                return
-            self._dirty = False  # before the sync: a line written during it makes the file dirty again
+            # The file, the flags and the lines in it are read together: a compaction swaps
+            # the file under the same lock, so the flag cleared here is for lines this fd holds
+            # (read apart, a swap and a line between them left that line unsynced, flag cleared).
+            with self._write_lock:
+                fd = self._fd
+                dir_unsynced = self._dir_unsynced
+                dirty, self._dirty = self._dirty, False  # a line written during the sync dirties it again
             try:
-                os.fdatasync(fd)
+                if dir_unsynced:
+                    # Lines in a renamed-in file are durable only once the rename is.
+                    fsync_dir(self.directory)
+                if dirty:
+                    os.fdatasync(fd)
             except OSError:
-                self._dirty = True
+                if dirty:
+                    self._dirty = True
                 raise
 
     def compact(self) -> None:
