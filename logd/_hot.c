@@ -276,6 +276,53 @@ take_decimal(const unsigned char *p, const unsigned char *end, unsigned char sto
     return q;
 }
 
+/* The record at p, if it is whole in [p, end), well formed and has the id in
+ * idbuf (id_width digits) and a matching CRC: sets *body, *len and *after (its
+ * trailing CRLF) and returns 1. Returns 0 where the Python code must decide
+ * (cut off, malformed, another id, a CRC mismatch), -1 with an exception set. */
+static int
+take_record(const unsigned char *p, const unsigned char *end, const char *idbuf, int id_width,
+            const unsigned char **body_out, uint64_t *len_out, const unsigned char **after_out)
+{
+    Py_ssize_t room = end - p < MAX_HEADER ? end - p : MAX_HEADER;
+    const unsigned char *nl = memchr(p, '\n', (size_t)room);
+    if (nl == NULL)
+        return 0;
+    /* "+<id> " */
+    if (nl - p < id_width + 2 || memcmp(p + 1, idbuf, (size_t)id_width) != 0 || p[1 + id_width] != ' ')
+        return 0;
+    uint64_t len;
+    const unsigned char *q = take_decimal(p + 2 + id_width, nl, ' ', &len);
+    /* " <8 hex>\r\n": the space is at q, the LF must be 10 bytes later. */
+    if (q == NULL || nl - q != 10 || nl[-1] != '\r')
+        return 0;
+    uint32_t crc = 0;
+    for (const unsigned char *h = q + 1; h < q + 9; h++) {
+        unsigned c = *h;
+        if (c >= '0' && c <= '9')
+            crc = crc << 4 | (c - '0');
+        else if (c >= 'a' && c <= 'f')
+            crc = crc << 4 | (c - 'a' + 10);
+        else
+            return 0;
+    }
+    const unsigned char *body = nl + 1;
+    if (len > (uint64_t)(end - body) || end - body - (Py_ssize_t)len < 2)
+        return 0;
+    const unsigned char *after = body + len;
+    if (after[0] != '\r' || after[1] != '\n')
+        return 0;
+    int64_t actual = crc_of(body, (Py_ssize_t)len);
+    if (actual < 0)
+        return -1;
+    if ((uint32_t)actual != crc)
+        return 0;
+    *body_out = body;
+    *len_out = len;
+    *after_out = after;
+    return 1;
+}
+
 PyDoc_STRVAR(verify_records_doc,
              "verify_records(data, pos, next_id, bodies=None) -> (end, count, offsets)\n\n"
              "Check consecutive records in ``data`` from ``pos``, the first with id\n"
@@ -319,44 +366,15 @@ verify_records(PyObject *self, PyObject *args)
     put_decimal(idbuf, next_id, id_width);
     const unsigned char *p = data + pos;
     while (end - p >= 2 && p[0] == '+' && p[1] >= '0' && p[1] <= '9') {
-        Py_ssize_t room = end - p < MAX_HEADER ? end - p : MAX_HEADER;
-        const unsigned char *nl = memchr(p, '\n', (size_t)room);
-        if (nl == NULL)
-            break;
-        /* "+<id> " */
-        if (nl - p < id_width + 2 || memcmp(p + 1, idbuf, (size_t)id_width) != 0 || p[1 + id_width] != ' ')
-            break;
+        const unsigned char *body, *after;
         uint64_t len;
-        const unsigned char *q = take_decimal(p + 2 + id_width, nl, ' ', &len);
-        /* " <8 hex>\r\n": the space is at q, the LF must be 10 bytes later. */
-        if (q == NULL || nl - q != 10 || nl[-1] != '\r')
-            break;
-        uint32_t crc = 0;
-        int ok = 1;
-        for (const unsigned char *h = q + 1; h < q + 9; h++) {
-            unsigned c = *h;
-            if (c >= '0' && c <= '9')
-                crc = crc << 4 | (c - '0');
-            else if (c >= 'a' && c <= 'f')
-                crc = crc << 4 | (c - 'a' + 10);
-            else {
-                ok = 0;
-                break;
-            }
-        }
-        const unsigned char *body = nl + 1;
-        if (!ok || len > (uint64_t)(end - body) || end - body - (Py_ssize_t)len < 2)
-            break;
-        const unsigned char *after = body + len;
-        if (after[0] != '\r' || after[1] != '\n')
-            break;
-        int64_t actual = crc_of(body, (Py_ssize_t)len);
-        if (actual < 0) {
+        int taken = take_record(p, end, idbuf, id_width, &body, &len, &after);
+        if (taken < 0) {
             PyMem_Free(offs);
             PyBuffer_Release(&buf);
             return NULL;
         }
-        if ((uint32_t)actual != crc)
+        if (taken == 0)
             break;
         if (count == cap) {
             uint64_t *grown = PyMem_Realloc(offs, (size_t)cap * 2 * sizeof(uint64_t));
@@ -783,39 +801,12 @@ record_rows(PyObject *self, PyObject *args)
     uint64_t id = next_id;
     const unsigned char *p = data + pos;
     while (end - p >= 2 && p[0] == '+' && p[1] >= '0' && p[1] <= '9') {
-        Py_ssize_t room = end - p < MAX_HEADER ? end - p : MAX_HEADER;
-        const unsigned char *nl = memchr(p, '\n', (size_t)room);
-        if (nl == NULL)
-            break;
-        if (nl - p < id_width + 2 || memcmp(p + 1, idbuf, (size_t)id_width) != 0 || p[1 + id_width] != ' ')
-            break;
+        const unsigned char *body, *after;
         uint64_t len;
-        const unsigned char *q = take_decimal(p + 2 + id_width, nl, ' ', &len);
-        if (q == NULL || nl - q != 10 || nl[-1] != '\r')
-            break;
-        uint32_t crc = 0;
-        int ok = 1;
-        for (const unsigned char *h = q + 1; h < q + 9; h++) {
-            unsigned c = *h;
-            if (c >= '0' && c <= '9')
-                crc = crc << 4 | (c - '0');
-            else if (c >= 'a' && c <= 'f')
-                crc = crc << 4 | (c - 'a' + 10);
-            else {
-                ok = 0;
-                break;
-            }
-        }
-        const unsigned char *body = nl + 1;
-        if (!ok || len > (uint64_t)(end - body) || end - body - (Py_ssize_t)len < 2)
-            break;
-        const unsigned char *after = body + len;
-        if (after[0] != '\r' || after[1] != '\n')
-            break;
-        int64_t actual = crc_of(body, (Py_ssize_t)len);
-        if (actual < 0)
+        int taken = take_record(p, end, idbuf, id_width, &body, &len, &after);
+        if (taken < 0)
             goto fail;
-        if ((uint32_t)actual != crc)
+        if (taken == 0)
             break;
         PyObject *py_id = PyLong_FromUnsignedLongLong(id);
         if (py_id == NULL)

@@ -146,19 +146,9 @@ class Connection(ConnectionBackend, asyncio.Protocol):
             return True  # other replies come first, or with it: flush sends them in order
         tr.write(data)
         unsent = tr.get_write_buffer_size()
-        budgets = self.budgets
         if unsent != self.unsent:
-            budgets.output_changed(self, unsent)
-        # As at the end of flush: anything held back needs a look at the budgets.
-        return bool(
-            self.read_paused
-            or self.held
-            or session.waiting_bytes
-            or session.partial_bytes
-            or session.closing
-            or budgets.over
-            or session.inflight_bytes > budgets.conn_input
-        )
+            self.budgets.output_changed(self, unsent)
+        return self._holds_back(session)
 
     def flush(self) -> None:
         """Write every reply the session has ready; start a new stream; close when it says so."""
@@ -192,7 +182,13 @@ class Connection(ConnectionBackend, asyncio.Protocol):
             if unsent != self.unsent:
                 budgets.output_changed(self, unsent)
         # The common case (a MSG waiting for its commit, nothing held back) needs no more.
-        if (
+        if self._holds_back(session) or session.backlog:
+            self._budget()
+
+    def _holds_back(self, session: ServerSession) -> bool:
+        """Reading paused, input held, closing, or over a budget: `_budget` must have a look."""
+        budgets = self.budgets
+        return bool(
             self.read_paused
             or self.held
             or session.waiting_bytes
@@ -200,9 +196,7 @@ class Connection(ConnectionBackend, asyncio.Protocol):
             or session.closing
             or budgets.over
             or session.inflight_bytes > budgets.conn_input
-            or session.backlog
-        ):
-            self._budget()
+        )
 
     def _budget(self) -> None:
         """Count what this connection holds; read from it only while it is within the budgets."""
