@@ -87,6 +87,9 @@ class CursorStore:
         self._written_meanwhile: list[bytes] | None = None  # lines `set` wrote while a compaction runs
         self._dir_unsynced = False  # a compaction renamed the file and has not fsynced the dir yet
         self.compaction_error: OSError | None = None  # the last background compaction's failure
+        # The file size past which a compaction may start: after a failed one, twice the size it
+        # failed at, so a lasting fault costs a thread and a log line per doubling, not per COMMIT.
+        self._compact_past = COMPACT_MIN_BYTES
         self._cursors: dict[str, int] = {}
         self._dirty = False
         self.version = 0  # bumped on every change, so a replica feed can tell nothing moved
@@ -144,7 +147,7 @@ class CursorStore:
             self._dirty = True  # with the write: `sync` reads the file and the flag under this lock
         self._cursors[name] = id
         self.version += 1
-        if self._compactor is None and self._size > COMPACT_MIN_BYTES and self._size > 4 * self._live_bytes():
+        if self._compactor is None and self._size > self._compact_past and self._size > 4 * self._live_bytes():
             self._compact_in_background()
 
     @property
@@ -230,6 +233,7 @@ class CursorStore:
                     old, self._fd, fd = self._fd, fd, -1
                     self._written_meanwhile = None
                     self._size = size
+                    self._compact_past = COMPACT_MIN_BYTES
                     break
             with self._sync_lock:
                 os.close(old)
@@ -238,9 +242,10 @@ class CursorStore:
         except OSError as exc:
             # The current file is untouched and still appended to: only the compaction is lost.
             self.compaction_error = exc
-            log.warning("cursor_compaction_failed", path=self.path, error=str(exc), hint="CURSORS keeps growing")
             with self._write_lock:
                 self._written_meanwhile = None
+                self._compact_past = 2 * self._size
+            log.warning("cursor_compaction_failed", path=self.path, error=str(exc), retry_past_bytes=self._compact_past)
             if fd >= 0:
                 os.close(fd)
                 with contextlib.suppress(OSError):
