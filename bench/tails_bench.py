@@ -104,19 +104,27 @@ def fill(port: int, nbytes: int) -> None:
     s.close()
 
 
+def stats(s: socket.socket) -> bytes:
+    """Send STATS and return the lines after its ``OK <n>`` line, once all n have arrived."""
+    s.sendall(b"STATS\r\n")
+    buf = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError("logd closed the connection before answering STATS")
+        buf += chunk
+        head, _, rest = buf.partition(b"\r\n")
+        if head.startswith(b"OK ") and rest.count(b"\r\n") >= int(head[3:]):
+            return rest
+
+
 def settle_output(port: int, timeout: float = 30.0) -> None:
     """Wait until the server's unsent output (STATS output_bytes) stops growing: the tails are full."""
     s = connect(port)
     last, steady = -1, 0
     deadline = time.monotonic() + timeout
     while steady < 3 and time.monotonic() < deadline:
-        s.sendall(b"STATS\r\n")
-        buf = b""
-        while True:
-            buf += s.recv(65536)
-            head, _, rest = buf.partition(b"\r\n")
-            if head.startswith(b"OK ") and rest.count(b"\r\n") >= int(head[3:]):
-                break
+        rest = stats(s)
         now = int(dict(line.split(b" ", 1) for line in rest.split(b"\r\n") if b" " in line).get(b"output_bytes", 0))
         steady = steady + 1 if now == last and now > 0 else 0
         last = now
@@ -129,13 +137,7 @@ def stats_rtt_us(port: int, count: int = 300) -> float:
     times = []
     for _ in range(count):
         t0 = time.perf_counter()
-        s.sendall(b"STATS\r\n")
-        buf = b""
-        while True:
-            buf += s.recv(65536)
-            head, _, rest = buf.partition(b"\r\n")
-            if head.startswith(b"OK ") and rest.count(b"\r\n") >= int(head[3:]):
-                break
+        stats(s)
         times.append((time.perf_counter() - t0) * 1e6)
     s.close()
     return statistics.median(times)

@@ -116,7 +116,7 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         tr = self.transport
         if tr is not None:
             tr.write(data)
-            self.server.budgets.output_changed(self, tr.get_write_buffer_size())
+            self.budgets.output_changed(self, tr.get_write_buffer_size())
 
     def closing(self) -> bool:
         return self.session.closing
@@ -176,11 +176,10 @@ class Connection(ConnectionBackend, asyncio.Protocol):
                 continue  # the stream ended at once: what waited behind it acts now
             if not data or self.write_paused or not session.backlog:
                 break
-        budgets = self.server.budgets
         if wrote or self.unsent:
             unsent = tr.get_write_buffer_size()
             if unsent != self.unsent:
-                budgets.output_changed(self, unsent)
+                self.budgets.output_changed(self, unsent)
         # The common case (a MSG waiting for its commit, nothing held back) needs no more.
         if self._holds_back(session) or session.backlog:
             self._budget()
@@ -202,7 +201,7 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         """Count what this connection holds; read from it only while it is within the budgets."""
         if self.transport is None or self.lost:
             return
-        budgets = self.server.budgets
+        budgets = self.budgets
         pause = budgets.update(self) or self.server.stopping
         if pause != self.read_paused:
             self.read_paused = pause

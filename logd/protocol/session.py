@@ -451,15 +451,7 @@ class ServerSession:
         to be taken) act first, up to the output limit; the caller passes
         False while its peer is not reading what it was sent.
         """
-        replies = self._replies
-        if replies:
-            if len(replies) == 1 and not self._out and not self._waiting:
-                # The hot path: one MSG's reply, nothing else to send.
-                first = replies[0]
-                if type(first) is AppendReply and first.reply is not None:
-                    replies.clear()
-                    self.inflight_bytes -= first.nbytes
-                    return first.reply
+        if self._replies:
             self._settled()
         if act and self._waiting and self.stream is None:
             self._run_waiting()

@@ -35,66 +35,59 @@ def _head(server) -> int:  # type: ignore[no-untyped-def]
         return client.head()
 
 
-def test_postgres_killed_9_and_restarted_under_a_live_writer(
-    start_server, postgres_server, postgres_db: TargetDB, tmp_path: Path  # type: ignore[no-untyped-def]
-) -> None:
-    server = start_server("--fsync", "never")
-    rng = random.Random(1616)
-    writer = Writer(server, limit=100_000)
+def _crash_under_a_live_writer(server, db: TargetDB, tmp_path: Path, crash, seed: int,  # type: ignore[no-untyped-def]
+                               logd_crashes: bool = False):
+    """Sink ``server`` into ``db`` under a live writer; ``crash()`` (which returns the logd server
+    to use from then on) at CRASHES moments; then the sink catches up, stops on SIGTERM, and a
+    ``--once`` run finds nothing left. Returns the server, the log's records and the sink's stderr."""
+    rng = random.Random(seed)
+    writer = Writer(server, limit=100_000, tolerate_errors=logd_crashes)  # its MSGs fail while logd is down
     writer.start()
     stderr = tmp_path / "sink.stderr"
-    sink = start_sink(server, postgres_db.url, "ev", "--create", "--batch", "500", "--log-format", "json",
+    sink = start_sink(server, db.url, "ev", "--create", "--batch", "500", "--log-format", "json",
                       "--retry-max-s", "0.5", stderr=stderr)
     try:
-        for crash in range(CRASHES):
-            goal = _delivered(postgres_db) + rng.randrange(100, 2000)
-            wait_for(lambda goal=goal: _delivered(postgres_db) >= goal, 60, f"progress before crash {crash}")
-            postgres_server.kill()  # postmaster and backends, SIGKILL: crash recovery at the next start
-            postgres_server.start()
+        for n in range(CRASHES):
+            goal = _delivered(db) + rng.randrange(100, 2000)
+            wait_for(lambda goal=goal: _delivered(db) >= goal, 60, f"progress before crash {n}")
+            server = crash(server)
         writer.stop()
         head = _head(server)
-        wait_for(lambda: _delivered(postgres_db) == head, 60, "the sink to catch up")
+        wait_for(lambda: _delivered(db) == head, 60, "the sink to catch up")
         sink.send_signal(signal.SIGTERM)
         assert sink.wait(30) == 0, stderr.read_text()
     finally:
         if sink.poll() is None:
             sink.kill()
             sink.wait()
-    once = run_sink(server, postgres_db.url, "ev", "--once")
+    once = run_sink(server, db.url, "ev", "--once")
     assert once.returncode == 0, once.stderr
-    assert postgres_db.rows("ev") == log_records(server)
-    assert stderr.read_text().count('"sink_retrying"') >= CRASHES  # it did see the database go, each time
+    log = log_records(server)
+    assert db.rows("ev") == log
+    assert len(log) == head
+    return stderr.read_text()
+
+
+def test_postgres_killed_9_and_restarted_under_a_live_writer(
+    start_server, postgres_server, postgres_db: TargetDB, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    def crash(server):  # type: ignore[no-untyped-def]
+        postgres_server.kill()  # postmaster and backends, SIGKILL: crash recovery at the next start
+        postgres_server.start()
+        return server
+
+    stderr = _crash_under_a_live_writer(start_server("--fsync", "never"), postgres_db, tmp_path, crash, 1616)
+    assert stderr.count('"sink_retrying"') >= CRASHES  # it did see the database go, each time
 
 
 def test_logd_killed_9_and_restarted_under_a_live_writer(
     start_server, sqlite_db: TargetDB, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    server = start_server("--fsync", "never")
-    rng = random.Random(1617)
-    writer = Writer(server, limit=100_000, tolerate_errors=True)
-    writer.start()
-    stderr = tmp_path / "sink.stderr"
-    sink = start_sink(server, sqlite_db.url, "ev", "--create", "--batch", "500", "--log-format", "json",
-                      "--retry-max-s", "0.5", stderr=stderr)
-    try:
-        for crash in range(CRASHES):
-            goal = _delivered(sqlite_db) + rng.randrange(100, 2000)
-            wait_for(lambda goal=goal: _delivered(sqlite_db) >= goal, 60, f"progress before crash {crash}")
-            server.kill()
-            server = start_server("--fsync", "never", data_dir=server.data_dir, port=server.port)
-        writer.stop()
-        head = _head(server)
-        wait_for(lambda: _delivered(sqlite_db) == head, 60, "the sink to catch up")
-        sink.send_signal(signal.SIGTERM)
-        assert sink.wait(30) == 0, stderr.read_text()
-    finally:
-        if sink.poll() is None:
-            sink.kill()
-            sink.wait()
-    once = run_sink(server, sqlite_db.url, "ev", "--once")
-    assert once.returncode == 0, once.stderr
-    log = log_records(server)
-    assert sqlite_db.rows("ev") == log
-    assert len(log) == head
+    def crash(server):  # type: ignore[no-untyped-def]
+        server.kill()
+        return start_server("--fsync", "never", data_dir=server.data_dir, port=server.port)
+
+    stderr = _crash_under_a_live_writer(start_server("--fsync", "never"), sqlite_db, tmp_path, crash, 1617,
+                                        logd_crashes=True)
     # It did see logd go (the tail also reconnects by itself when logd is back quickly: not every crash shows).
-    assert '"sink_retrying"' in stderr.read_text()
+    assert '"sink_retrying"' in stderr
