@@ -7,8 +7,7 @@ hex digits. The file is synced with the log (`Log.attach`): under
 ``fsync=always`` a commit is acknowledged only after the group commit's
 sync covered its line. When the file has grown well past its live content
 it is rewritten (one line per cursor) to a temporary file, synced and
-renamed over, on a thread of its own so the server's loop never waits for
-those fsyncs (see `CursorStore._compact_in_background`).
+renamed over (see `CursorStore._compact_in_background`: inline for now).
 
 At open every line is checked; a bad or cut-off line (a torn tail after a
 crash, or zeros) is skipped, and if there was one the file is rewritten
@@ -207,8 +206,10 @@ class CursorStore:
         snapshot = b"".join(encode_line(name, id) for name, id in sorted(self._cursors.items()))
         with self._write_lock:
             self._written_meanwhile = []
-        self._compactor = threading.Thread(target=self._compact, args=(snapshot,), name="logd-cursors", daemon=True)
-        self._compactor.start()
+        # Run inline for now: with the compaction on a thread of its own, a kill -9 test lost an
+        # acknowledged line about once in twenty runs (tests/storage/test_crash.py), cause not found.
+        # Inline, no line can be written while it runs, so the copy loop takes nothing.
+        self._compact(snapshot)
 
     def _compact(self, data: bytes) -> None:
         tmp = self.path + ".tmp"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,6 @@ from crc32c import crc32c
 
 from logd.protocol.replica import CursorCommit, ReplicaStreamParser, StreamOk, cursor_marker
 from logd.storage import Log
-from logd.storage import cursors as cursors_module
 from logd.storage.cursors import COMPACT_MIN_BYTES, FILE, CursorStore, decode_lines, encode_line, valid_name
 
 
@@ -76,31 +73,6 @@ def test_compaction_bounds_the_file(tmp_path: Path) -> None:
     assert not (tmp_path / (FILE + ".tmp")).exists()
 
 
-def test_compaction_runs_beside_set_and_keeps_every_line(tmp_path: Path) -> None:
-    # Review finding: compaction fsynced on the caller's thread (the server's event loop).
-    store = CursorStore(str(tmp_path))
-    want: dict[str, int] = {}
-    i = 0
-    while not store.compacting:  # the set that starts a compaction returns while it runs
-        i += 1
-        assert i < 100_000, "no compaction started"
-        store.set("busy", i)
-    for _ in range(5000):  # lines written during the compaction reach the new file too
-        i += 1
-        store.set("busy", i)
-        store.set(f"c{i % 50}", i)
-        want[f"c{i % 50}"] = i
-    want["busy"] = i
-    store.wait_compacted()
-    assert store.compaction_error is None and not store.compacting
-    assert store.items() == dict(sorted(want.items()))
-    store.close()
-    again = CursorStore(str(tmp_path))
-    assert again.items() == dict(sorted(want.items())) and again.bad_lines_skipped == 0
-    again.close()
-    assert not (tmp_path / (FILE + ".tmp")).exists()
-
-
 def test_log_sync_syncs_the_cursor_file(tmp_path: Path) -> None:
     log = Log(str(tmp_path), fsync="always")
     store = CursorStore(str(tmp_path))
@@ -159,70 +131,3 @@ def test_a_failed_compaction_is_logged_and_loses_nothing(tmp_path: Path) -> None
     store.set("after", 1)
     store.close()
     assert CursorStore(str(tmp_path)).items() == {"after": 1, "busy": i}
-
-
-def test_a_line_written_after_a_swap_is_synced_even_if_a_sync_was_under_way(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Review finding: `sync` read the file, then cleared the dirty flag. A compaction swapping
-    the file in between and a line written to the new file left that line unsynced for good
-    (the flag cleared by a sync of the old file), while its COMMIT was answered OK."""
-    first_compaction_syncing_dir = threading.Event()
-    release_first = threading.Event()
-    sync_in_dir_fsync = threading.Event()
-    release_sync = threading.Event()
-    compactions = []
-    real_fsync_dir = cursors_module.fsync_dir
-
-    def fsync_dir(directory: str) -> None:
-        name = threading.current_thread().name
-        if name == "logd-cursors":
-            compactions.append(1)
-            if len(compactions) == 1:  # hold the first compaction with its rename not yet durable
-                first_compaction_syncing_dir.set()
-                assert release_first.wait(10)
-        elif name == "racing-sync":
-            sync_in_dir_fsync.set()
-            assert release_sync.wait(10)
-        real_fsync_dir(directory)
-
-    synced: list[int] = []
-    real_fdatasync = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        synced.append(os.fstat(fd).st_ino)
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(cursors_module, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(cursors_module.os, "fdatasync", fdatasync)
-    store = CursorStore(str(tmp_path))
-
-    def fill_until_compacting() -> None:
-        i = 0
-        while not store.compacting:
-            i += 1
-            assert i < 100_000, "no compaction started"
-            store.set("busy", i)
-
-    fill_until_compacting()  # the first compaction renames its file in, then waits in fsync_dir
-    assert first_compaction_syncing_dir.wait(10)
-    racer = threading.Thread(target=store.sync, name="racing-sync")
-    racer.start()  # sees the rename not yet durable: fsyncs the directory, and waits there
-    assert sync_in_dir_fsync.wait(10)
-    release_first.set()
-    store.wait_compacted()
-    before = os.stat(tmp_path / FILE).st_ino
-    fill_until_compacting()  # the second compaction renames its file in while the sync waits
-    deadline = time.monotonic() + 10
-    while os.stat(tmp_path / FILE).st_ino == before:  # renamed and swapped under one lock
-        assert time.monotonic() < deadline, "the second compaction did not swap the file"
-        time.sleep(0.001)
-    store.set("last", 1)  # a COMMIT line, in the new file
-    release_sync.set()
-    racer.join(10)
-    assert not racer.is_alive()
-    store.wait_compacted()
-    synced.clear()
-    store.sync()  # the sync of the COMMIT's round
-    assert os.stat(tmp_path / FILE).st_ino in synced, "the file holding the last line was never synced"
-    store.close()
