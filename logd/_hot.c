@@ -11,6 +11,9 @@
  * back, and the Python code takes it from there with its exact error
  * messages. So nothing here raises a protocol or storage error of its own.
  *
+ * The connection's MSG lane (the Lane and Hub types, ack_round, gather) is in
+ * _lane.c, built into this module.
+ *
  * Record format (protocol.md section 1): "+<id> <len> <crc>\r\n<body>\r\n",
  * id and len in canonical decimal, crc the CRC-32C of the body as 8
  * lowercase hex digits.
@@ -19,6 +22,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "_hot.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <nmmintrin.h>
@@ -548,7 +553,7 @@ PyDoc_STRVAR(msg_commands_doc,
 /* Append to ``out`` the bodies (a list each) of the complete MSG commands at
  * d[pos:], one after another, as msg_commands describes; return the position
  * after the last one taken, or -1 with an exception set. */
-static Py_ssize_t
+Py_ssize_t
 take_msg_run(const char *d, Py_ssize_t size, Py_ssize_t pos, Py_ssize_t max_line, long long max_message,
              long long max_batch, long long max_batch_bytes, PyObject *out)
 {
@@ -873,7 +878,7 @@ PyInit__hot(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "hardware_crc", have_hw_crc) < 0) {
+    if (PyModule_AddIntConstant(m, "hardware_crc", have_hw_crc) < 0 || lane_add_types(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

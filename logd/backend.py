@@ -82,6 +82,13 @@ class ConnectionBackend:
             token.acknowledge(last_id)  # type: ignore[attr-defined]
         return True
 
-    def batch_failed(self, token: object, error: LogdError) -> None:
+    def batch_failed(self, token: object, nbytes: int, error: LogdError) -> None:
         err = error if isinstance(error, ServerError) else UnavailableError(str(error))
-        token.resolve(protocol.error_reply(err))  # type: ignore[attr-defined]
+        if token is None:  # the lane's: its MSGs come before every reply the session holds
+            self.lane_failed(nbytes, protocol.error_reply(err))
+        else:
+            token.resolve(protocol.error_reply(err))  # type: ignore[attr-defined]
+
+    def lane_failed(self, nbytes: int, reply: bytes) -> None:
+        """A batch of the connection's lane failed: answer it with ``reply`` (the connection does)."""
+        raise NotImplementedError

@@ -53,7 +53,7 @@ class Budgets:
         was_over = self.over
         self.input_used += input_delta
         self.output_used += output_delta
-        self.over = self.input_over() or self.output_over() or self._queue.backlogged
+        self.over = self._queue.hub.over = self.input_over() or self.output_over() or self._queue.backlogged
         if (was_over and not self.over) or (input_delta < 0 and self.waiting_grant):
             self._on_room()
 
@@ -75,6 +75,7 @@ class Budgets:
             else:
                 self.waiting_grant[conn] = None
         held = waiting + (max(conn.granted, partial) if conn.granted else partial)
+        inflight = session.inflight_bytes + conn.fast_bytes  # the session's MSGs and its lane's
         if held != conn.held:
             delta, conn.held = held - conn.held, held
             self.charge(delta, 0)
@@ -82,10 +83,10 @@ class Budgets:
             session.closing
             or session.backlog  # commands wait for earlier replies or for output to be read
             or (conn.write_paused and conn.stream is None)
-            or waiting + session.inflight_bytes > self.conn_input
+            or waiting + inflight > self.conn_input
             or (declared > 0 and not conn.granted)
             or (waiting > 0 and self.input_over())
-            or (session.inflight_bytes > 0 and self._queue.backlogged)
+            or (inflight > 0 and self._queue.backlogged)
             or (conn.unsent > 0 and conn.stream is None and self.output_over())
         )
 

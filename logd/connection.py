@@ -1,6 +1,8 @@
 """One client connection: the asyncio adapter around a sans-IO `ServerSession`.
 
-Bytes received go to the session; the replies it has ready leave in one
+Whole MSGs, while nothing else goes on, take the connection's C lane
+(lane.py: its base class) straight to the append queue. Other bytes received
+(``slow_received``) go to the session; the replies it has ready leave in one
 ``transport.write``. The session decides what acts when (the order
 contract); this class carries out what it asks through the server (the
 session's `Backend`), runs the connection's READ/REPLICATE `Stream`, and keeps
@@ -19,20 +21,26 @@ from . import protocol
 from .access import ConnectionAuth
 from .backend import ConnectionBackend
 from .errors import ServerError
+from .protocol.commands import Msg
 from .protocol.session import AppendReply, ServerSession
 from .streams import Stream
 
 if TYPE_CHECKING:
+    from .lane import LanePy as Lane  # the C Lane's twin: the same attributes
     from .server import LogServer
+else:
+    from .lane import Lane
 
 
-class Connection(ConnectionBackend, asyncio.Protocol):
-    """One client connection: session, stream, budgets (what its commands do: `ConnectionBackend`)."""
+class Connection(Lane, ConnectionBackend, asyncio.Protocol):
+    """One client connection: lane, session, stream, budgets (what its commands do: `ConnectionBackend`)."""
 
     def __init__(self, server: LogServer) -> None:
         self.server = server
         self.auth = ConnectionAuth(server.gate)  # role, token name, failed AUTHs (access.py)
-        self.session = ServerSession(self, server.new_parser(), server.config.conn_output_bytes, self.auth)
+        parser = server.new_parser()
+        self.session = ServerSession(self, parser, server.config.conn_output_bytes, self.auth)
+        self.lane_setup(server.queue.hub, *parser.limits)  # shut until connection_made opens it
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.stream: Stream | None = None
@@ -42,7 +50,6 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         self.stalled_since = 0.0  # when writing paused, or its peer last read while paused (0: not paused)
         self.stall_mark = 0  # the unsent bytes at stalled_since
         self.last_active = time.monotonic()  # for the idle timeout: set by the sweeper while `active`
-        self.active = False  # data arrived since the sweeper last looked
         self.held = 0  # input bytes counted in the server's budget
         self.granted = 0  # the declared size of the MSG in progress, once the server budget took it
         self.unsent = 0  # output bytes counted in the server's budget
@@ -70,9 +77,14 @@ class Connection(ConnectionBackend, asyncio.Protocol):
             tr.write(protocol.error_reply(refusal))
             tr.close()
             self.session.closing = self.session.closed = True
+            return
+        self.lane_write, self.lane_buffer_size = tr.write, tr.get_write_buffer_size
+        self._reopen()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.lane_open = False
+        self.lane_write = self.lane_buffer_size = None
         if self.stream is not None:
             self.stream.detach()
             self.stream = None
@@ -83,13 +95,16 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         self.flush()
         return True  # keep our side open: a tail goes on, replies still go out
 
-    def data_received(self, data: bytes) -> None:
-        self.active = True  # for the idle timeout (the sweeper reads and clears it)
+    # data_received is the lane's (lane.py): what it does not take comes here.
+
+    def slow_received(self, data: bytes) -> None:
+        self.lane_open = False
         session = self.session
         if not session.receive(data) and not self.read_paused:
             budgets = self.budgets
-            if session.inflight_bytes <= budgets.conn_input and not budgets.over:
-                return  # the common case: a MSG waits for its commit, nothing else to do
+            if session.inflight_bytes + self.fast_bytes <= budgets.conn_input and not budgets.over:
+                self._reopen()
+                return  # MSGs wait for their commit, nothing else to do
         stream = self.stream
         if session.closing and stream is not None and stream.parked:
             stream.end(protocol.EOF)  # CLOSE: a stream waiting for new records ends now
@@ -97,6 +112,7 @@ class Connection(ConnectionBackend, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.lane_open = False
         self.stalled_since = time.monotonic()
         self.stall_mark = self.transport.get_write_buffer_size() if self.transport is not None else 0
         self.server.stalled.add(self)
@@ -148,7 +164,17 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         unsent = tr.get_write_buffer_size()
         if unsent != self.unsent:
             self.budgets.output_changed(self, unsent)
-        return self._holds_back(session)
+        if self._holds_back(session):
+            return True
+        self._reopen()
+        return False
+
+    def lane_failed(self, nbytes: int, reply: bytes) -> None:
+        """A batch of the lane failed: its ERR goes out now, in its turn (the queue flushes after)."""
+        self.fast_count -= 1
+        self.fast_bytes -= nbytes
+        if self.lane_write is not None:
+            self.lane_write(reply)
 
     def flush(self) -> None:
         """Write every reply the session has ready; start a new stream; close when it says so."""
@@ -183,6 +209,8 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         # The common case (a MSG waiting for its commit, nothing held back) needs no more.
         if self._holds_back(session) or session.backlog:
             self._budget()
+        else:
+            self._reopen()
 
     def _holds_back(self, session: ServerSession) -> bool:
         """Reading paused, input held, closing, or over a budget: `_budget` must have a look."""
@@ -194,7 +222,19 @@ class Connection(ConnectionBackend, asyncio.Protocol):
             or session.partial_bytes
             or session.closing
             or budgets.over
-            or session.inflight_bytes > budgets.conn_input
+            or session.inflight_bytes + self.fast_bytes > budgets.conn_input
+        )
+
+    def _reopen(self) -> None:
+        """Open the lane if nothing is going on that it would pass; shut it otherwise."""
+        self.lane_open = (
+            not self.read_paused
+            and not self.write_paused
+            and self.stream is None
+            and not self.held
+            and self.lane_write is not None
+            and Msg in self.auth.allowed
+            and self.session.quiet
         )
 
     def _budget(self) -> None:
@@ -211,10 +251,13 @@ class Connection(ConnectionBackend, asyncio.Protocol):
             else:
                 self.transport.resume_reading()
                 budgets.paused.discard(self)
+        self._reopen()
 
     def close(self, last: bytes = b"") -> None:
         """Send ``last`` (if any) and close once the buffered output is written; we count until then."""
         self.session.closing = self.session.closed = True
+        self.lane_open = False
+        self.lane_write = None  # what the lane still has in flight goes unanswered, as the session's
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.detach()
@@ -235,6 +278,7 @@ class Connection(ConnectionBackend, asyncio.Protocol):
         """Graceful stop: end the stream, answer what has acted, then close."""
         if self.lost:
             return
+        self.lane_open = False
         self.session.end_for_stop()
         if self.stream is not None:
             self.stream.end(protocol.EOF)

@@ -56,7 +56,7 @@ class _AfterSync:
         self._cursors.moved()
         return True
 
-    def batch_failed(self, token: object, error: LogdError) -> None:
+    def batch_failed(self, token: object, nbytes: int, error: LogdError) -> None:
         err = error if isinstance(error, ServerError) else UnavailableError(str(error))
         self._reply.resolve(protocol.error_reply(err))
 
@@ -107,7 +107,7 @@ class ServerCursors:
                 raise UnavailableError(f"cannot write the cursor: {exc.strerror or exc}") from None
         if server.log.policy.mode == "always":
             # Even an unchanged cursor waits: an earlier COMMIT of the same id may not be synced yet.
-            server.queue.submit(_AfterSync(self, reply, conn), [], 0, None)
+            server.queue.submit(_AfterSync(self, reply, conn), [], 0, reply)  # a token: None is a lane's
             return None
         self.moved()
         return protocol.ok()

@@ -11,6 +11,12 @@ that was ready, so one round takes the batches of all of them (the loop's own
 batching; no spin, no timer). While a round's fsync runs on the sync thread,
 new batches wait; the round after it takes them all.
 
+Connections submit MSGs two ways: their Python path calls `submit`; their
+C lane (lane.py) appends ``(bodies, nbytes, lane, None)`` to the pending
+queue itself and calls `_kick` only when no round is armed. The queue's
+`Hub` holds what the lanes read and write: the pending bytes, whether a
+round is armed, whether MSGs are accepted.
+
 fsync runs on one dedicated thread (`SyncThread`) that reports back with
 ``call_soon_threadsafe``: no thread pool and no future per round, and the
 event loop never blocks on the disk.
@@ -30,6 +36,7 @@ import structlog
 
 from .errors import LogdError, UnavailableError
 from .histogram import FSYNC_BUCKETS_S, ROUND_BUCKETS, Histogram
+from .lane import Hub, ack_round, gather
 from .storage import Log
 
 log = structlog.get_logger("logd.queue")
@@ -44,12 +51,17 @@ SyncDone = Callable[[BaseException | None], None]
 
 
 class Submitter(Protocol):
-    """Who gets told the outcome of a batch (a connection)."""
+    """Who gets told the outcome of a batch (a connection).
+
+    A batch with the token None is a connection's lane's (lane.py): it is
+    told through ``lane_ack(nbytes, last_id)`` instead of `batch_done`.
+    """
 
     def batch_done(self, token: object, last_id: int) -> bool:
         """The batch is committed, its last message with ``last_id``; True: call `flush` after the round."""
 
-    def batch_failed(self, token: object, error: LogdError) -> None: ...
+    def batch_failed(self, token: object, nbytes: int, error: LogdError) -> None:
+        """The batch of ``nbytes`` failed: answer it with ``error`` (token None: a lane's batch)."""
 
     def flush(self) -> None: ...
 
@@ -126,10 +138,12 @@ class AppendQueue:
         on_failure: Callable[[str, BaseException], None] | None = None,
         backlog_bytes: int = 1 << 62,
         on_backlog: Callable[[bool], None] | None = None,
+        conn_input: int = 1 << 62,
     ) -> None:
         self.log = log_
         self._pending: deque[Batch] = deque()
-        self._pending_bytes = 0
+        # Shared with every connection's lane; hub.pending_bytes counts what _pending holds.
+        self.hub = Hub(self._pending.append, self._kick, backlog_bytes, conn_input)
         # Over backlog_bytes pending, on_backlog(True) is called (the server stops reading
         # from writers); on_backlog(False) once rounds have taken it below again.
         self._backlog_bytes = backlog_bytes
@@ -201,23 +215,27 @@ class AppendQueue:
 
     @property
     def pending_bytes(self) -> int:
-        return self._pending_bytes
+        return self.hub.pending_bytes  # type: ignore[no-any-return]
 
     # --- submitting -----------------------------------------------------------
 
     def submit(self, who: Submitter, bodies: list[bytes], nbytes: int, token: object) -> None:
         """Queue a batch; ``who.batch_done(token, last_id)`` is called once it is committed."""
         self._pending.append((bodies, nbytes, who, token))
-        self._pending_bytes += nbytes
-        if self._pending_bytes > self._backlog_bytes and not self.backlogged:
+        self.hub.pending_bytes += nbytes
+        self._kick()
+
+    def _kick(self) -> None:
+        """Batches were added: go over the backlog if they take it there; arm a round if none is."""
+        if self.hub.pending_bytes > self._backlog_bytes and not self.backlogged:
             self._backlog(True)
         if not self._scheduled and self._syncing is None:
-            self._scheduled = True
+            self._scheduled = self.hub.armed = True
             self._loop.call_soon(self._round)  # type: ignore[union-attr]
 
     def _round(self) -> None:
         """Write what is pending; acknowledge it now (interval, never) or after its fsync (always)."""
-        self._scheduled = False
+        self._scheduled = self.hub.armed = False
         try:
             if not self._always:
                 while self._pending:
@@ -228,6 +246,7 @@ class AppendQueue:
                 round_ = self._take_round()
                 if self._append(round_):
                     self._syncing, self._taken = round_, []
+                    self.hub.armed = True  # the round after the fsync takes what comes meanwhile
                     self._syncer.request(self._synced)  # type: ignore[union-attr]
         except Exception as exc:  # a bug or an unforeseen fault: stop, loudly, rather than hang
             self._fail_stop("append queue failed", exc)
@@ -236,6 +255,7 @@ class AppendQueue:
 
     def _synced(self, error: BaseException | None) -> None:
         round_, self._syncing = self._syncing, None
+        self.hub.armed = self._scheduled
         try:
             if round_ is not None:
                 if error is None:
@@ -245,7 +265,7 @@ class AppendQueue:
                 else:
                     self._fail(round_, UnavailableError(f"fsync failed: {error}"))
             if self._pending and not self._scheduled:
-                self._scheduled = True
+                self._scheduled = self.hub.armed = True
                 self._loop.call_soon(self._round)  # type: ignore[union-attr]
         except Exception as exc:
             self._fail_stop("acknowledging a commit failed", exc)
@@ -253,10 +273,10 @@ class AppendQueue:
 
     def _take_round(self) -> list[Batch]:
         pending = self._pending
-        if self._pending_bytes <= MAX_ROUND_BYTES:  # the common case: everything pending
+        if self.hub.pending_bytes <= MAX_ROUND_BYTES:  # the common case: everything pending
             round_ = list(pending)
             pending.clear()
-            self._pending_bytes = 0
+            self.hub.pending_bytes = 0
         else:
             round_ = self._take_some()
         self._taken = round_
@@ -271,20 +291,12 @@ class AppendQueue:
             item = pending.popleft()
             size += item[1]
             round_.append(item)
-        self._pending_bytes -= size
+        self.hub.pending_bytes -= size
         return round_
 
     def _append(self, round_: list[Batch]) -> bool:
         """Write a round to the log; on failure tell its submitters and return False."""
-        if len(round_) == 1:
-            bodies = round_[0][0]
-            nbytes = round_[0][1]
-        else:
-            bodies = []
-            nbytes = 0
-            for item in round_:
-                bodies += item[0]
-                nbytes += item[1]
+        bodies, nbytes = gather(round_)
         if not bodies:
             return True  # only cursor commits (no messages): the round's sync is all they need
         try:
@@ -302,23 +314,15 @@ class AppendQueue:
     def _fail(self, round_: list[Batch], exc: LogdError) -> None:
         self._taken = []
         log.error("append_failed", error=str(exc), batches=len(round_))
-        for _b, _n, who, token in round_:
-            who.batch_failed(token, exc)
+        for _b, n, who, token in round_:
+            who.batch_failed(token, n, exc)
         self._flush_all(round_)
 
     def _acknowledge(self, round_: list[Batch]) -> None:
         """Hand out the id ranges of a committed round, in submission order, and tell the listeners."""
         self._taken = []
-        messages = sum([len(item[0]) for item in round_]) if len(round_) > 1 else len(round_[0][0])
         head = self.log.head
-        first = head + 1 - messages
-        nbytes = 0
-        to_flush = []
-        for batch, n, who, token in round_:
-            first += len(batch)
-            nbytes += n
-            if who.batch_done(token, first - 1):
-                to_flush.append(who)
+        messages, nbytes, to_flush = ack_round(round_, head)  # each lane's OK is written in there
         self.appended_messages += messages
         self.appended_bytes += nbytes
         self.round_messages.observe(messages)
@@ -343,7 +347,7 @@ class AppendQueue:
             self._on_backlog(on)
 
     def _check_idle(self) -> None:
-        if self.backlogged and self._pending_bytes <= self._backlog_bytes:
+        if self.backlogged and self.hub.pending_bytes <= self._backlog_bytes:
             self._backlog(False)
         if self._idle_waiters and not (self._pending or self._syncing is not None or self._scheduled):
             waiters, self._idle_waiters = self._idle_waiters, []
@@ -359,12 +363,13 @@ class AppendQueue:
         stuck = self._taken + list(self._pending) + (self._syncing or [])
         self._taken = []
         self._pending.clear()
-        self._pending_bytes = 0
+        self.hub.pending_bytes = 0
         self._syncing = None
+        self.hub.armed = self._scheduled
         err = UnavailableError(f"server failed: {what}: {exc!r}")
-        for _b, _n, who, token in stuck:
+        for _b, n, who, token in stuck:
             try:
-                who.batch_failed(token, err)
+                who.batch_failed(token, n, err)
                 who.flush()
             except Exception:  # a connection that cannot even be told: it goes with the server
                 pass

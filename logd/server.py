@@ -62,7 +62,11 @@ class LogServer(Roles, Housekeeping):
             preallocate=config.preallocate,
         )
         self.queue = AppendQueue(
-            self.log, on_failure=self.fail_stop, backlog_bytes=config.server_input_bytes // 2, on_backlog=self._backlog
+            self.log,
+            on_failure=self.fail_stop,
+            backlog_bytes=config.server_input_bytes // 2,
+            on_backlog=self._backlog,
+            conn_input=config.conn_input_bytes,
         )
         # Leader epochs and a REFUSE in force (protocol.md 2 and 3.4); the file
         # is read after the log is opened, so the data dir's lock guards it.
@@ -87,8 +91,9 @@ class LogServer(Roles, Housekeeping):
         self.budgets = Budgets(config, self.queue, self._room)
         self.stream_chunk = max(64 << 10, min(STREAM_CHUNK, config.conn_output_bytes // 2))
         self._in_room = False
-        self.read_only = False
-        self.failure: str | None = None  # fail-stop: why this server no longer appends
+        self._read_only = False
+        self._failure: str | None = None  # fail-stop: why this server no longer appends
+        self._open_lanes()
         self.leader_address: str | None = None
         self.stopping = False
         self.started = time.monotonic()
@@ -265,6 +270,30 @@ class LogServer(Roles, Housekeeping):
             self._in_room = False
 
     # --- the session's backend, server-wide part ---------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @read_only.setter
+    def read_only(self, value: bool) -> None:
+        self._read_only = value
+        self._open_lanes()
+
+    @property
+    def failure(self) -> str | None:
+        """Why this server no longer appends (fail-stop), or None."""
+        return self._failure
+
+    @failure.setter
+    def failure(self, value: str | None) -> None:
+        self._failure = value
+        self._open_lanes()
+
+    def _open_lanes(self) -> None:
+        """The connections' lanes (lane.py) take MSGs only while `msg_refusal` is None and no
+        reply waits for replicas: otherwise every MSG goes the session's way."""
+        self.queue.hub.accepting = not self._read_only and self._failure is None and not self.replication.min_replicas
 
     def msg_refusal(self) -> ServerError | None:
         """Why a MSG must be refused now, or None (called for every MSG: cheap when writable)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from logd.budgets import Budgets
 from logd.config import Config
@@ -24,6 +25,7 @@ class FakeConn:
     held: int = 0
     granted: int = 0
     unsent: int = 0
+    fast_bytes: int = 0  # what its lane has in flight (logd/lane.py)
     write_paused: bool = False
     stream: object = None
     transport: object = None
@@ -33,6 +35,7 @@ class FakeConn:
 class FakeQueue:
     pending_bytes: int = 0
     backlogged: bool = False
+    hub: object = field(default_factory=lambda: SimpleNamespace(over=False))
 
 
 def budgets(**limits: int) -> tuple[Budgets, list[str]]:

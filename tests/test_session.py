@@ -31,6 +31,7 @@ class ModelBackend:
     acks: list[int] = field(default_factory=list)
     sent: int = 0
     commits: int = 0
+    fast_count: int = 0  # a connection's lane (logd/lane.py) is not part of the session
 
     def refusal(self) -> ServerError | None:
         return ReadOnlyError("- this server does not accept writes") if self.read_only else None

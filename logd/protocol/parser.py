@@ -188,6 +188,11 @@ class CommandParser:
         lens = self._lens
         return sum(lens) if lens is not None else 0
 
+    @property
+    def clean(self) -> bool:
+        """Nothing held from before (no partial line, MSG or skipped body), and still parsing."""
+        return not (self._buf or self._lens is not None or self._skip_lens is not None or self._dead)
+
     def whole_msgs(self, data: bytes) -> list[list[bytes]] | None:
         """The bodies of each MSG, when ``data`` is nothing but complete MSG commands that `feed`
         would take and nothing is held from before; otherwise None, and nothing is taken.
@@ -196,7 +201,7 @@ class CommandParser:
         clients): no `Msg` objects, no list of commands. It takes only what the C
         module's ``msg_commands`` takes (``_whole_msgs_py`` is its twin).
         """
-        if self._buf or self._lens is not None or self._skip_lens is not None or self._dead:
+        if not self.clean:
             return None
         if ext is not None:
             return ext.whole_msgs(data, self._max_line, self._max_message, self._max_batch, self._max_batch_bytes)
@@ -204,45 +209,12 @@ class CommandParser:
 
     def _whole_msgs_py(self, data: bytes) -> list[list[bytes]] | None:
         """The pure-Python twin of ``_hot.whole_msgs`` (tests/test_hot.py holds them to each other)."""
-        out = []
-        p = 0
-        size = len(data)
-        while data.startswith(b"MSG ", p):
-            nl = data.find(b"\n", p, p + self._max_line)  # the line, LF included, shorter than max_line
-            if nl < 0:
-                return None
-            lens = self._simple_lengths(data[p + 4 : nl - 1 if nl > p and data[nl - 1] == 13 else nl])
-            if lens is None:
-                return None
-            bodies = []
-            q = nl + 1
-            for n in lens:
-                end = q + n
-                if end + 1 < size and data[end] == 13 and data[end + 1] == 10:
-                    bodies.append(data[q:end])
-                    q = end + 2
-                elif end < size and data[end] == 10:
-                    bodies.append(data[q:end])
-                    q = end + 1
-                else:
-                    return None  # incomplete, or a body that does not end where declared
-            out.append(bodies)
-            p = q
-        return out if p == size and out else None
+        return whole_msgs_py(data, *self.limits)
 
-    def _simple_lengths(self, rest: bytes) -> list[int] | None:
-        """The lengths of a MSG line the fast lane takes (as ``_hot.msg_lengths``), or None."""
-        lens: list[int] = []
-        total = 0
-        for token in rest.split(b" "):
-            if not token or len(token) > 18 or not token.isdigit():
-                return None
-            n = int(token)
-            total += n
-            if n > self._max_message or total > self._max_batch_bytes or len(lens) >= self._max_batch:
-                return None
-            lens.append(n)
-        return lens
+    @property
+    def limits(self) -> tuple[int, int, int, int]:
+        """max_line, max_message, max_batch, max_batch_bytes: what `whole_msgs_py` takes (and the C lane)."""
+        return self._max_line, self._max_message, self._max_batch, self._max_batch_bytes
 
     def feed(self, data: bytes) -> list[Command | ProtocolError]:
         """Parse a chunk of received bytes; return every command it completes, in order."""
@@ -498,3 +470,51 @@ class CommandParser:
                 return p
             left = lens[i]
             state = 0
+
+
+def whole_msgs_py(
+    data: bytes, max_line: int, max_message: int, max_batch: int, max_batch_bytes: int
+) -> list[list[bytes]] | None:
+    """The bodies of each MSG when ``data`` is nothing but complete MSGs `CommandParser.feed` would
+    take from a clean start, else None: the pure-Python twin of ``_hot.whole_msgs``."""
+    out = []
+    p = 0
+    size = len(data)
+    while data.startswith(b"MSG ", p):
+        nl = data.find(b"\n", p, p + max_line)  # the line, LF included, shorter than max_line
+        if nl < 0:
+            return None
+        lens = _simple_lengths(data[p + 4 : nl - 1 if nl > p and data[nl - 1] == 13 else nl],
+                               max_message, max_batch, max_batch_bytes)
+        if lens is None:
+            return None
+        bodies = []
+        q = nl + 1
+        for n in lens:
+            end = q + n
+            if end + 1 < size and data[end] == 13 and data[end + 1] == 10:
+                bodies.append(data[q:end])
+                q = end + 2
+            elif end < size and data[end] == 10:
+                bodies.append(data[q:end])
+                q = end + 1
+            else:
+                return None  # incomplete, or a body that does not end where declared
+        out.append(bodies)
+        p = q
+    return out if p == size and out else None
+
+
+def _simple_lengths(rest: bytes, max_message: int, max_batch: int, max_batch_bytes: int) -> list[int] | None:
+    """The lengths of a MSG line the fast lane takes (as ``_hot.msg_lengths``), or None."""
+    lens: list[int] = []
+    total = 0
+    for token in rest.split(b" "):
+        if not token or len(token) > 18 or not token.isdigit():
+            return None
+        n = int(token)
+        total += n
+        if n > max_message or total > max_batch_bytes or len(lens) >= max_batch:
+            return None
+        lens.append(n)
+    return lens

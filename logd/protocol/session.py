@@ -123,6 +123,10 @@ class OpenGate:
 class Backend(Protocol):
     """What the commands of one session do to the server."""
 
+    # MSGs the connection's lane (logd/lane.py) handed to the append queue itself, whose
+    # OK is not yet sent: they come before every reply here, so none is sent until it is 0.
+    fast_count: int
+
     def refusal(self) -> ServerError | None:
         """Why a MSG must be refused right now (read-only, too few replicas), or None."""
 
@@ -405,7 +409,7 @@ class ServerSession:
             self._emit(now)
 
     def _reply(self, data: bytes) -> None:
-        if self._replies:
+        if self._replies or self._backend.fast_count:
             self._replies.append(data)
         else:
             self._emit(data)
@@ -416,6 +420,8 @@ class ServerSession:
 
     def _settled(self) -> bool:
         """Move the replies now known to the output; True if none is still unknown."""
+        if self._backend.fast_count:
+            return False  # the lane's OKs come first
         replies = self._replies
         out = self._out
         while replies:
@@ -472,7 +478,13 @@ class ServerSession:
         """
         reply.reply = data = ok_id(last_id)
         replies = self._replies
-        if len(replies) == 1 and replies[0] is reply and not self._out and not self._waiting:
+        if (
+            len(replies) == 1
+            and replies[0] is reply
+            and not self._out
+            and not self._waiting
+            and not self._backend.fast_count
+        ):
             replies.clear()
             self.inflight_bytes -= reply.nbytes
             return data
@@ -486,7 +498,15 @@ class ServerSession:
     @property
     def idle(self) -> bool:
         """Nothing acting, waiting or unanswered (the idle timeout may close it)."""
-        return not (self._replies or self._waiting or self._out or self.stream is not None)
+        return not (self._replies or self._waiting or self._out or self.stream is not None or self._backend.fast_count)
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing held at all (no reply, command, stream or partial input; not closing): the
+        connection's lane may take whole MSGs past the session (logd/lane.py)."""
+        return not (self._replies or self._waiting or self._out or self.stream is not None or self.closing) and (
+            self._parser.clean
+        )
 
     def stream_over(self) -> None:
         """The stream ended (limit reached, CLOSE, an error); what waited behind it acts now."""
