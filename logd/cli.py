@@ -21,19 +21,9 @@ from . import __version__
 from .cli_client import _client, _Quiet, append, consume, cursors, head, ping, read, stats, tls_options
 from .cli_sink import sink
 from .cli_token import token
-from .config import (
-    CONFIG_ENV,
-    DEFAULTS,
-    SETTINGS,
-    Config,
-    ConfigError,
-    Resolved,
-    Setting,
-    describe,
-    environment,
-    resolve,
-)
+from .config import CONFIG_ENV, DEFAULTS, Config, ConfigError, Resolved, describe, environment, resolve
 from .errors import DamagedLogError, LogdError
+from .settings import SETTINGS, Setting
 
 EXIT_STARTUP_FAILED = 3  # distinct from 1 (runtime error) and 2 (usage)
 # 4: a follower stopped (diverged); 5: stopped after a fail-stop (server.py)
@@ -41,7 +31,7 @@ EXIT_DAMAGED = 6  # the data dir holds damage recovery must not cut away: run lo
 
 
 class SettingType(click.ParamType):
-    """A click type that parses a flag as `config.SETTINGS` says (the same parser as env and file)."""
+    """A click type that parses a flag as `settings.SETTINGS` says (the same parser as env and file)."""
 
     def __init__(self, setting: Setting) -> None:
         self.setting = setting
@@ -63,7 +53,7 @@ def _help(setting: Setting) -> str:
 
 
 def server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--config and one flag per server setting (config.SETTINGS); a flag not given is None.
+    """--config and one flag per server setting (settings.SETTINGS); a flag not given is None.
 
     Defaults are not click's: `config.resolve` applies them last, after the
     environment and the config file, and says where each value came from.

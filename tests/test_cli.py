@@ -19,14 +19,11 @@ import logd
 from logd.cli import main
 
 from .e2e.conftest import ServerProcess
+from .e2e.helpers import url_of
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGD = [sys.executable, "-m", "logd.cli"]
 REFUSED = "logd://127.0.0.1:1"
-
-
-def url_of(srv: ServerProcess) -> str:
-    return f"logd://{srv.host}:{srv.port}"
 
 
 def cli(*args: str, input: bytes | None = None, env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:

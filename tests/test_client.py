@@ -27,13 +27,10 @@ from logd.client.pending import PendingId, resolve_batch
 from logd.protocol import Replicate
 
 from .e2e.conftest import ServerProcess, wait_for
+from .e2e.helpers import url_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PATIENT = Retry(attempts=40, initial=0.02, maximum=0.5)  # rides out a server restart
-
-
-def url_of(srv: ServerProcess) -> str:
-    return f"logd://{srv.host}:{srv.port}"
 
 
 @pytest.fixture(scope="module")

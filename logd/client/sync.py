@@ -71,6 +71,13 @@ T = TypeVar("T")
 _RECORD_TYPES = (Record, tuple)  # a record, or a RecordRow
 
 
+def _reason(exc: Exception) -> str:
+    """Why a TLS handshake failed; "timed out" for a timeout, not ssl's "_ssl.c:989: The handshake ..."."""
+    if isinstance(exc, TimeoutError | errors.TimeoutError):
+        return "timed out"
+    return why(exc) if isinstance(exc, OSError) else str(exc)
+
+
 class Connection:
     """A blocking socket (TLS for ``logds://``) and its ClientProtocol; any failure closes it for good.
 
@@ -90,12 +97,15 @@ class Connection:
             raise errors.ConnectionError(f"cannot connect to {where(address)}: {why(exc)}") from None
         if endpoint.tls is not None:
             try:
+                # One timeout suffices: CPython's do_handshake takes the socket
+                # timeout as a total for the whole handshake (a deadline it
+                # recomputes between reads), so a peer that trickles the bytes
+                # cannot stretch it (test_client_deadline.py).
                 sock.settimeout(remaining(deadline))
                 sock = endpoint.tls.wrap_socket(sock, server_hostname=endpoint.host)
             except (OSError, ValueError, errors.TimeoutError) as exc:  # ssl.SSLError is an OSError
                 sock.close()
-                reason = why(exc) if isinstance(exc, OSError) else str(exc)
-                raise errors.ConnectionError(f"TLS handshake with {where(address)} failed: {reason}") from None
+                raise errors.ConnectionError(f"TLS handshake with {where(address)} failed: {_reason(exc)}") from None
         self.sock = sock
         tune(self.sock)
         self.address = address

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from ..config import parse_address
 from ..errors import CorruptRecordError, LogdError, NotFoundError, ProtocolError, UnavailableError
 from ..protocol.commands import Ack, encode_command
 from ..protocol.replica import (
@@ -25,6 +24,7 @@ from ..protocol.replica import (
     StreamError,
     StreamOk,
 )
+from ..settings import parse_address
 from ..storage import watermark
 from ..storage.truncate import dropped_name
 from ..tls import client_context

@@ -1,4 +1,4 @@
-"""The segmented log: ids, rolling, the commit point, retention and the lock.
+"""The segmented log: ids, rolling, the commit point, truncation and the lock.
 
 `Log.append` writes a batch (to the OS) and assigns ids; `Log.sync` makes
 everything written so far durable. Under ``fsync=always`` the commit point
@@ -9,20 +9,23 @@ only moves in `sync`, so one sync covers every batch written before it
 Threads: appends, reads and retention run on one thread (the server's event
 loop); `sync` may run on one other thread at a time. `_lock` guards the
 few fields they share.
+
+The read side (positions, `span`, `read`) is in reads.py (`LogReads`),
+retention in retention.py (`LogRetention`): `Log` inherits both and holds
+the state they use.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Protocol
 
 from .. import defaults
-from ..errors import CorruptRecordError, DamagedLogError, NotFoundError, StorageError, UnavailableError
+from ..errors import DamagedLogError, NotFoundError, StorageError, UnavailableError
 from ..hot import ext
 from . import closed_head, truncate
 from .files import fsync_dir
@@ -30,8 +33,9 @@ from .handles import HandleCache
 from .lock import take_lock
 from .policy import FsyncPolicy
 from .reads import Record, Span
-from .record import MAX_HEADER_BYTES, Decoded, encode_batch
+from .record import MAX_HEADER_BYTES, encode_batch
 from .recovery import open_segments
+from .retention import LogRetention
 from .segment import Segment
 
 DEFAULT_SEGMENT_BYTES = defaults.SEGMENT_BYTES
@@ -44,7 +48,7 @@ PREALLOCATE_BYTES = 1 << 20
 READ_HANDLES = 16
 
 
-class Log:
+class Log(LogRetention):
     """A directory of segments with continuous ids from 1."""
 
     def __init__(
@@ -156,36 +160,6 @@ class Log:
         So under ``fsync=always`` one group commit's sync covers its writes too.
         """
         self._companions.append(companion)
-
-    # --- positions ------------------------------------------------------------
-
-    @property
-    def head(self) -> int:
-        """Last committed id (0 when empty): what readers may see."""
-        return self._committed
-
-    @property
-    def written(self) -> int:
-        """Last id written to the OS, committed or not."""
-        return self._head
-
-    @property
-    def first(self) -> int:
-        """Oldest retained id (head + 1 when the log is empty)."""
-        return self._segments[0].first_id
-
-    @property
-    def failed(self) -> BaseException | None:
-        """The I/O error that made this log refuse writes, if any."""
-        return self._failed
-
-    @property
-    def segment_count(self) -> int:
-        return len(self._segments)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(s.size for s in self._segments)
 
     # --- writing --------------------------------------------------------------
 
@@ -327,103 +301,14 @@ class Log:
     def _fsync_dir(self) -> None:
         fsync_dir(self.directory)
 
+    @property
+    def failed(self) -> BaseException | None:
+        """The I/O error that made this log refuse writes, if any."""
+        return self._failed
+
     def _check_failed(self) -> None:
         if self._failed is not None:
             raise UnavailableError(f"log is failed after an I/O error ({self._failed}); restart logd")
-
-    # --- reading --------------------------------------------------------------
-
-    def _segment_for(self, id: int) -> Segment:
-        return self._segments[bisect_right(self._firsts, id) - 1]
-
-    def check_retained(self, start: int) -> None:
-        """Raise `NotFoundError` if ``start`` is older than the oldest retained id."""
-        if start < 1:
-            raise ValueError("ids start at 1")
-        if start < self.first:
-            raise NotFoundError(f"id {start} is before the oldest retained id {self.first}")
-
-    def span(self, start: int, max_count: int = 0, max_bytes: int = 0) -> Span | None:
-        """The byte range of committed records from ``start`` within its segment.
-
-        At most ``max_count`` records and ``max_bytes`` bytes when non-zero,
-        but always at least one record. None when ``start`` is past the
-        commit point (the caller waits). Raises `NotFoundError` when
-        ``start`` is older than the oldest retained id.
-        """
-        self.check_retained(start)
-        head = self._committed
-        if start > head:
-            return None
-        seg = self._segment_for(start)
-        last = min(head, seg.last_id)
-        if max_count:
-            last = min(last, start + max_count - 1)
-        begin = seg.offset_of(start)
-        end = seg.offset_of(last + 1)
-        if max_bytes and end - begin > max_bytes and last > start:
-            # Binary search on the index for the last record ending within max_bytes.
-            lo, hi = start, last
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if seg.offset_of(mid + 1) - begin <= max_bytes:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            last = lo
-            end = seg.offset_of(last + 1)
-        if not 0 <= begin < end <= seg.size:
-            # A closed index is only size-checked at open: garbage in it must
-            # become an error reply, not a bad pread or the wrong bytes.
-            raise CorruptRecordError(
-                f"bad index entry in {seg.idx_path}: ids {start}..{last} at bytes {begin}..{end} are not "
-                f"inside the {seg.size} bytes of {seg.log_path} (run `logd check`)",
-                where=seg.log_path,
-                offset=begin,
-                id=start,
-            )
-        return Span(seg.reader(), begin, end, start, last, seg.log_path)
-
-    def segment_of(self, id: int) -> int:
-        """Name (first id) of the segment holding ``id``, or that would hold it if it were next."""
-        return self._segment_for(id).first_id
-
-    def offset_of(self, id: int) -> tuple[str, int]:
-        """Segment path and byte offset of record ``id`` (which must be retained)."""
-        self.check_retained(id)
-        if id > self._head:
-            raise NotFoundError(f"id {id} is past the head {self._head}")
-        seg = self._segment_for(id)
-        return seg.log_path, seg.offset_of(id)
-
-    def read(self, start: int, max_count: int = 1000, max_bytes: int = 1 << 24) -> list[Record]:
-        """Committed records from ``start``, each checked against its CRC.
-
-        Returns at least one record when ``start`` is committed (even if it is
-        larger than ``max_bytes``). Raises `CorruptRecordError` naming the
-        segment, offset and id of a bad record.
-        """
-        out: list[Record] = []
-        total = 0
-        id = start
-        while len(out) < max_count:
-            span = self.span(id, max_count - len(out))
-            if span is None:
-                break
-            seg = self._segment_for(id)
-            for rid in range(span.first_id, span.last_id + 1):
-                rec: Decoded = seg.read_record(rid)
-                if out and total + rec.size > max_bytes:
-                    return out
-                out.append(Record(rec.id, rec.body, rec.crc))
-                total += rec.size
-            id = span.last_id + 1
-        return out
-
-    def crc_of(self, id: int) -> int:
-        """CRC of stored record ``id`` (verified), for replication's divergence check."""
-        self.check_retained(id)
-        return self._segment_for(id).read_record(id).crc
 
     # --- truncation (a follower repairing divergence) ------------------------------
 
@@ -466,52 +351,6 @@ class Log:
             self._rolled = []
             self._head = self._committed = self._synced = self._segments[-1].last_id
         return dropped
-
-    # --- retention --------------------------------------------------------------
-
-    def apply_retention(
-        self, now: float | None = None, *, keep_from: int | None = None, cap_bytes: int | None = None
-    ) -> list[int]:
-        """Delete old closed segments by size and age; return their first ids.
-
-        ``keep_from`` is the oldest id a reader still needs (the lowest
-        cursor + 1): a segment holding it or a later id is kept, unless the
-        total is over ``cap_bytes`` (None: no cap). Segments deleted over a
-        cursor anyway are listed in `forced`.
-        """
-        self.forced = []
-        if self.retention_bytes is None and self.retention_ms is None:
-            return []
-        now = time.time() if now is None else now
-        deleted: list[int] = []
-        total = self.size_bytes
-        while len(self._segments) > 1:
-            oldest = self._segments[0]
-            if oldest in self._rolled:
-                break  # not yet synced; wait for the next sync
-            if oldest.last_id >= self._head:
-                # It holds the last record (the active segment is empty, as on a
-                # follower told +SEG before the records): its CRC is what
-                # resuming replication needs (protocol.md 3.4).
-                break
-            too_big = self.retention_bytes is not None and total > self.retention_bytes
-            too_old = False
-            if self.retention_ms is not None:
-                mtime = os.stat(oldest.log_path).st_mtime
-                too_old = (now - mtime) * 1000 > self.retention_ms
-            if not (too_big or too_old):
-                break
-            if keep_from is not None and self._segments[1].first_id > keep_from:
-                if cap_bytes is None or total <= cap_bytes:
-                    break
-                self.forced.append(oldest.first_id)
-            with self._lock:
-                self._segments.pop(0)
-                self._firsts.pop(0)
-            oldest.delete()
-            total -= oldest.size
-            deleted.append(oldest.first_id)
-        return deleted
 
     def stats(self) -> dict[str, int | str]:
         """Figures for STATS."""

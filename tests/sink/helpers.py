@@ -11,10 +11,7 @@ from pathlib import Path
 from logd.client import Client, Retry
 from logd.errors import LogdError
 from tests.e2e.conftest import ServerProcess
-
-
-def logd_url(server: ServerProcess) -> str:
-    return f"logd://{server.host}:{server.port}"
+from tests.e2e.helpers import url_of
 
 
 def fill(server: ServerProcess, bodies: list[bytes], batch: int = 10_000) -> None:
@@ -47,7 +44,7 @@ def run_sink(server: ServerProcess | None, target_url: str, table: str, *flags: 
 
     ``env``: more environment variables (TLS files, a token).
     """
-    env = dict(os.environ, LOGD_URL=logd_url(server) if server is not None else "logd://127.0.0.1:9", **(env or {}))
+    env = dict(os.environ, LOGD_URL=url_of(server) if server is not None else "logd://127.0.0.1:9", **(env or {}))
     return subprocess.run(sink_command(target_url, table, *flags), env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -55,7 +52,7 @@ def run_sink(server: ServerProcess | None, target_url: str, table: str, *flags: 
 def start_sink(server: ServerProcess, target_url: str, table: str, *flags: str,
                stderr: Path | None = None) -> subprocess.Popen[bytes]:
     """Start `logd sink` as a child process (stop it by its pid)."""
-    env = dict(os.environ, LOGD_URL=logd_url(server))
+    env = dict(os.environ, LOGD_URL=url_of(server))
     err = open(stderr, "ab") if stderr is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(sink_command(target_url, table, *flags), env=env, stdin=subprocess.DEVNULL,

@@ -14,11 +14,12 @@ from logd.sink.errors import GaveUpError, SchemaError
 from logd.sink.sqlite import SQLiteTarget
 from logd.sink.target import TargetSpec
 from tests.e2e.conftest import wait_for
-from tests.sink.helpers import fill, logd_url
+from tests.e2e.helpers import url_of
+from tests.sink.helpers import fill
 
 
 def _config(server, db: Path, **kw: object) -> SinkConfig:  # type: ignore[no-untyped-def]
-    base: dict[str, object] = {"target": f"sqlite:///{db}", "table": "ev", "url": logd_url(server), "create": True,
+    base: dict[str, object] = {"target": f"sqlite:///{db}", "table": "ev", "url": url_of(server), "create": True,
                                "once": True, "retry_initial_s": 0.01, "retry_max_s": 0.05}
     return SinkConfig(**{**base, **kw})  # type: ignore[arg-type]
 

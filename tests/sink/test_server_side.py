@@ -17,14 +17,15 @@ from pathlib import Path
 from logd.client import Client
 from logd.tls import client_context
 from tests.e2e.conftest import ServerProcess, new_token, wait_for
+from tests.e2e.helpers import url_of
 from tests.e2e.test_tls import Certs, certs, tls_args  # noqa: F401 - certs is a fixture
 from tests.sink.dbs import TargetDB
-from tests.sink.helpers import fill, logd_url, run_sink, start_sink
+from tests.sink.helpers import fill, run_sink, start_sink
 
 
 def _cursors_cli(server: ServerProcess) -> dict[str, dict[str, int]]:
     """`logd cursors --json`: name -> {id, lag}."""
-    out = subprocess.run([sys.executable, "-m", "logd.cli", "cursors", "--json", "--url", logd_url(server)],
+    out = subprocess.run([sys.executable, "-m", "logd.cli", "cursors", "--json", "--url", url_of(server)],
                          capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from logd.client import Retry
 from logd.sink.source import LogSource
-from tests.sink.helpers import fill, logd_url
+from tests.e2e.helpers import url_of
+from tests.sink.helpers import fill
 
 
 def _never() -> bool:
@@ -13,7 +14,7 @@ def _never() -> bool:
 
 def test_once_reads_up_to_the_head_seen_at_start_in_batches(server) -> None:  # type: ignore[no-untyped-def]
     fill(server, [b"%d" % i for i in range(25)])
-    source = LogSource(logd_url(server), 0, follow=False, timeout=5, retry=Retry())
+    source = LogSource(url_of(server), 0, follow=False, timeout=5, retry=Retry())
     source.begin()
     fill(server, [b"later"])  # after the start: not part of this run
     sizes = []
@@ -27,7 +28,7 @@ def test_once_reads_up_to_the_head_seen_at_start_in_batches(server) -> None:  # 
 def test_following_closes_a_batch_after_linger_or_when_full(server) -> None:  # type: ignore[no-untyped-def]
     fill(server, [b"a", b"b", b"c"])
     # A timeout far longer than the linger: only the linger can close the second batch.
-    source = LogSource(logd_url(server), 2, follow=True, timeout=600, retry=Retry())
+    source = LogSource(url_of(server), 2, follow=True, timeout=600, retry=Retry())
     source.begin()
     assert [body for _, body in source.batch(2, 10.0, _never)] == [b"b", b"c"]  # full: no waiting for linger
     fill(server, [b"d"])
@@ -36,7 +37,7 @@ def test_following_closes_a_batch_after_linger_or_when_full(server) -> None:  # 
 
 
 def test_a_stop_request_ends_the_wait_for_new_records(server) -> None:  # type: ignore[no-untyped-def]
-    source = LogSource(logd_url(server), 0, follow=True, timeout=5, retry=Retry())
+    source = LogSource(url_of(server), 0, follow=True, timeout=5, retry=Retry())
     source.begin()
     assert source.batch(100, 1.0, lambda: True) == []
     source.close()
