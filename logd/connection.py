@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from functools import partial
 from typing import TYPE_CHECKING
 
 from . import protocol
 from .access import ConnectionAuth
 from .backend import ConnectionBackend
 from .errors import ServerError
-from .protocol.commands import Msg
-from .protocol.session import AppendReply, ServerSession
+from .protocol.session import ServerSession
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -54,9 +52,6 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.granted = 0  # the declared size of the MSG in progress, once the server budget took it
         self.unsent = 0  # output bytes counted in the server's budget
         self.lost = False
-        # The session's two hottest Backend calls go straight to the server (one Python frame fewer each).
-        self.refusal = server.msg_refusal  # type: ignore[method-assign]
-        self.submit = partial(server.queue.submit, self)  # type: ignore[method-assign]
         self.budgets = server.budgets
         if not server.replication.min_replicas:  # fixed at start: no reply is ever held for replicas
             self.batch_done = self._acknowledged  # type: ignore[method-assign, assignment]
@@ -83,8 +78,7 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.lane_open = False
-        self.lane_write = self.lane_buffer_size = None
+        self.lane_open, self.lane_write, self.lane_buffer_size = False, None, None
         if self.stream is not None:
             self.stream.detach()
             self.stream = None
@@ -111,8 +105,7 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.flush()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        self.lane_open = False
+        self.write_paused = True  # _budget shuts the lane
         self.stalled_since = time.monotonic()
         self.stall_mark = self.transport.get_write_buffer_size() if self.transport is not None else 0
         self.server.stalled.add(self)
@@ -148,33 +141,6 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.session.stream_over()
 
     # --- output and budgets ----------------------------------------------------------
-
-    def _acknowledged(self, reply: AppendReply, last_id: int) -> bool:
-        """The queue's `batch_done` when no reply waits for replicas. The common reply (the one
-        MSG in flight on this connection) goes out at once; True: `flush` is needed after all."""
-        tr = self.transport
-        if tr is None or self.lost or self.write_paused or self.stream is not None:
-            reply.acknowledge(last_id)
-            return True
-        session = self.session
-        data = session.acknowledged(reply, last_id)
-        if data is None:
-            return True  # other replies come first, or with it: flush sends them in order
-        tr.write(data)
-        unsent = tr.get_write_buffer_size()
-        if unsent != self.unsent:
-            self.budgets.output_changed(self, unsent)
-        if self._holds_back(session):
-            return True
-        self._reopen()
-        return False
-
-    def lane_failed(self, nbytes: int, reply: bytes) -> None:
-        """A batch of the lane failed: its ERR goes out now, in its turn (the queue flushes after)."""
-        self.fast_count -= 1
-        self.fast_bytes -= nbytes
-        if self.lane_write is not None:
-            self.lane_write(reply)
 
     def flush(self) -> None:
         """Write every reply the session has ready; start a new stream; close when it says so."""
@@ -212,31 +178,6 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         else:
             self._reopen()
 
-    def _holds_back(self, session: ServerSession) -> bool:
-        """Reading paused, input held, closing, or over a budget: `_budget` must have a look."""
-        budgets = self.budgets
-        return bool(
-            self.read_paused
-            or self.held
-            or session.waiting_bytes
-            or session.partial_bytes
-            or session.closing
-            or budgets.over
-            or session.inflight_bytes + self.fast_bytes > budgets.conn_input
-        )
-
-    def _reopen(self) -> None:
-        """Open the lane if nothing is going on that it would pass; shut it otherwise."""
-        self.lane_open = (
-            not self.read_paused
-            and not self.write_paused
-            and self.stream is None
-            and not self.held
-            and self.lane_write is not None
-            and Msg in self.auth.allowed
-            and self.session.quiet
-        )
-
     def _budget(self) -> None:
         """Count what this connection holds; read from it only while it is within the budgets."""
         if self.transport is None or self.lost:
@@ -256,8 +197,7 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
     def close(self, last: bytes = b"") -> None:
         """Send ``last`` (if any) and close once the buffered output is written; we count until then."""
         self.session.closing = self.session.closed = True
-        self.lane_open = False
-        self.lane_write = None  # what the lane still has in flight goes unanswered, as the session's
+        self.lane_open, self.lane_write = False, None  # what it has in flight goes unanswered, as the session's
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.detach()
@@ -278,7 +218,6 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         """Graceful stop: end the stream, answer what has acted, then close."""
         if self.lost:
             return
-        self.lane_open = False
         self.session.end_for_stop()
         if self.stream is not None:
             self.stream.end(protocol.EOF)
