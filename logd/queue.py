@@ -239,12 +239,12 @@ class AppendQueue:
         try:
             if not self._always:
                 while self._pending:
-                    round_ = self._take_round()
-                    if self._append(round_):
+                    round_ = self._write_round()
+                    if round_ is not None:
                         self._acknowledge(round_)
             elif self._syncing is None and self._pending:
-                round_ = self._take_round()
-                if self._append(round_):
+                round_ = self._write_round()
+                if round_ is not None:
                     self._syncing, self._taken = round_, []
                     self.hub.armed = True  # the round after the fsync takes what comes meanwhile
                     self._syncer.request(self._synced)  # type: ignore[union-attr]
@@ -271,7 +271,9 @@ class AppendQueue:
             self._fail_stop("acknowledging a commit failed", exc)
         self._check_idle()
 
-    def _take_round(self) -> list[Batch]:
+    def _write_round(self) -> list[Batch] | None:
+        """Take a round from the queue and write it to the log: the round, or None when it failed
+        (its submitters are told). One function, as it is on every reply's path."""
         pending = self._pending
         if self.hub.pending_bytes <= MAX_ROUND_BYTES:  # the common case: everything pending
             round_ = list(pending)
@@ -280,6 +282,19 @@ class AppendQueue:
         else:
             round_ = self._take_some()
         self._taken = round_
+        bodies, nbytes = gather(round_)
+        if not bodies:
+            return round_  # only cursor commits (no messages): the round's sync is all they need
+        try:
+            self.log.append(bodies, nbytes)
+        except LogdError as exc:
+            self._fail(round_, exc)
+            return None
+        except OSError as exc:  # unexpected: report as storage failure
+            self._fail(round_, UnavailableError(f"storage error: {exc}"))
+            return None
+        if self._never and self.log.needs_sync:
+            self._sync_later()  # a roll left a closed segment to finish
         return round_
 
     def _take_some(self) -> list[Batch]:
@@ -293,23 +308,6 @@ class AppendQueue:
             round_.append(item)
         self.hub.pending_bytes -= size
         return round_
-
-    def _append(self, round_: list[Batch]) -> bool:
-        """Write a round to the log; on failure tell its submitters and return False."""
-        bodies, nbytes = gather(round_)
-        if not bodies:
-            return True  # only cursor commits (no messages): the round's sync is all they need
-        try:
-            self.log.append(bodies, nbytes)
-        except LogdError as exc:
-            self._fail(round_, exc)
-            return False
-        except OSError as exc:  # unexpected: report as storage failure
-            self._fail(round_, UnavailableError(f"storage error: {exc}"))
-            return False
-        if self._never and self.log.needs_sync:
-            self._sync_later()  # a roll left a closed segment to finish
-        return True
 
     def _fail(self, round_: list[Batch], exc: LogdError) -> None:
         self._taken = []
