@@ -1,12 +1,11 @@
-"""A connection's MSG lane (logd/lane.py, logd/_lane.c).
+"""A connection's MSG lane (logd/lane.py; in C, logd/_lane.c: tests/test_hot_lane.py holds the two to each other).
 
-Two parts. The C `Lane`, `Hub`, `ack_round` and `gather` against their
-pure-Python twins, driven the same way and compared call for call. Then the
-lane in a real server (in this process, on a real socket and data dir): the
-order contract holds when a chunk the lane takes is followed by one it does
-not. Those tests feed a connection's ``data_received`` directly, as the event
-loop does, so that two chunks arrive before the round that commits the
-first: the case a socket cannot produce on demand.
+What the lane takes and writes, then the lane in a real server (in this
+process, on a real socket and data dir): the order contract holds when a
+chunk the lane takes is followed by one it does not. Those tests feed a
+connection's ``data_received`` directly, as the event loop does, so that two
+chunks arrive before the round that commits the first: the case a socket
+cannot produce on demand.
 """
 
 from __future__ import annotations
@@ -25,15 +24,13 @@ from hypothesis import strategies as st
 from logd import lane as lane_module
 from logd.config import Config
 from logd.connection import Connection
-from logd.hot import ext
 from logd.server import LogServer
 
-needs_ext = pytest.mark.skipif(ext is None, reason="pure-Python run (LOGD_NO_EXTENSIONS=1): no C lane to compare")
 WAIT_S = 5.0
 LIMITS = (64, 50, 4, 120)  # max_line, max_message, max_batch, max_batch_bytes
 
 
-# --- the C lane against its twin -------------------------------------------------------
+# --- the lane alone -----------------------------------------------------------------------
 
 
 def recording_lane(base: type, hub_type: Any) -> tuple[Any, Any, list[Any]]:
@@ -61,62 +58,11 @@ def msg(*bodies: bytes, lf: bool = False) -> bytes:
     return b"MSG " + b" ".join(b"%d" % len(b) for b in bodies) + end + b"".join(b + end for b in bodies)
 
 
-chunks = st.one_of(
-    st.lists(st.lists(st.binary(max_size=30), min_size=1, max_size=3), min_size=1, max_size=3).map(
-        lambda ms: b"".join(msg(*m) for m in ms)
-    ),
-    st.builds(lambda b: msg(b, lf=True), st.binary(max_size=10)),
-    st.sampled_from([b"PING\r\n", b"MSG 1\r\n", b"MSG 1\r\nab\r\n", b"MSG 99\r\n" + b"x" * 99 + b"\r\n", b"",
-                     b"MSG 5 5 5 5 5\r\n" + b"abcde\r\n" * 5, b"msg 1\r\na\r\n", b"MSG  1\r\na\r\n"]),
-    st.binary(max_size=40),
-)
-steps = st.lists(
-    st.one_of(
-        st.tuples(st.just("data"), chunks),
-        st.tuples(st.just("open"), st.booleans()),
-        st.tuples(st.just("hub"), st.sampled_from(["accepting", "over", "armed"]), st.booleans()),
-        st.tuples(st.just("ack"), st.integers(min_value=1, max_value=10**12)),
-        st.tuples(st.just("unsent"), st.integers(min_value=0, max_value=2)),
-        st.tuples(st.just("lost"), st.just(True)),
-    ),
-    max_size=25,
-)
+IMPLEMENTATIONS = {(lane_module.Lane, lane_module.Hub), (lane_module.LanePy, lane_module.HubPy)}  # C and twin
 
 
-def run_steps(base: type, hub_type: Any, script: list[tuple[Any, ...]]) -> list[Any]:
-    lane, hub, calls = recording_lane(base, hub_type)
-    appended: list[int] = []
-    for step in script:
-        kind = step[0]
-        if kind == "data":
-            before = len(calls)
-            lane.data_received(step[1])
-            appended += [c[2] for c in calls[before:] if c[0] == "append"]
-        elif kind == "open":
-            lane.lane_open = step[1]
-        elif kind == "hub":
-            setattr(hub, step[1], step[2])
-        elif kind == "ack" and appended:
-            calls.append(("acked", lane.lane_ack(appended.pop(0), step[1])))
-        elif kind == "unsent":
-            lane.unsent = step[1]
-        elif kind == "lost":
-            lane.lane_write = None
-        calls.append(("state", lane.fast_count, lane.fast_bytes, lane.active, hub.pending_bytes))
-        lane.active = False
-    return calls
-
-
-@needs_ext
-@settings(max_examples=400, deadline=None)
-@given(steps)
-def test_the_c_lane_does_what_its_twin_does(script: list[tuple[Any, ...]]) -> None:
-    assert run_steps(ext.Lane, ext.Hub, script) == run_steps(lane_module.LanePy, lane_module.HubPy, script)
-
-
-@needs_ext
 def test_the_lane_takes_whole_msgs_only_while_everything_lets_it() -> None:
-    for base, hub_type in ((ext.Lane, ext.Hub), (lane_module.LanePy, lane_module.HubPy)):
+    for base, hub_type in IMPLEMENTATIONS:
         lane, hub, calls = recording_lane(base, hub_type)
         lane.data_received(msg(b"a"))
         assert calls == [("slow", msg(b"a"))]  # shut until the connection opens it
@@ -142,7 +88,7 @@ def test_the_lane_takes_whole_msgs_only_while_everything_lets_it() -> None:
 
 
 def test_an_ack_writes_ok_and_asks_for_a_flush_only_when_needed() -> None:
-    for base, hub_type in ((lane_module.Lane, lane_module.Hub), (lane_module.LanePy, lane_module.HubPy)):
+    for base, hub_type in IMPLEMENTATIONS:
         lane, _hub, calls = recording_lane(base, hub_type)
         lane.lane_buffer_size = lambda: 0
         lane.lane_open = True
@@ -156,59 +102,6 @@ def test_an_ack_writes_ok_and_asks_for_a_flush_only_when_needed() -> None:
         lane.data_received(msg(b"ef"))  # lost: the lane is shut, the slow path says so
         assert calls[-1] == ("slow", msg(b"ef"))
         assert (lane.fast_count, lane.fast_bytes) == (0, 0)
-
-
-class Told:
-    """A submitter of the slow path: batch_done answers what it was told to."""
-
-    def __init__(self, calls: list[Any], flush: bool) -> None:
-        self.calls, self.flush_after = calls, flush
-
-    def batch_done(self, token: object, last_id: int) -> bool:
-        self.calls.append(("done", token, last_id))
-        return self.flush_after
-
-
-@needs_ext
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.lists(st.binary(max_size=5), min_size=0, max_size=3), st.integers(0, 3)), min_size=1,
-                max_size=8), st.integers(min_value=20, max_value=10**15))
-def test_ack_round_and_gather_match_their_twins(batches: list[tuple[list[bytes], int]], head: int) -> None:
-    def run(lane_base: type, hub_type: Any, ack_round: Any, gather: Any) -> list[Any]:
-        lane, _hub, calls = recording_lane(lane_base, hub_type)
-        lane.lane_buffer_size = lambda: 0
-        lane.lane_open = True
-        round_: list[Any] = []
-        for i, (bodies, who) in enumerate(batches):
-            nbytes = sum(map(len, bodies))
-            if who == 0:
-                lane.fast_count += 1
-                lane.fast_bytes += nbytes
-                round_.append((bodies, nbytes, lane, None))
-            else:
-                round_.append((bodies, nbytes, Told(calls, who == 2), ("token", i)))
-        out = gather(round_)
-        messages, nbytes, to_flush = ack_round(round_, head)
-        return [out, messages, nbytes, [type(w).__name__ for w in to_flush], calls]
-
-    assert run(ext.Lane, ext.Hub, ext.ack_round, ext.gather) == run(
-        lane_module.LanePy, lane_module.HubPy, lane_module.ack_round_py, lane_module.gather_py
-    )
-
-
-@needs_ext
-def test_the_c_functions_refuse_what_is_not_theirs() -> None:
-    with pytest.raises(TypeError):
-        ext.Hub(1, 2, 0, 0)
-    lane = ext.Lane()
-    with pytest.raises(TypeError):
-        lane.lane_setup(lane_module.HubPy(list.append, list, 0, 0), *LIMITS)
-    with pytest.raises(TypeError):
-        ext.ack_round([(b"not a list", 1, lane, None)], 1)
-    with pytest.raises(TypeError):
-        ext.gather([([b"x"], "1", lane, None)])
-    with pytest.raises(TypeError):
-        ext.ack_round((), 1)
 
 
 # --- the lane in a real server ---------------------------------------------------------------
