@@ -14,8 +14,9 @@
  * Anything else goes to the Python path, the connection's ``slow_received``.
  *
  * The lane's MSGs are ahead of every reply the session holds (the session
- * sends nothing while ``fast_count`` is above 0), so each one's ``OK <id>``
- * is written the moment its batch is committed: `ack_round`.
+ * sends nothing while ``fast_count`` is above 0), so their ``OK <id>`` lines
+ * are written the moment their round is committed (`ack_round`): all of one
+ * connection's in one write, as a pipelining client sends them.
  *
  * The pure-Python twin is logd/lane.py, and it is the reference:
  * tests/test_lane.py holds the two to each other.
@@ -24,7 +25,7 @@
 
 #include <structmember.h>
 
-static PyObject *str_slow_received, *str_flush, *str_lane_ack, *str_batch_done;
+static PyObject *str_slow_received, *str_flush, *str_lane_ack, *str_lane_send, *str_batch_done;
 
 /* --- Hub: the server-wide state the lane reads ------------------------------------ */
 
@@ -122,6 +123,9 @@ typedef struct {
     Py_ssize_t fast_count; /* the lane's MSGs whose OK is not yet written */
     Py_ssize_t fast_bytes; /* their body bytes */
     Py_ssize_t unsent;     /* output bytes counted in the server's budget (budgets.py) */
+    char *acks;            /* OK lines of committed MSGs, until lane_send writes them */
+    Py_ssize_t acks_len, acks_cap;
+    Py_ssize_t acks_count, acks_bytes; /* the MSGs they answer, and their body bytes */
     char open;             /* set by the connection's Python code: the lane may take input */
     char active;           /* data arrived since the idle sweeper last looked */
 } Lane;
@@ -151,6 +155,7 @@ lane_dealloc(Lane *self)
 {
     PyObject_GC_UnTrack(self);
     lane_clear(self);
+    PyMem_Free(self->acks);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -251,20 +256,40 @@ lane_data_received(Lane *self, PyObject *data)
 }
 
 /* One of the lane's MSGs is committed, its last message with ``last_id``:
- * write its OK. 1: the connection's flush must run (the lane is shut, or the
- * transport now holds back output the budget does not know of); 0: not; -1
- * with an exception set. */
+ * add its OK line to those lane_send writes. 0, or -1 with MemoryError. */
 static int
 lane_ack(Lane *self, Py_ssize_t nbytes, long long last_id)
 {
-    self->fast_count--;
-    self->fast_bytes -= nbytes;
+    if (self->acks_cap - self->acks_len < 32) {
+        Py_ssize_t cap = self->acks_cap ? self->acks_cap * 2 : 256;
+        char *grown = PyMem_Realloc(self->acks, (size_t)cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->acks = grown;
+        self->acks_cap = cap;
+    }
+    self->acks_len += snprintf(self->acks + self->acks_len, 32, "OK %lld\r\n", last_id);
+    self->acks_count++;
+    self->acks_bytes += nbytes;
+    return 0;
+}
+
+/* Write the OK lines lane_ack gathered, in one write. 1: the connection's
+ * flush must run (the lane is shut, or the transport now holds back output
+ * the budget does not know of); 0: not; -1 with an exception set. */
+static int
+lane_send(Lane *self)
+{
+    Py_ssize_t len = self->acks_len;
+    self->fast_count -= self->acks_count;
+    self->fast_bytes -= self->acks_bytes;
+    self->acks_len = self->acks_count = self->acks_bytes = 0;
     PyObject *write = self->write;
-    if (!can_write(write))
+    if (len == 0 || !can_write(write))
         return 0; /* closed or lost: nobody to tell */
-    char text[32];
-    int len = snprintf(text, sizeof text, "OK %lld\r\n", last_id);
-    PyObject *reply = PyBytes_FromStringAndSize(text, len);
+    PyObject *reply = PyBytes_FromStringAndSize(self->acks, len);
     if (reply == NULL)
         return -1;
     Py_INCREF(write);
@@ -293,7 +318,15 @@ lane_ack_method(Lane *self, PyObject *args)
     long long last_id;
     if (!PyArg_ParseTuple(args, "nL", &nbytes, &last_id))
         return NULL;
-    int rc = lane_ack(self, nbytes, last_id);
+    if (lane_ack(self, nbytes, last_id) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+lane_send_method(Lane *self, PyObject *unused)
+{
+    int rc = lane_send(self);
     if (rc < 0)
         return NULL;
     return PyBool_FromLong(rc);
@@ -306,7 +339,9 @@ static PyMethodDef lane_methods[] = {
     {"lane_setup", (PyCFunction)lane_setup, METH_VARARGS,
      "lane_setup(hub, max_line, max_message, max_batch, max_batch_bytes): the server's Hub and the parser's limits."},
     {"lane_ack", (PyCFunction)lane_ack_method, METH_VARARGS,
-     "lane_ack(nbytes, last_id) -> bool: write the OK of one committed MSG of the lane; True: call flush."},
+     "lane_ack(nbytes, last_id): one of the lane's MSGs is committed; its OK goes with the next lane_send."},
+    {"lane_send", (PyCFunction)lane_send_method, METH_NOARGS,
+     "lane_send() -> bool: write the OKs lane_ack gathered, in one write; True: call flush."},
     {NULL},
 };
 
@@ -360,8 +395,63 @@ PyDoc_STRVAR(ack_round_doc,
              "ack_round(round_, head) -> (messages, nbytes, to_flush)\n\n"
              "Hand out the id ranges of a committed round whose last message has id\n"
              "``head``, in order: a lane's MSG (token None) through its lane_ack, any\n"
-             "other through ``who.batch_done(token, last_id)``. ``to_flush`` lists\n"
+             "other through ``who.batch_done(token, last_id)``; then each lane's\n"
+             "lane_send, once, in the order the lanes first came. ``to_flush`` lists\n"
              "those that answered True, in order (repeats included).");
+
+/* Tell one batch of a round: a lane's MSG (its OK gathered; the lane noted in
+ * ``lanes``) or another's (batch_done, ``who`` noted in ``to_flush`` if it
+ * asks). 0, or -1 with an exception set. */
+static int
+ack_one(PyObject *item, long long last, PyObject *lanes, PyObject *to_flush)
+{
+    PyObject *who = PyTuple_GET_ITEM(item, 2);
+    PyObject *token = PyTuple_GET_ITEM(item, 3);
+    if (token == Py_None) {
+        if (PyDict_SetItem(lanes, who, Py_None) < 0)
+            return -1;
+        if (PyObject_TypeCheck(who, &LaneType))
+            return lane_ack((Lane *)who, PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1)), last);
+    }
+    PyObject *last_id = PyLong_FromLongLong(last);
+    if (last_id == NULL)
+        return -1;
+    PyObject *r;
+    if (token == Py_None)
+        r = PyObject_CallMethodObjArgs(who, str_lane_ack, PyTuple_GET_ITEM(item, 1), last_id, NULL);
+    else
+        r = PyObject_CallMethodObjArgs(who, str_batch_done, token, last_id, NULL);
+    Py_DECREF(last_id);
+    if (r == NULL)
+        return -1;
+    int rc = token == Py_None ? 0 : PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (rc > 0 && PyList_Append(to_flush, who) < 0)
+        return -1;
+    return rc < 0 ? -1 : 0;
+}
+
+/* lane_send for each of ``lanes``, in order: -1 with an exception set at the
+ * first that fails (as the twin's loop stops there), else 0. */
+static int
+send_all(PyObject *lanes, PyObject *to_flush)
+{
+    Py_ssize_t pos = 0;
+    PyObject *lane, *value;
+    while (PyDict_Next(lanes, &pos, &lane, &value)) {
+        int rc;
+        if (PyObject_TypeCheck(lane, &LaneType)) {
+            rc = lane_send((Lane *)lane);
+        } else {
+            PyObject *r = PyObject_CallMethodNoArgs(lane, str_lane_send);
+            rc = r == NULL ? -1 : PyObject_IsTrue(r);
+            Py_XDECREF(r);
+        }
+        if (rc < 0 || (rc > 0 && PyList_Append(to_flush, lane) < 0))
+            return -1;
+    }
+    return 0;
+}
 
 static PyObject *
 ack_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -386,41 +476,37 @@ ack_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred())
         return NULL;
     PyObject *to_flush = PyList_New(0);
-    if (to_flush == NULL)
-        return NULL;
+    PyObject *lanes = PyDict_New(); /* the lanes with OKs gathered, in the order they came */
+    if (to_flush == NULL || lanes == NULL)
+        goto fail;
     Py_INCREF(round_); /* batch_done runs Python */
     long long first = head + 1 - messages;
-    for (Py_ssize_t i = 0; i < count && i < PyList_GET_SIZE(round_); i++) {
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < count && i < PyList_GET_SIZE(round_) && !failed; i++) {
         PyObject *item = Py_NewRef(PyList_GET_ITEM(round_, i));
-        PyObject *who = PyTuple_GET_ITEM(item, 2);
-        PyObject *token = PyTuple_GET_ITEM(item, 3);
         first += PyList_GET_SIZE(PyTuple_GET_ITEM(item, 0));
-        long long last = first - 1;
-        int rc;
-        if (token == Py_None && PyObject_TypeCheck(who, &LaneType)) {
-            rc = lane_ack((Lane *)who, PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1)), last);
-        } else {
-            PyObject *last_id = PyLong_FromLongLong(last);
-            PyObject *r = NULL;
-            if (last_id != NULL && token == Py_None)
-                r = PyObject_CallMethodObjArgs(who, str_lane_ack, PyTuple_GET_ITEM(item, 1), last_id, NULL);
-            else if (last_id != NULL)
-                r = PyObject_CallMethodObjArgs(who, str_batch_done, token, last_id, NULL);
-            Py_XDECREF(last_id);
-            rc = r == NULL ? -1 : PyObject_IsTrue(r);
-            Py_XDECREF(r);
-        }
-        if (rc > 0 && PyList_Append(to_flush, who) < 0)
-            rc = -1;
+        failed = ack_one(item, first - 1, lanes, to_flush) < 0;
         Py_DECREF(item);
-        if (rc < 0) {
-            Py_DECREF(round_);
-            Py_DECREF(to_flush);
-            return NULL;
-        }
     }
     Py_DECREF(round_);
+    /* Even after a failure: an OK gathered and not sent would hold that connection's
+     * later replies for ever. The first error is the one raised. */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    int send_failed = send_all(lanes, to_flush) < 0;
+    if (failed) {
+        if (send_failed)
+            PyErr_Clear();
+        PyErr_Restore(type, value, traceback);
+    }
+    if (failed || send_failed)
+        goto fail;
+    Py_DECREF(lanes);
     return Py_BuildValue("(LLN)", messages, nbytes, to_flush);
+fail:
+    Py_XDECREF(to_flush);
+    Py_XDECREF(lanes);
+    return NULL;
 }
 
 PyDoc_STRVAR(gather_doc,
@@ -469,6 +555,7 @@ lane_add_types(PyObject *module)
     if ((str_slow_received = PyUnicode_InternFromString("slow_received")) == NULL
         || (str_flush = PyUnicode_InternFromString("flush")) == NULL
         || (str_lane_ack = PyUnicode_InternFromString("lane_ack")) == NULL
+        || (str_lane_send = PyUnicode_InternFromString("lane_send")) == NULL
         || (str_batch_done = PyUnicode_InternFromString("batch_done")) == NULL)
         return -1;
     if (PyType_Ready(&HubType) < 0 || PyType_Ready(&LaneType) < 0)

@@ -17,9 +17,10 @@ Anything else goes to the connection's Python path, ``slow_received``.
 
 Order: the lane's MSGs in flight (``fast_count``) come before every reply
 the session holds, because the lane takes input only while the session holds
-none and the session sends nothing while ``fast_count`` is above 0. So each
-lane MSG's ``OK <id>`` is written the moment its batch is committed
-(`ack_round`, through ``lane_ack``).
+none and the session sends nothing while ``fast_count`` is above 0. So their
+``OK <id>`` lines are written the moment their round is committed
+(`ack_round`): gathered by ``lane_ack``, then all of one connection's in one
+write by ``lane_send`` (a client pipelining 100 MSGs gets one packet back).
 
 The C module (``logd/_lane.c``) implements `Lane`, `Hub`, `ack_round` and
 `gather`; the classes and functions here are their pure-Python twins and the
@@ -64,6 +65,8 @@ class LanePy:
     fast_count = 0  # the lane's MSGs whose OK is not yet written
     fast_bytes = 0  # their body bytes
     unsent = 0  # output bytes counted in the server's budget (budgets.py)
+    _acks: list[bytes] | None = None  # OK lines of committed MSGs, until lane_send writes them
+    _acks_bytes = 0  # the body bytes of the MSGs they answer
     lane_open = False  # set by the connection: the lane may take input
     active = False  # data arrived since the idle sweeper last looked
     _limits: tuple[int, int, int, int] = (1, 0, 0, 0)
@@ -107,14 +110,24 @@ class LanePy:
         if self.fast_bytes > hub.conn_input:
             self.flush()  # type: ignore[attr-defined]
 
-    def lane_ack(self, nbytes: int, last_id: int) -> bool:
-        """Write the OK of one committed MSG of the lane; True: the connection's flush must run."""
-        self.fast_count -= 1
-        self.fast_bytes -= nbytes
+    def lane_ack(self, nbytes: int, last_id: int) -> None:
+        """One of the lane's MSGs is committed: its OK goes with the next `lane_send`."""
+        if self._acks is None:
+            self._acks = []
+        self._acks.append(b"OK %d\r\n" % last_id)
+        self._acks_bytes += nbytes
+
+    def lane_send(self) -> bool:
+        """Write the OKs `lane_ack` gathered, in one write; True: the connection's flush must run
+        (the lane is shut, or the transport now holds back output the budget does not know of)."""
+        acks = self._acks or []
+        self.fast_count -= len(acks)
+        self.fast_bytes -= self._acks_bytes
+        self._acks, self._acks_bytes = None, 0
         write = self.lane_write
-        if write is None:
+        if not acks or write is None:
             return False  # closed or lost: nobody to tell
-        write(b"OK %d\r\n" % last_id)  # may call pause_writing, which shuts the lane
+        write(b"".join(acks))  # may call pause_writing, which shuts the lane
         if not self.lane_open or self.lane_buffer_size is None:
             return True
         return self.lane_buffer_size() != self.unsent
@@ -124,17 +137,29 @@ def ack_round_py(round_: list[Batch], head: int) -> tuple[int, int, list[Any]]:
     """Hand out the id ranges of a committed round whose last message has id ``head``, in order.
 
     A lane's MSG (token None) is told through its ``lane_ack``, any other
-    through ``who.batch_done(token, last_id)``. Returns the messages and bytes
-    of the round, and those that answered True, in order (repeats included).
+    through ``who.batch_done(token, last_id)``; then each lane's ``lane_send``,
+    once, in the order the lanes first came (even after a failure: an OK
+    gathered and not sent would hold that connection's later replies for
+    ever). Returns the messages and bytes of the round, and those that
+    answered True, in order (repeats included).
     """
     messages = sum([len(item[0]) for item in round_])
     nbytes = sum([item[1] for item in round_])
     first = head + 1 - messages
     to_flush = []
-    for bodies, n, who, token in round_:
-        first += len(bodies)
-        if who.lane_ack(n, first - 1) if token is None else who.batch_done(token, first - 1):
-            to_flush.append(who)
+    lanes: dict[Any, None] = {}
+    try:
+        for bodies, n, who, token in round_:
+            first += len(bodies)
+            if token is None:
+                lanes[who] = None
+                who.lane_ack(n, first - 1)
+            elif who.batch_done(token, first - 1):
+                to_flush.append(who)
+    finally:
+        for lane in lanes:
+            if lane.lane_send():
+                to_flush.append(lane)
     return messages, nbytes, to_flush
 
 

@@ -34,6 +34,7 @@ steps = st.lists(
         st.tuples(st.just("open"), st.booleans()),
         st.tuples(st.just("hub"), st.sampled_from(["accepting", "over", "armed"]), st.booleans()),
         st.tuples(st.just("ack"), st.integers(min_value=1, max_value=10**12)),
+        st.tuples(st.just("send")),
         st.tuples(st.just("unsent"), st.integers(min_value=0, max_value=2)),
         st.tuples(st.just("lost"), st.just(True)),
     ),
@@ -56,6 +57,8 @@ def run_steps(base: type, hub_type: Any, script: list[tuple[Any, ...]]) -> list[
             setattr(hub, step[1], step[2])
         elif kind == "ack" and appended:
             calls.append(("acked", lane.lane_ack(appended.pop(0), step[1])))
+        elif kind == "send":
+            calls.append(("sent", lane.lane_send()))
         elif kind == "unsent":
             lane.unsent = step[1]
         elif kind == "lost":

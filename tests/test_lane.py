@@ -83,25 +83,43 @@ def test_the_lane_takes_whole_msgs_only_while_everything_lets_it() -> None:
         calls.clear()
         lane.data_received(msg(b"f"))
         assert calls == [("slow", msg(b"f"))]
-        assert lane.lane_ack(2, 7) is True  # the buffer size (1) is not the counted 0: flush
+        lane.lane_ack(2, 7)
+        assert lane.lane_send() is True  # the buffer size (1) is not the counted 0: flush
         assert calls[-1] == ("write", b"OK 7\r\n")
 
 
-def test_an_ack_writes_ok_and_asks_for_a_flush_only_when_needed() -> None:
+def test_acks_go_out_in_one_write_and_ask_for_a_flush_only_when_needed() -> None:
     for base, hub_type in IMPLEMENTATIONS:
         lane, _hub, calls = recording_lane(base, hub_type)
         lane.lane_buffer_size = lambda: 0
         lane.lane_open = True
-        lane.data_received(msg(b"ab"))
-        assert lane.lane_ack(2, 41) is False  # written, nothing held: nothing more to do
-        assert calls[-1] == ("write", b"OK 41\r\n")
-        lane.data_received(msg(b"cd"))
+        lane.data_received(msg(b"ab") + msg(b"cde"))
+        lane.lane_ack(2, 41)
+        lane.lane_ack(3, 42)
+        assert (lane.fast_count, lane.fast_bytes) == (2, 5)  # not answered until sent
+        assert lane.lane_send() is False  # written, nothing held: nothing more to do
+        assert calls[-1] == ("write", b"OK 41\r\nOK 42\r\n")
+        assert (lane.fast_count, lane.fast_bytes) == (0, 0)
+        assert lane.lane_send() is False and calls[-1] == ("write", b"OK 41\r\nOK 42\r\n")  # nothing to send
+        lane.data_received(msg(b"fg"))
         lane.lane_open = False  # the session holds a reply behind it
-        assert lane.lane_ack(2, 42) is True
+        lane.lane_ack(2, 43)
+        assert lane.lane_send() is True
         lane.lane_write = None
         lane.data_received(msg(b"ef"))  # lost: the lane is shut, the slow path says so
         assert calls[-1] == ("slow", msg(b"ef"))
         assert (lane.fast_count, lane.fast_bytes) == (0, 0)
+
+
+async def test_a_pipelining_client_gets_its_oks_in_one_packet(served) -> None:  # type: ignore[no-untyped-def]
+    srv, reader, _writer, conn = served
+    writes: list[bytes] = []
+    write = conn.lane_write
+    conn.lane_write = lambda data: (writes.append(data), write(data))  # the transport's, counted
+    conn.data_received(b"".join(msg(b"m%d" % i) for i in range(100)))
+    assert conn.fast_count == 100
+    assert await replies(reader, 100) == [b"OK %d\r\n" % i for i in range(1, 101)]
+    assert writes == [b"".join(b"OK %d\r\n" % i for i in range(1, 101))]
 
 
 # --- the lane in a real server ---------------------------------------------------------------
