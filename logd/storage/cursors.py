@@ -7,7 +7,8 @@ hex digits. The file is synced with the log (`Log.attach`): under
 ``fsync=always`` a commit is acknowledged only after the group commit's
 sync covered its line. When the file has grown well past its live content
 it is rewritten (one line per cursor) to a temporary file, synced and
-renamed over (see `CursorStore._compact_in_background`: inline for now).
+renamed over, on a thread of its own so the server's loop never waits for
+those fsyncs (see `CursorStore._compact_in_background`).
 
 At open every line is checked; a bad or cut-off line (a torn tail after a
 crash, or zeros) is skipped, and if there was one the file is rewritten
@@ -21,6 +22,7 @@ import contextlib
 import os
 import re
 import threading
+from collections.abc import Callable
 
 import structlog
 from crc32c import crc32c
@@ -35,6 +37,10 @@ NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Rewrite the file once it is over this size and over 4 times its live content.
 COMPACT_MIN_BYTES = 64 * 1024
 _LINE = re.compile(rb"([A-Za-z0-9._-]{1,64}) ([0-9]{1,19}) ([0-9a-f]{8})")
+
+
+def _no_step(step: str) -> None:
+    """The default ``compaction_step``: nothing."""
 
 
 def valid_name(name: str) -> bool:
@@ -75,10 +81,15 @@ class CursorStore:
     the compaction's swap of the file (so no line goes to a file about to be
     replaced); `_sync_lock` is held across the fdatasync and while the old
     descriptor is closed, so a sync never meets a closed descriptor.
+
+    ``compaction_step``, if given, is called on the compaction's thread at
+    each of its steps (see `_compact`); tests pass one that waits on an
+    event, to hold a compaction at a chosen moment.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, compaction_step: Callable[[str], None] | None = None) -> None:
         self.directory = directory
+        self._step = compaction_step or _no_step
         self.path = os.path.join(directory, FILE)
         self._sync_lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -206,12 +217,18 @@ class CursorStore:
         snapshot = b"".join(encode_line(name, id) for name, id in sorted(self._cursors.items()))
         with self._write_lock:
             self._written_meanwhile = []
-        # Run inline for now: with the compaction on a thread of its own, a kill -9 test lost an
-        # acknowledged line about once in twenty runs (tests/storage/test_crash.py), cause not found.
-        # Inline, no line can be written while it runs, so the copy loop takes nothing.
-        self._compact(snapshot)
+        self._compactor = threading.Thread(target=self._compact, args=(snapshot,), name="logd-cursors", daemon=True)
+        self._compactor.start()
 
     def _compact(self, data: bytes) -> None:
+        """The compaction's thread. Its steps, as passed to ``compaction_step``:
+
+        ``"copied"``: the new file holds the snapshot, or the lines written
+        meanwhile, and is fsynced; next it looks for more lines under the lock,
+        and renames it in if none came. ``"renamed"``: the new file is
+        ``CURSORS`` and `set` appends to it; next the old descriptor is closed
+        and the directory fsynced.
+        """
         tmp = self.path + ".tmp"
         fd = -1
         try:
@@ -223,6 +240,7 @@ class CursorStore:
                 write_all(fd, data)
                 size += len(data)
                 os.fsync(fd)
+                self._step("copied")
                 with self._write_lock:
                     assert self._written_meanwhile is not None
                     data = b"".join(self._written_meanwhile)
@@ -236,6 +254,7 @@ class CursorStore:
                     self._size = size
                     self._compact_past = COMPACT_MIN_BYTES
                     break
+            self._step("renamed")
             with self._sync_lock:
                 os.close(old)
             fsync_dir(self.directory)
