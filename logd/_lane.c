@@ -231,7 +231,8 @@ lane_data_received(Lane *self, PyObject *data)
 {
     self->active = 1;
     Hub *hub = (Hub *)self->hub;
-    if (self->open && hub != NULL && hub->accepting && !hub->over && can_write(self->write)
+    /* hub->append is NULL only for a Hub never initialised (Hub.__new__ alone): no lane then. */
+    if (self->open && hub != NULL && hub->append != NULL && hub->accepting && !hub->over && can_write(self->write)
         && PyBytes_CheckExact(data) && PyBytes_GET_SIZE(data) > 0) {
         PyObject *batches = PyList_New(0);
         if (batches == NULL)

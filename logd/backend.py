@@ -51,7 +51,6 @@ class ConnectionBackend:
         """Write what the session has ready (the connection does)."""
         raise NotImplementedError
 
-
     # --- the session's Backend ---------------------------------------------------
 
     def refusal(self) -> ServerError | None:
@@ -161,4 +160,3 @@ class ConnectionBackend:
         self.fast_bytes -= nbytes
         if self.lane_write is not None:
             self.lane_write(reply)
-

@@ -123,3 +123,8 @@ def test_the_c_functions_refuse_what_is_not_theirs() -> None:
         ext.gather([([b"x"], "1", lane, None)])
     with pytest.raises(TypeError):
         ext.ack_round((), 1)
+    lane, _hub, calls = recording_lane(ext.Lane, ext.Hub)
+    lane.lane_setup(ext.Hub.__new__(ext.Hub), *LIMITS)  # a Hub never initialised: no queue to hand to
+    lane.lane_open = True
+    lane.data_received(msg(b"a"))
+    assert calls == [("slow", msg(b"a"))]

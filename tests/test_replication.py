@@ -1,9 +1,14 @@
-"""The follower's stream parser (sans-IO) and the leader's replica bookkeeping."""
+"""The follower's stream parser (sans-IO), the leader's replica bookkeeping, the follower's stop."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from pathlib import Path
+
 import pytest
 
+from logd.config import Config
 from logd.errors import CorruptRecordError, ProtocolError
 from logd.protocol import Replicate
 from logd.protocol.replica import (
@@ -21,7 +26,9 @@ from logd.protocol.replica import (
     segment_marker,
 )
 from logd.replication import ReplicaSet
+from logd.replication.follower import Follower
 from logd.replication.leader import replicate_handshake
+from logd.server import LogServer
 from logd.storage.epochs import Epochs
 from logd.storage.record import encode_record
 
@@ -135,3 +142,21 @@ def test_leader_answers_where_the_replica_epoch_ends(tmp_path) -> None:  # type:
     assert replicate_handshake(epochs, Replicate(190, 0, 3, 3), 300, 0) == (b"OK 4 2 201 0\r\n", False)
     # Ahead of the leader in its newest epoch (a leader that lost an unsynced tail).
     assert replicate_handshake(epochs, Replicate(310, 0, 4, 4), 300, 0) == (b"OK 4 4 300 0\r\n", False)
+
+
+async def test_a_cancelled_follower_stops_even_if_the_cancellation_was_swallowed(tmp_path: Path) -> None:
+    # Found in CI: a follower stopped while it retried a leader that had just gone
+    # kept retrying (Python 3.11's wait_for swallowed the task's cancellation as the
+    # connect failed), so its server's stop hung until the watchdog. Here the loop is
+    # run again after cancel(), as if the cancellation had been swallowed.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed: connects are refused
+    server = LogServer(Config(data_dir=str(tmp_path / "d")))
+    try:
+        follower = Follower(server, f"127.0.0.1:{port}")
+        follower.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(follower._run(), 10)
+    finally:
+        server.log.close()

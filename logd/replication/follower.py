@@ -143,6 +143,7 @@ class Follower:
         self._committer: asyncio.Task[None] | None = None
         self._saver: asyncio.Task[None] | None = None
         self._uncommitted = [0, 0]  # messages and bytes written, not yet in a commit round
+        self._cancelled = False
         cfg = server.config
         # --replica-of logds://...: verify the leader with --tls-ca (else the system's trust
         # store) and show our own --tls-cert if the leader asks for a client certificate.
@@ -156,6 +157,7 @@ class Follower:
 
     def cancel(self) -> None:
         """Stop following now (promotion): the loop applies nothing after this call."""
+        self._cancelled = True
         if self._link is not None:
             self._link.close()
         if self._task is not None:
@@ -215,6 +217,11 @@ class Follower:
 
     async def _session(self) -> None:
         """One connection to the leader, from our next id until it ends."""
+        if self._cancelled:
+            # Python 3.11's wait_for can swallow a task's cancellation when the connect it waits
+            # for fails at that moment (the refused connect then reads as a lost link, retried):
+            # a follower told to stop must not go on retrying, or a stop waits for its watchdog.
+            raise asyncio.CancelledError
         srv = self.server
         lg = srv.log
         self.state = "connecting"
