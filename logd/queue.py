@@ -13,9 +13,9 @@ new batches wait; the round after it takes them all.
 
 Connections submit MSGs two ways: their Python path calls `submit`; their
 C lane (lane.py) appends ``(bodies, nbytes, lane, None)`` to the pending
-queue itself and calls `_kick` only when no round is armed. The queue's
-`Hub` holds what the lanes read and write: the pending bytes, whether a
-round is armed, whether MSGs are accepted.
+queue itself and calls `_kick` only when no round is armed or the backlog
+is passed. The queue's `Hub` holds what the lanes read and write: the
+pending bytes, whether a round is armed, whether MSGs are accepted.
 
 fsync runs on one dedicated thread (`SyncThread`) that reports back with
 ``call_soon_threadsafe``: no thread pool and no future per round, and the
@@ -273,7 +273,7 @@ class AppendQueue:
 
     def _write_round(self) -> list[Batch] | None:
         """Take a round from the queue and write it to the log: the round, or None when it failed
-        (its submitters are told). One function, as it is on every reply's path."""
+        (its submitters are told)."""
         pending = self._pending
         if self.hub.pending_bytes <= MAX_ROUND_BYTES:  # the common case: everything pending
             round_ = list(pending)

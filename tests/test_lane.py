@@ -211,7 +211,7 @@ async def test_a_lane_past_its_input_budget_stops_being_read_until_answered(tmp_
         assert not conn.read_paused and conn.lane_open
 
 
-# Commands of a script, and the reply each gets when the log's head was h before it.
+# The pieces the order test builds its scripts from: MSGs (one of two bodies, one LF-ended), PING, HEAD.
 SCRIPT_PARTS = [msg(b"a"), msg(b"bc", b"d"), b"PING\r\n", b"HEAD\r\n", msg(b"e", lf=True)]
 
 

@@ -199,16 +199,12 @@ class CommandParser:
 
         The fast lane of the server session (one MSG per packet from each of many
         clients): no `Msg` objects, no list of commands. It takes only what the C
-        module's ``msg_commands`` takes (``_whole_msgs_py`` is its twin).
+        module's ``msg_commands`` takes (``whole_msgs_py`` is its twin).
         """
         if not self.clean:
             return None
         if ext is not None:
             return ext.whole_msgs(data, self._max_line, self._max_message, self._max_batch, self._max_batch_bytes)
-        return self._whole_msgs_py(data)
-
-    def _whole_msgs_py(self, data: bytes) -> list[list[bytes]] | None:
-        """The pure-Python twin of ``_hot.whole_msgs`` (tests/test_hot.py holds them to each other)."""
         return whole_msgs_py(data, *self.limits)
 
     @property

@@ -144,9 +144,7 @@ class Segment:
         old_size, old_count, old_written = self.size, self.count, self._idx_written
         self._offsets.extend(offsets)
         try:
-            written = os.write(self._log_fd, data)  # write_all's first write, inline: this is every MSG's path
-            if written < len(data):
-                write_all(self._log_fd, memoryview(data)[written:])
+            write_all(self._log_fd, data)
             if len(self._offsets) - old_written >= INDEX_WRITE_ENTRIES:
                 self._write_index()
         except OSError as exc:
