@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .conftest import RawConn, ServerProcess
+from .conftest import RawConn, ServerProcess, wait_for
 
 
 def addr(srv: ServerProcess) -> str:
@@ -49,6 +49,16 @@ def head(srv: ServerProcess) -> int:
         return int(conn.line().split()[1])
     finally:
         conn.close()
+
+
+def head_once_leader_gone(srv: ServerProcess) -> int:
+    """A follower's log head once it has seen the link to its dead leader end.
+
+    Until then it may still be reading what the leader sent before it died, so
+    its head can move on after a first look (a promotion named by that look is
+    then refused)."""
+    wait_for(lambda: stats(srv)["replication"] != "streaming", what="the follower to see its leader gone")
+    return int(stats(srv)["log_head"])
 
 
 def read_all(srv: ServerProcess, start: int, count: int) -> list[tuple[int, bytes]]:

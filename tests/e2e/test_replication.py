@@ -12,7 +12,17 @@ import time
 from pathlib import Path
 
 from .conftest import RawConn, wait_for
-from .helpers import Writer, addr, closed_segments_identical, head, logd_cli, read_all, send_msgs, stats
+from .helpers import (
+    Writer,
+    addr,
+    closed_segments_identical,
+    head,
+    head_once_leader_gone,
+    logd_cli,
+    read_all,
+    send_msgs,
+    stats,
+)
 
 SEGMENT = "64KiB"
 
@@ -115,7 +125,7 @@ def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # ty
     # there from the next id. (Until now its readers saw only up to a's last high
     # watermark; what it holds past that, received but never acknowledged by a,
     # becomes visible as it takes over.)
-    b_head = int(stats(b)["log_head"])
+    b_head = head_once_leader_gone(b)
     refused = logd_cli("promote", "--next-id", str(b_head + 5), addr(b))
     assert refused.returncode != 0 and f"next id is {b_head + 1}" in refused.stderr
     assert stats(b)["role"] == "follower"

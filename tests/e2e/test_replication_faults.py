@@ -25,7 +25,7 @@ from logd.storage import Log
 from logd.storage.epochs import Epochs
 
 from .conftest import ServerProcess, wait_for
-from .helpers import Writer, addr, closed_segments_identical, head, logd_cli, stats, try_msg
+from .helpers import Writer, addr, closed_segments_identical, head, head_once_leader_gone, logd_cli, stats, try_msg
 from .proxy import Proxy
 
 SEGMENT = "16KiB"
@@ -115,7 +115,7 @@ def test_faults_kills_and_failover_lose_nothing_acknowledged(start_server) -> No
         assert len(acked) >= 9 * STEP
 
         # Fail over to the follower that holds the most (it holds every acknowledged id).
-        b_head, c_head = (int(stats(srv)["log_head"]) for srv in (b, c))
+        b_head, c_head = (head_once_leader_gone(srv) for srv in (b, c))
         new, other = (b, c) if b_head >= c_head else (c, b)
         other_link = to_c if other is c else to_b
         promoted_at = max(b_head, c_head) + 1
