@@ -126,4 +126,6 @@ def test_a_handshake_trickled_byte_by_byte_ends_at_the_deadline(tmp_path: Path) 
         client.close()
     assert str(caught.value) == f"TLS handshake with 127.0.0.1:{port} failed: timed out"
     assert sent[0] >= 5, "the peer was trickling the handshake all along"
-    assert took < 3 * TIMEOUT_S
+    # Far under the 30 s a per-read timeout ran (the peer trickles that long), with room
+    # for a loaded machine.
+    assert took < 10 * TIMEOUT_S

@@ -61,6 +61,21 @@ def head_once_leader_gone(srv: ServerProcess) -> int:
     return int(stats(srv)["log_head"])
 
 
+def first_after_a_retention_pass(srv: ServerProcess) -> int:
+    """The first retained id once a whole retention pass has run after this call.
+
+    Passes run once a second, each in one go on the server's loop. One that ran
+    while the test was still writing may have left segments the next one
+    deletes, so ``first`` read after it could still move on."""
+    passes = int(stats(srv)["retention_passes"])
+
+    def after_it() -> dict[str, str] | None:
+        now = stats(srv)
+        return now if int(now["retention_passes"]) > passes else None
+
+    return int(wait_for(after_it, what="a retention pass after the writes")["first"])
+
+
 def read_all(srv: ServerProcess, start: int, count: int) -> list[tuple[int, bytes]]:
     conn = srv.connect(timeout=30)
     try:

@@ -153,7 +153,8 @@ def test_faults_kills_and_failover_lose_nothing_acknowledged(start_server) -> No
         a2 = start_server("--replica-of", addr(new), data_dir=a.data_dir)
         writer2 = Writer(new, b"n", window=16, limit=2 * STEP)
         writer2.start()
-        writer2.finish(timeout=60)
+        writer2.join(60)  # to its limit (finish() would stop it at once)
+        assert not writer2.is_alive(), "writer did not reach its limit"
         assert writer2.failure is None and not writer2.errors
         assert min(writer2.acked) >= promoted_at
         acked.update(writer2.acked)

@@ -63,9 +63,12 @@ def test_sigkill_never_loses_an_acknowledged_batch(tmp_path: Path) -> None:
             ready = child.stdout.readline()  # waits for the child to hold the log
             assert ready.startswith(b"ready "), ready
             assert int(ready.split()[1]) >= acked
-            time.sleep(rng.uniform(0.005, 0.05))  # the random moment of the crash
+            # Some acknowledgements first (progress that does not hang on the machine's
+            # speed), then a random moment inside a later batch.
+            early = b"".join(child.stdout.readline() for _ in range(rng.randint(1, 6)))
+            time.sleep(rng.uniform(0, 0.02))
             child.send_signal(signal.SIGKILL)
-            out = child.stdout.read()  # to EOF: the child is dead
+            out = early + child.stdout.read()  # to EOF: the child is dead
         finally:
             child.kill()
             child.wait()
