@@ -30,7 +30,7 @@ from .e2e.conftest import ServerProcess, wait_for
 from .e2e.helpers import first_after_a_retention_pass, url_of
 
 ROOT = Path(__file__).resolve().parent.parent
-PATIENT = Retry(attempts=40, initial=0.02, maximum=0.5)  # rides out a server restart
+PATIENT = Retry(attempts=150, initial=0.02, maximum=0.5)  # rides out a server restart, even a slow one (~35 s)
 
 
 @pytest.fixture(scope="module")

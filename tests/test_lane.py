@@ -11,6 +11,7 @@ cannot produce on demand.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from logd.config import Config
 from logd.connection import Connection
 from logd.server import LogServer
 
-WAIT_S = 5.0
+WAIT_S = 30.0  # bounds a failure only: every reply waits for an fsync of a shared disk
 LIMITS = (64, 50, 4, 120)  # max_line, max_message, max_batch, max_batch_bytes
 
 
@@ -232,13 +233,16 @@ def test_every_chunking_and_every_commit_timing_keeps_the_order(parts: list[int]
             expected.append(b"PONG\r\n" if i == 2 else b"OK %d\r\n" % head)
 
     async def scenario() -> list[bytes]:
+        # aclosing: the server stops here, before its directory goes (a return out of
+        # the loop would leave it to stop at the loop's end, after).
         with tempfile.TemporaryDirectory() as tmp:
-            async for srv, reader, _writer, conn in serve(Path(tmp)):
-                for piece, commit in zip(pieces, rounds, strict=True):
-                    conn.data_received(piece)
-                    if commit:
-                        await srv.queue.drain()
-                return await replies(reader, len(expected))
+            async with contextlib.aclosing(serve(Path(tmp))) as served:
+                async for srv, reader, _writer, conn in served:
+                    for piece, commit in zip(pieces, rounds, strict=True):
+                        conn.data_received(piece)
+                        if commit:
+                            await srv.queue.drain()
+                    return await replies(reader, len(expected))
         raise AssertionError("not served")
 
     assert uvloop.run(scenario()) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,3 +75,18 @@ def forget_clean_close(directory: str | Path) -> None:
     call this: a real crash leaves no up-to-date CLOSED_HEAD behind.
     """
     Path(directory, "CLOSED_HEAD").unlink(missing_ok=True)
+
+
+def open_fds_under(directory: str | Path) -> set[str]:
+    """This process's descriptors open on files under ``directory``.
+
+    Only those: a thread or finalizer another test left behind may open or
+    close descriptors of its own meanwhile.
+    """
+    prefix = os.path.realpath(directory) + os.sep
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+                fds.add(fd)
+    return fds

@@ -16,7 +16,7 @@ from logd.storage.record import encode_batch
 from logd.storage.recovery import recover_active
 from logd.storage.segment import Segment
 
-from .helpers import first_id_of, forget_clean_close, layout, log_files, read_index
+from .helpers import first_id_of, forget_clean_close, layout, log_files, open_fds_under, read_index
 
 SEGMENT_BYTES = 400
 
@@ -219,20 +219,16 @@ def test_closed_index_rebuild_refuses_a_short_segment(template: Path, tmp_path: 
     assert not list(d.glob("*.tmp"))
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
 def test_refusing_a_damaged_closed_segment_closes_the_active_one(template: Path, tmp_path: Path) -> None:
     # Review finding: the active segment, recovered first, kept its two descriptors open.
     d = copy_of(template, tmp_path)
     path = log_files(d)[1]
     os.truncate(path, path.stat().st_size - 10)
     path.with_suffix(".idx").unlink()
-    before = open_fds()
+    before = open_fds_under(tmp_path)
     with pytest.raises(DamagedLogError):
         Log(str(d))
-    assert open_fds() == before
+    assert open_fds_under(tmp_path) == before
 
 
 @pytest.mark.parametrize("how", ["zeroed tail", "swapped", "huge", "past the end"])
