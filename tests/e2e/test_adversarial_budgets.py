@@ -152,7 +152,7 @@ def test_partial_msgs_are_bounded_server_wide(start_server, hold) -> None:  # ty
     assert other.line() == b"OK 0"
 
 
-SWEEP_S = 1.0  # the sweeper's period with --tail-stall-timeout 4 (stall/4, at most 1 s)
+SWEEP_S = 1.0  # the sweeper's period with --tail-stall-timeout 4 and no idle timeout (stall/4, at most 1 s)
 
 
 def read_once_dropped(srv: ServerProcess, ctl: RawConn, hold: list[socket.socket]) -> tuple[RawConn, float]:
@@ -165,9 +165,9 @@ def read_once_dropped(srv: ServerProcess, ctl: RawConn, hold: list[socket.socket
     """
     sock = connect_small_window(srv)
     hold.append(sock)
+    running_at = time.monotonic()
     sock.sendall(b"READ 1\r\n")
     assert peek_reply(sock) == b"OK"
-    running_at = time.monotonic()
 
     def dropped() -> bool:
         nonlocal running_at
