@@ -9,7 +9,9 @@ unread stays in the server rather than in the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +19,6 @@ import pytest
 from .adversary import (
     MiB,
     connect_small_window,
-    drain,
     peek_reply,
     push_until_stalled,
     raise_nofile,
@@ -107,10 +108,31 @@ def test_closed_tails_count_against_max_connections_until_flushed(start_server, 
     assert writer.line() == b"PONG"
 
 
+def kernel_bytes_per_connection() -> int:
+    """The most the kernel can hold of one loopback connection's stream: the sender's send buffer
+    and the receiver's receive buffer, each at its autotuning maximum (tcp_wmem, tcp_rmem)."""
+    total = 0
+    for name in ("tcp_wmem", "tcp_rmem"):
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            total += int(f.read().split()[2])
+    return total
+
+
 def test_partial_msgs_are_bounded_server_wide(start_server, hold) -> None:  # type: ignore[no-untyped-def]
     """Finding 6: partial MSGs were capped per connection only (~61 MiB each)."""
-    clients, size = 12, 24 * MiB
-    srv = start_server("--max-message-bytes", "24MiB", "--max-batch-bytes", "24MiB", "--server-input-bytes", "64MiB")
+    clients, kernel = 12, kernel_bytes_per_connection()
+    # Bodies big enough that the clients offer more than the server's budget and every kernel
+    # buffer on the way can take (hosts that raise tcp_rmem/tcp_wmem hold far more than the
+    # defaults): a server that stops reading leaves some of it unsent, whatever the host.
+    size = 24 * MiB
+    while True:
+        budget = max(64 * MiB, size)  # --server-input-bytes may not be under --max-batch-bytes
+        most_sent = budget + clients * MiB + clients * kernel  # + one read chunk each
+        if clients * (size - MiB) > most_sent:
+            break
+        size += MiB
+    srv = start_server("--max-message-bytes", str(size), "--max-batch-bytes", str(size),
+                       "--server-input-bytes", str(budget))
     other = srv.connect()
     base = warm_baseline(srv, other)
     socks = [srv.connect().sock for _ in range(clients)]
@@ -120,19 +142,59 @@ def test_partial_msgs_are_bounded_server_wide(start_server, hold) -> None:  # ty
     # Each sends all but the last MiB of its body, and never the rest.
     sent = push_until_stalled(socks, b"p" * MiB, [size - MiB] * clients)
     growth = rss(srv.pid) - base
-    bound = 64 * MiB + clients * MiB + SLACK  # the server-wide budget + one read chunk each
+    bound = budget + clients * MiB + SLACK  # the server-wide budget + one read chunk each
     assert growth < bound, f"server RSS grew by {growth / MiB:.0f} MiB holding {sum(sent) / MiB:.0f} MiB of bodies"
-    assert sum(sent) < clients * (size - MiB), "the server read every partial body"
+    assert sum(sent) <= most_sent, (
+        f"the server read {sum(sent) / MiB:.0f} MiB of partial bodies ({kernel / MiB:.0f} MiB of kernel buffers"
+        f" per connection, a {budget / MiB:.0f} MiB budget)")
     other.send(b"PING\r\nHEAD\r\n")
     assert other.line() == b"PONG"
     assert other.line() == b"OK 0"
+
+
+SWEEP_S = 1.0  # the sweeper's period with --tail-stall-timeout 4 and no idle timeout (stall/4, at most 1 s)
+
+
+def read_once_dropped(srv: ServerProcess, ctl: RawConn, hold: list[socket.socket]) -> tuple[RawConn, float]:
+    """A new tail that reads nothing until STATS on ``ctl`` shows it dropped (no other tail runs), then
+    all it gets until the server closes it: (it, with those bytes in its buffer; how late the reading began).
+
+    Late is the time from the last STATS that saw it running to the first read. The server
+    drops it after that STATS and aborts it a sweep (SWEEP_S) after the drop unless its peer
+    has read by then, so a read begun well within SWEEP_S is on time whatever the scheduling.
+    """
+    sock = connect_small_window(srv)
+    hold.append(sock)
+    running_at = time.monotonic()
+    sock.sendall(b"READ 1\r\n")
+    assert peek_reply(sock) == b"OK"
+
+    def dropped() -> bool:
+        nonlocal running_at
+        asked = time.monotonic()
+        if stats_of(ctl)["tails"] == "0":
+            return True
+        running_at = asked
+        return False
+
+    wait_for(dropped, timeout=30, what="the stalled tail to be dropped")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MiB)
+    late = time.monotonic() - running_at
+    sock.settimeout(30)
+    conn = RawConn(sock)
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(MiB):
+            conn.buf += chunk
+    return conn, late
 
 
 def test_stalled_tails_hold_their_budget_then_are_dropped(start_server, hold) -> None:  # type: ignore[no-untyped-def]
     """Finding 7: tails that stop reading held ~5 MiB each and were never dropped."""
     raise_nofile()
     tails, budget = 100, 256 * 1024
-    srv = start_server("--fsync", "never", "--conn-output-bytes", "256KiB", "--tail-stall-timeout", "1")
+    # The sweeper runs every stall/4 s, at most every second: 4 s gives the longest sweep period,
+    # which is how long a dropped tail's peer has to start reading (below).
+    srv = start_server("--fsync", "never", "--conn-output-bytes", "256KiB", "--tail-stall-timeout", "4")
     ctl = fill_log(srv, 8)
     base = warm_baseline(srv, ctl)
     socks = [connect_small_window(srv) for _ in range(tails)]
@@ -151,18 +213,20 @@ def test_stalled_tails_hold_their_budget_then_are_dropped(start_server, hold) ->
 
     # Until the stall timeout drops them (tails 0), watch that RSS stays bounded.
     wait_for(dropped_or_over, timeout=30, what="the stalled tails to be dropped")
-    # Read the last tail dropped, at once and with a wider window (the server
-    # may give up on a peer that goes on not reading): whole records from id
-    # 1, ERR BUSY after them, then EOF.
-    last = socks[-1]
-    last.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MiB)
-    data, closed = drain(last, timeout=30)
     assert peak < bound, f"server RSS grew by {peak / MiB:.0f} MiB with {tails} stalled tails"
     assert stats_of(ctl)["tails"] == "0"
-    conn = RawConn(last)
-    conn.buf = bytearray(data)
+    # Dropped, they still read nothing: a sweep later the server aborts them, and only ctl is left.
+    wait_for(lambda: stats_of(ctl)["connections"] == "1", timeout=10, what="the dropped tails to be closed")
+    # A dropped tail whose peer reads again gets whole records from id 1, ERR BUSY after them, then
+    # EOF. Its peer has a sweep after the drop to begin reading: a try in which this test itself
+    # was held up for half of that does not count, and another tail is tried.
+    for _ in range(3):
+        conn, late = read_once_dropped(srv, ctl, hold)
+        if late < SWEEP_S / 2:
+            break
+    assert late < SWEEP_S / 2, f"the test began reading a dropped tail {late:.2f} s late three times"
     assert conn.line() == b"OK"
     next_id, line = read_stream(conn, 1)
     assert line.startswith(b"ERR BUSY "), line
-    assert next_id > 1 and not conn.buf and closed
+    assert next_id > 1 and not conn.buf
     wait_for(lambda: "stall" in srv.stderr().lower(), timeout=10, what="a log line about the stalled tail")

@@ -93,11 +93,16 @@ def test_acknowledged_commits_survive_kill_9(start_server, tmp_path: Path, kill_
     """Under fsync=always: commits pipelined as fast as acks come back, then SIGKILL mid-stream.
 
     After the restart every cursor is at least where its last acknowledged COMMIT put it.
-    After 3000 commits each (over 120 KiB of lines) the server has compacted CURSORS on
-    its compaction thread at least once, and may be in the middle of a compaction.
+    Over 3000 commits each (over 120 KiB of lines) the server compacts CURSORS on its
+    compaction thread: that kill waits until one compaction is seen done, and may land in
+    the middle of the next.
     """
     srv = start_server()
-    top = send_msgs(srv, [b"x"] * 5000)
+    # Ids for far more commits than the kill waits for: the committers are still running when it
+    # lands, even if this thread sends it many seconds late (they make ~1,000-2,000 a second here).
+    top = 0
+    while top < 60_000:
+        top = send_msgs(srv, [b"x"] * 10_000)  # the most one MSG may hold (--max-batch)
     acked: dict[str, int] = {}
 
     def committer(name: str) -> None:
@@ -115,17 +120,26 @@ def test_acknowledged_commits_survive_kill_9(start_server, tmp_path: Path, kill_
         except (ConnectionError, OSError):
             return
 
+    shortest_line = len(b"c0 1 00000000\n")
+    compacted = False
+
+    def ready_for_the_kill() -> bool:
+        """Each committer past ``kill_after``; for 3000, a compaction seen done (not just begun)."""
+        nonlocal compacted
+        now = dict(acked)  # before the size: these COMMITs' lines are in the file unless it was rewritten
+        if not compacted:
+            compacted = os.path.getsize(Path(srv.data_dir) / "CURSORS") < sum(now.values()) * shortest_line
+        return len(now) == 3 and min(now.values()) >= kill_after and (compacted or kill_after <= 200)
+
     threads = [threading.Thread(target=committer, args=(f"c{k}",), daemon=True) for k in range(3)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(acked) == 3 and min(acked.values()) >= kill_after, 60, "commits acknowledged")
+    wait_for(ready_for_the_kill, 60, "commits acknowledged")
     srv.kill()
     for t in threads:
         t.join(timeout=20)
     seen = dict(acked)
     assert all(v < top for v in seen.values()), "the kill came after every commit: the test proved nothing"
-    if kill_after > 200:  # compacted: smaller than the shortest lines of the acknowledged commits alone
-        assert os.path.getsize(Path(srv.data_dir) / "CURSORS") < sum(seen.values()) * len(b"c0 1 00000000\n")
     again = start_server(data_dir=srv.data_dir)
     for name, last in seen.items():
         assert cursor_of(again, name) >= last
@@ -157,8 +171,12 @@ def test_retention_keeps_what_a_cursor_needs(start_server) -> None:  # type: ign
     srv = start_server("--segment-bytes", "1KiB", "--retention-bytes", "2KiB", "--retention-keep-cursors",
                        "--retention-cap-bytes", "1MiB")
     body = b"r" * 100
-    for _ in range(4):
-        send_msgs(srv, [body] * 8)  # one MSG per segment: ids 1-8, 9-16, 17-24, 25-32
+    send_msgs(srv, [body] * 8)  # one MSG per segment: ids 1-8, 9-16, 17-24, 25-32
+    # Still under --retention-bytes: the cursor is there before a retention pass (one a second)
+    # has anything to delete, so no pass deletes as if there were none.
+    assert ask(srv, b"COMMIT slow 1") == [b"OK"]
+    for _ in range(3):
+        send_msgs(srv, [body] * 8)
     assert ask(srv, b"COMMIT slow 25") == [b"OK"]
     for _ in range(10):
         send_msgs(srv, [body] * 8)
@@ -179,8 +197,14 @@ def test_retention_cap_drops_segments_a_cursor_needs(start_server) -> None:  # t
     assert ask(srv, b"COMMIT stuck 1") == [b"OK"]
     for _ in range(12):
         send_msgs(srv, [body] * 8)
-    wait_for(lambda: int(stats(srv)["first"]) > 2, 30, "retention over the cap")
-    assert int(stats(srv)["bytes"]) <= 4096 + 1024
+
+    def down_to_the_cap() -> bool:
+        figures = stats(srv)
+        return int(figures["first"]) > 2 and int(figures["bytes"]) <= 4096 + 1024
+
+    # Both from one STATS: a pass between the writes may already have made first > 2, and the
+    # writes after it put bytes over the cap again until the next pass.
+    wait_for(down_to_the_cap, 30, "retention down to the cap")
     wait_for(lambda: "retention_dropped_for_cursors" in srv.stderr(), 10, "the warning in the log")
 
 
