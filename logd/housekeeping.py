@@ -47,6 +47,7 @@ class Housekeeping:
     gate: AuthGate
     cursors: ServerCursors
     retention_passes: int
+    sweeps: int
 
     def _room(self) -> None:
         raise NotImplementedError  # the server's (budgets)
@@ -88,6 +89,7 @@ class Housekeeping:
         period = max(0.05, min(1.0, stall / 4, idle / 4 if idle else 1.0))
         while True:
             await asyncio.sleep(0.05 if self.budgets.throttled else period)
+            self.sweeps += 1
             now = time.monotonic()
             if self.budgets.throttled or self.budgets.output_over():
                 self.budgets.recount_output(self.connections)
@@ -102,6 +104,9 @@ class Housekeeping:
                 elif conn.stream is not None and now - conn.stalled_since > stall:
                     log.warning("stream_stalled", peer=conn.peer, seconds=round(now - conn.stalled_since, 1))
                     conn.drop(BusyError(f"stream output not read for {stall:g} s"))
+                    # Its peer gets a stall timeout of its own to read the ERR BUSY behind what was
+                    # queued: measured from the stall, the abort below came at the next sweep.
+                    conn.stalled_since = now
                 elif conn.session.closed and now - conn.stalled_since > stall:
                     conn.transport.abort()  # closed, and its peer has read nothing since: free the buffer
             if idle:

@@ -72,6 +72,7 @@ class LogServer(Roles, Housekeeping):
         # is read after the log is opened, so the data dir's lock guards it.
         self.epochs = Epochs.load(self.log.directory)
         self.retention_passes = 0  # for STATS: tests wait for a pass instead of sleeping
+        self.sweeps = 0  # for STATS, as retention_passes
         self.fenced_by: int | None = None  # the newer epoch a replica told us of, after we stepped down
         self.cursors = ServerCursors(self)
         # A restarted leader shows what it last saved as visible, no more
@@ -417,6 +418,7 @@ class LogServer(Roles, Housekeeping):
                 "fsync_p99_us": p99,
                 "uptime_s": int(time.monotonic() - self.started),
                 "retention_passes": self.retention_passes,
+                "sweeps": self.sweeps,
             }
         )
         if self.failure is not None:
