@@ -100,7 +100,7 @@ class ServerCursors:
         head = server.visible_head()
         if cmd.id > head:
             raise NotFoundError(f"id {cmd.id} is past the head {head}")
-        if cmd.id > current:
+        if cmd.id > current or cmd.name not in store:  # at 0 too: a consumer that has read nothing yet
             try:
                 store.set(cmd.name, cmd.id)
             except OSError as exc:
@@ -118,7 +118,7 @@ class ServerCursors:
 
     def replicated(self, name: str, id: int) -> None:
         """A follower got ``+CURSOR <name> <id>`` from its leader (synced with its next commit)."""
-        if id > self.store.get(name):
+        if id > self.store.get(name) or name not in self.store:
             self.store.set(name, id)
 
     def feed(self) -> CursorFeed:

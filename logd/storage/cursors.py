@@ -137,6 +137,9 @@ class CursorStore:
     def __len__(self) -> int:
         return len(self._cursors)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._cursors
+
     def lowest(self) -> int | None:
         """The lowest cursor id, or None without cursors (what retention must keep past)."""
         return min(self._cursors.values()) if self._cursors else None

@@ -18,7 +18,7 @@ import logd
 from logd.client import Client, Consumer, ServerCursor
 
 from .conftest import RawConn, ServerProcess, wait_for
-from .helpers import addr, head, send_msgs, stats, url_of
+from .helpers import addr, first_after_a_retention_pass, head, send_msgs, stats, url_of
 
 
 def ask(srv: ServerProcess, *lines: bytes) -> list[bytes]:
@@ -187,6 +187,22 @@ def test_retention_keeps_what_a_cursor_needs(start_server) -> None:  # type: ign
     assert ask(srv, b"COMMIT slow %d" % head(srv)) == [b"OK"]
     wait_for(lambda: int(stats(srv)["first"]) > 25 and int(stats(srv)["bytes"]) <= 2048, 30,
              "retention once the cursor moved on")
+
+
+def test_a_cursor_committed_at_zero_exists_and_keeps_the_whole_log(start_server) -> None:  # type: ignore[no-untyped-def]
+    # Review finding: COMMIT <name> 0 (a consumer that has processed nothing yet) answered OK and
+    # made no cursor: none in CURSORS, and retention deleted what that consumer had yet to read.
+    srv = start_server("--segment-bytes", "1KiB", "--retention-bytes", "2KiB", "--retention-keep-cursors",
+                       "--retention-cap-bytes", "1MiB")
+    assert ask(srv, b"COMMIT fresh 0", b"CURSORS") == [b"OK", b"OK 1"]
+    for _ in range(8):
+        send_msgs(srv, [b"r" * 100] * 8)
+    assert first_after_a_retention_pass(srv) == 1  # over --retention-bytes: the cursor holds it all
+    follower = start_server("--replica-of", addr(srv))
+    wait_for(lambda: stats(follower)["cursors"] == "1", 30, "the cursor on the follower")
+    srv.terminate()
+    again = start_server(data_dir=srv.data_dir)
+    assert ask(again, b"CURSOR fresh", b"CURSORS") == [b"OK 0", b"OK 1"]
 
 
 def test_retention_cap_drops_segments_a_cursor_needs(start_server) -> None:  # type: ignore[no-untyped-def]
