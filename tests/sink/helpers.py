@@ -68,11 +68,10 @@ def waiting_in_its_tail(pid: int) -> bool:
     """Whether the sink ``pid``'s main thread is in its tail's short wait for records (Linux /proc).
 
     `LogSource` waits for records in a poll of at most `POLL_S`; its other calls to logd
-    (the head for a status line) wait up to ``--timeout``, far longer. On x86-64
-    /proc/<pid>/syscall shows poll's timeout (its third argument, in ms), which tells the
-    two apart; elsewhere only that it waits in a poll (the status line's head is asked
-    for every 5 s, so a wrong answer there needs that call to be in flight). Whatever has arrived on the tail's
-    socket when it is in that wait is in the batch the wait returns to.
+    (the head for a status line, every 5 s) wait up to ``--timeout``, far longer. On
+    x86-64 /proc/<pid>/syscall shows poll's timeout (its third argument, in ms), which
+    tells the two apart; elsewhere only that it waits in a poll. Whatever had arrived on
+    the tail's socket before that wait is in the batch the wait returns to.
     """
     try:
         wchan = Path(f"/proc/{pid}/wchan").read_text()
