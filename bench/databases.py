@@ -26,7 +26,7 @@ import psutil
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "postgres"  # created by the Debian postgresql package
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 120.0  # only bounds a failure: a first ClickHouse start on a loaded 2-core VM is slow
 STOP_TIMEOUT_S = 15.0
 INSTALL_HINT = "install it with `apt-get install -y postgresql clickhouse-server` (.ci/run does)"
 
@@ -35,11 +35,25 @@ class DatabaseMissing(RuntimeError):
     """The database server is not installed, or would not start."""
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports on 127.0.0.1 that nothing listens on right now.
+
+    All ``n`` sockets stay bound until every port is picked, so the kernel
+    cannot hand the same port out twice (ClickHouse needs an HTTP and a TCP port).
+    """
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _wait(cond: object, timeout: float, what: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -80,6 +94,13 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> No
             child.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def _status(proc: psutil.Process) -> str:
+    try:
+        return str(proc.status())
+    except psutil.NoSuchProcess:
+        return "gone"
 
 
 @dataclass
@@ -146,15 +167,31 @@ class Postgres:
         """SIGKILL the postmaster and every backend it started (a crash; recovery runs at the next start)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        children = psutil.Process(self.proc.pid).children(recursive=True)
+        # Stop the postmaster first: a backend it forked between listing its children and
+        # the SIGKILL would live on holding the shared memory, and the next start would
+        # refuse with "pre-existing shared memory block is still in use". A stopped
+        # postmaster forks nothing, so the list taken once it is stopped is complete.
+        postmaster = psutil.Process(self.proc.pid)
+        postmaster.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _status(postmaster) not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, "gone"):
+            if time.monotonic() > deadline:
+                break  # SIGKILL it anyway; wait_procs below still waits for every child listed
+            time.sleep(0.001)  # the signal is delivered asynchronously: poll until it took effect
+        children = postmaster.children(recursive=True)
         self.proc.kill()
         self.proc.wait()
         for child in children:
             try:
                 child.kill()
-                child.wait(STOP_TIMEOUT_S)
             except psutil.NoSuchProcess:
                 pass
+        # Only once every backend is gone (or a zombie: it holds no shared memory) may the restart begin.
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while alive := [c.pid for c in children if _status(c) not in (psutil.STATUS_ZOMBIE, "gone")]:
+            if time.monotonic() > deadline:
+                raise DatabaseMissing(f"postgres backends {alive} outlived SIGKILL for {STOP_TIMEOUT_S} s")
+            time.sleep(0.001)
 
     def stop(self) -> None:
         _stop(self.proc, signal.SIGINT)  # "fast" shutdown: disconnects clients, then exits
@@ -217,9 +254,13 @@ class ClickHouse:
         binary = shutil.which("clickhouse-server") or shutil.which("clickhouse-server", path="/usr/sbin:/usr/bin")
         if binary is None:
             raise DatabaseMissing(f"clickhouse-server is not installed; {INSTALL_HINT}")
-        self.http_port = self.http_port or free_port()
+        # Both picked together (never the same port twice); a restart keeps its HTTP port, which
+        # the kernel may hand out again now, hence three to choose from.
+        ports = [port for port in free_ports(3) if port != self.http_port]
+        self.http_port = self.http_port or ports[0]
+        tcp_port = ports[1]
         config = self.workdir / "config.xml"
-        config.write_text(CLICKHOUSE_CONFIG.format(http_port=self.http_port, tcp_port=free_port(), path=self.workdir))
+        config.write_text(CLICKHOUSE_CONFIG.format(http_port=self.http_port, tcp_port=tcp_port, path=self.workdir))
         (self.workdir / "users.xml").write_text(CLICKHOUSE_USERS)
         log = self.workdir / "clickhouse.log"
         with open(log, "ab") as err:

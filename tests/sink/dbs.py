@@ -24,6 +24,11 @@ class TargetDB:
     def execute(self, sql: str) -> None:
         raise NotImplementedError
 
+    def max_id(self, table: str) -> int:
+        """The largest id in ``table`` (0: no rows), without fetching the rows."""
+        found = self.rows(table, "max(id)", order="1")[0][0]  # ORDER BY 1: the aggregate, one row anyway
+        return int(found or 0)  # NULL in SQLite and PostgreSQL, 0 in ClickHouse, for no rows
+
     def id_count(self, table: str) -> tuple[int, int]:
         """(rows, distinct ids) of ``table``."""
         rows = self.rows(table, "id")

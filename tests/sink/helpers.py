@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from logd.client import Client, Retry
 from logd.errors import LogdError
+from logd.sink.source import POLL_S
 from tests.e2e.conftest import ServerProcess
 from tests.e2e.helpers import url_of
 
@@ -60,6 +62,26 @@ def start_sink(server: ServerProcess, target_url: str, table: str, *flags: str,
     finally:
         if stderr is not None:
             err.close()  # type: ignore[union-attr]
+
+
+def waiting_in_its_tail(pid: int) -> bool:
+    """Whether the sink ``pid``'s main thread is in its tail's short wait for records (Linux /proc).
+
+    `LogSource` waits for records in a poll of at most `POLL_S`; its other calls to logd
+    (the head for a status line, every 5 s) wait up to ``--timeout``, far longer. On
+    x86-64 /proc/<pid>/syscall shows poll's timeout (its third argument, in ms), which
+    tells the two apart; elsewhere only that it waits in a poll. Whatever had arrived on
+    the tail's socket before that wait is in the batch the wait returns to.
+    """
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    if platform.machine() == "x86_64":
+        # 7: poll; a timeout of 0 only looks whether a connection has something (any connection).
+        return len(syscall) > 3 and syscall[0] == "7" and 0 < int(syscall[3], 16) <= POLL_S * 1000
+    return "poll" in wchan
 
 
 class Writer(threading.Thread):

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from logd.client import Client
 from tests.e2e.conftest import wait_for
 from tests.sink.dbs import TargetDB
-from tests.sink.helpers import Writer, fill, log_records, run_sink, start_sink
+from tests.sink.helpers import Writer, fill, log_records, run_sink, start_sink, waiting_in_its_tail
 
 N = 100_000
 N_JSON = 100_000
@@ -68,12 +69,11 @@ def _json(value: object) -> object:
 
 
 def _position(db: TargetDB) -> int:
-    """How far the sink got: the largest id in the table (0: none)."""
+    """How far the sink got: the largest id in the table (0: none). Polled often: only max(id) is fetched."""
     try:
-        ids = db.rows("ev", "id")
+        return db.max_id("ev")
     except Exception:  # noqa: BLE001 - the table does not exist yet
         return 0
-    return int(ids[-1][0]) if ids else 0
 
 
 def test_sink_killed_9_ten_times_under_a_live_writer_then_once_equals_the_log(
@@ -81,7 +81,9 @@ def test_sink_killed_9_ten_times_under_a_live_writer_then_once_equals_the_log(
 ) -> None:
     server = start_server("--fsync", "never")
     rng = random.Random(16)
-    writer = Writer(server, limit=200_000)
+    # No limit the kills could outlast: it writes until stopped after the last kill, so every sink
+    # started (however slowly it starts here) has new records to make progress on.
+    writer = Writer(server, limit=10**9)
     writer.start()
     run_sink(server, target_db.url, "ev", "--create", "--once")  # creates the tables
     for kill in range(10):
@@ -104,15 +106,27 @@ def test_sink_killed_9_ten_times_under_a_live_writer_then_once_equals_the_log(
 
 def test_sigterm_commits_the_batch_in_hand_and_exits_0(start_server, sqlite_db: TargetDB, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server("--fsync", "never")
-    fill(server, [b"x%d" % i for i in range(1000)])
+    # "late" is in the log before the sink starts, so its tail has sent it by the time the tail waits
+    # for more; after ten full batches it opens an eleventh that would linger a minute.
+    fill(server, [b"x%d" % i for i in range(1000)] + [b"late"])
     sink = start_sink(server, sqlite_db.url, "ev", "--create", "--batch", "100", "--linger-ms", "60000",
                       stderr=tmp_path / "sink.stderr")
     wait_for(lambda: _position(sqlite_db) == 1000, 30, "the first 1000 delivered")
-    fill(server, [b"late"])  # opens a batch that would linger a minute
+    # SIGTERM only once "late" is certainly in hand (else the sink may rightly stop without it):
+    # logd has sent everything (its only tail waits for new records), and after the commit
+    # above the sink is inside its tail's short wait, which returns whatever had arrived.
+    wait_for(lambda: _logd_sent_everything(server), 30, "logd to send the whole log to the sink")
+    wait_for(lambda: waiting_in_its_tail(sink.pid), 30, "the sink to wait for more records")
     sink.send_signal(signal.SIGTERM)
     assert sink.wait(20) == 0, (tmp_path / "sink.stderr").read_text()
     assert sqlite_db.rows("ev")[-1] == (1001, b"late")
     assert sqlite_db.rows("logd_sink_checkpoints", "last_id", order="name") == [(1001,)]
+
+
+def _logd_sent_everything(server) -> bool:  # type: ignore[no-untyped-def]
+    with Client(server.host, server.port) as client:
+        stats = client.stats()
+    return stats["waiting_tails"] == "1" and stats["output_bytes"] == "0"
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql", "clickhouse"])

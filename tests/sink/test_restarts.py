@@ -19,6 +19,7 @@ from tests.sink.dbs import TargetDB
 from tests.sink.helpers import Writer, log_records, run_sink, start_sink
 
 CRASHES = 10  # the issue's "10 random moments"
+UNTIL_STOPPED = 10**9  # a writer's limit it never reaches: `Writer.stop` ends it
 
 
 def _delivered(db: TargetDB) -> int:
@@ -41,7 +42,9 @@ def _crash_under_a_live_writer(server, db: TargetDB, tmp_path: Path, crash, seed
     to use from then on) at CRASHES moments; then the sink catches up, stops on SIGTERM, and a
     ``--once`` run finds nothing left. Returns the server, the log's records and the sink's stderr."""
     rng = random.Random(seed)
-    writer = Writer(server, limit=100_000, tolerate_errors=logd_crashes)  # its MSGs fail while logd is down
+    # No limit the crashes could outlast: it writes until stopped after the last crash, so every crash
+    # cycle (however slow a restart and the sink's backoff are here) has new records to make progress on.
+    writer = Writer(server, limit=UNTIL_STOPPED, tolerate_errors=logd_crashes)  # its MSGs fail while logd is down
     writer.start()
     stderr = tmp_path / "sink.stderr"
     sink = start_sink(server, db.url, "ev", "--create", "--batch", "500", "--log-format", "json",
