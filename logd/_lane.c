@@ -19,7 +19,7 @@
  * connection's in one write, as a pipelining client sends them.
  *
  * The pure-Python twin is logd/lane.py, and it is the reference:
- * tests/test_lane.py holds the two to each other.
+ * tests/test_hot_lane.py holds the two to each other.
  */
 #include "_hot.h"
 

@@ -24,7 +24,7 @@ write by ``lane_send`` (a client pipelining 100 MSGs gets one packet back).
 
 The C module (``logd/_lane.c``) implements `Lane`, `Hub`, `ack_round` and
 `gather`; the classes and functions here are their pure-Python twins and the
-reference (tests/test_lane.py holds the two to each other). ``LOGD_NO_EXTENSIONS=1``
+reference (tests/test_hot_lane.py holds the two to each other). ``LOGD_NO_EXTENSIONS=1``
 runs on these.
 """
 

@@ -144,9 +144,8 @@ class AppendQueue:
         self._pending: deque[Batch] = deque()
         # Shared with every connection's lane; hub.pending_bytes counts what _pending holds.
         self.hub = Hub(self._pending.append, self._kick, backlog_bytes, conn_input)
-        # Over backlog_bytes pending, on_backlog(True) is called (the server stops reading
-        # from writers); on_backlog(False) once rounds have taken it below again.
-        self._backlog_bytes = backlog_bytes
+        # Over backlog_bytes pending (hub.backlog_bytes), on_backlog(True) is called (the server
+        # stops reading from writers); on_backlog(False) once rounds have taken it below again.
         self._on_backlog = on_backlog
         self.backlogged = False
         self._listeners: list[Callable[[int], None]] = []
@@ -227,10 +226,11 @@ class AppendQueue:
 
     def _kick(self) -> None:
         """Batches were added: go over the backlog if they take it there; arm a round if none is."""
-        if self.hub.pending_bytes > self._backlog_bytes and not self.backlogged:
+        hub = self.hub
+        if hub.pending_bytes > hub.backlog_bytes and not self.backlogged:
             self._backlog(True)
         if not self._scheduled and self._syncing is None:
-            self._scheduled = self.hub.armed = True
+            self._scheduled = hub.armed = True
             self._loop.call_soon(self._round)  # type: ignore[union-attr]
 
     def _round(self) -> None:
@@ -345,7 +345,7 @@ class AppendQueue:
             self._on_backlog(on)
 
     def _check_idle(self) -> None:
-        if self.backlogged and self.hub.pending_bytes <= self._backlog_bytes:
+        if self.backlogged and self.hub.pending_bytes <= self.hub.backlog_bytes:
             self._backlog(False)
         if self._idle_waiters and not (self._pending or self._syncing is not None or self._scheduled):
             waiters, self._idle_waiters = self._idle_waiters, []

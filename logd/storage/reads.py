@@ -5,7 +5,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import NamedTuple
 
-from ..errors import CorruptRecordError, NotFoundError
+from ..errors import NotFoundError
 from .record import Decoded
 from .segment import ReadHandle, Segment
 
@@ -108,16 +108,7 @@ class LogReads:
                     hi = mid - 1
             last = lo
             end = seg.offset_of(last + 1)
-        if not 0 <= begin < end <= seg.size:
-            # A closed index is only size-checked at open: garbage in it must
-            # become an error reply, not a bad pread or the wrong bytes.
-            raise CorruptRecordError(
-                f"bad index entry in {seg.idx_path}: ids {start}..{last} at bytes {begin}..{end} are not "
-                f"inside the {seg.size} bytes of {seg.log_path} (run `logd check`)",
-                where=seg.log_path,
-                offset=begin,
-                id=start,
-            )
+        seg.check_range(begin, end, start, last)
         return Span(seg.reader(), begin, end, start, last, seg.log_path)
 
     def segment_of(self, id: int) -> int:

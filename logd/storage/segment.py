@@ -268,20 +268,28 @@ class Segment:
                 self.handles.note_mapped(self)  # bounded: each mapping holds a descriptor
         return self._view
 
+    def check_range(self, begin: int, end: int, first: int, last: int) -> None:
+        """Raise `CorruptRecordError` unless bytes ``begin..end`` (ids ``first..last``, from the
+        index) lie inside the segment file.
+
+        A closed index is only size-checked at open: a garbage entry must become
+        an error, never a bad pread (negative or huge counts) or the wrong bytes.
+        """
+        if not 0 <= begin < end <= self.size:
+            ids = f"id {first}" if first == last else f"ids {first}..{last}"
+            raise CorruptRecordError(
+                f"bad index entry in {self.idx_path} for {ids}: byte range {begin}..{end} is not inside"
+                f" the {self.size} bytes of {self.log_path} (run `logd check`)",
+                where=self.log_path,
+                offset=begin,
+                id=first,
+            )
+
     def read_record(self, id: int) -> Decoded:
         """Read and verify one record, raising `CorruptRecordError` if it is bad."""
         offset = self.offset_of(id)
         end = self.offset_of(id + 1)
-        if not 0 <= offset < end <= self.size:
-            # A closed index is only size-checked at open; a garbage entry must not
-            # reach pread (negative or huge counts) or return the wrong bytes.
-            raise CorruptRecordError(
-                f"bad index entry in {self.idx_path} for id {id}: byte range {offset}..{end}"
-                f" is not inside the {self.size} bytes of {self.log_path}",
-                where=self.log_path,
-                offset=offset,
-                id=id,
-            )
+        self.check_range(offset, end, id, id)
         handle = self.reader()  # held until pread returns: its last reference closes it
         data = os.pread(handle.fd, end - offset, offset)
         try:
