@@ -58,6 +58,7 @@ class Config:
     server_output_bytes: int = defaults.SERVER_OUTPUT_BYTES
     tail_stall_timeout: float = defaults.TAIL_STALL_TIMEOUT  # a stream whose output does not drain this long
     idle_timeout: float | None = None  # seconds; None = never time out
+    auth_timeout: float = defaults.AUTH_TIMEOUT  # with auth_file: AUTH within this or be closed
     allow_shutdown: bool = False
     shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT  # seconds to let connections finish on stop
     log_format: str = defaults.LOG_FORMAT  # or "json"

@@ -142,6 +142,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Drop a READ/REPLICATE stream (ERR BUSY) whose output has not drained for this many seconds.",
             (float, int)),
     Setting("idle_timeout", _float, "Close connections idle this many seconds (not tails).", (float, int)),
+    Setting("auth_timeout", _float, "With --auth-file: close a connection not authenticated after this many "
+            "seconds (ERR TIMEOUT).", (float, int)),
     Setting("allow_shutdown", parse_bool, "Let clients stop the server with SHUTDOWN.", (bool,), flag_only=True),
     Setting("shutdown_timeout", _float, "Seconds to let connections finish on a graceful stop.", (float, int)),
     Setting("log_format", _word, "Log output format.", choices=("console", "json")),

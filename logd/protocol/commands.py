@@ -152,6 +152,12 @@ class Cursors:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusedMsg:
+    """Not a command: what the parser yields for a MSG this connection may not send (before AUTH,
+    or a role without MSG). Its bodies were skipped unread; it is answered ``ERR DENIED`` in turn."""
+
+
+@dataclass(frozen=True, slots=True)
 class Auth:
     """``AUTH <token>``: authenticate this connection (protocol.md 3.7). The token is never shown."""
 

@@ -1,0 +1,183 @@
+"""Issue 22, finding 6 and the partial lines: nothing unauthenticated or slow holds a real `logd serve`.
+
+Each test plays the hostile peers of one finding against a real server and
+then checks that a well-behaved client is still served. Memory is the
+server's VmHWM (its peak resident set, /proc/<pid>/status) against its VmRSS
+once warmed up, so a peak between two looks is not missed; descriptors and
+threads come from /proc too. Waits are for states (a reply, a close, a
+client let in), each with a generous deadline; no bound here is a time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .adversary import MiB, drain, raise_nofile, readable, rss
+from .conftest import RawConn, ServerProcess, new_token, wait_for
+from .helpers import stats_of
+
+SLACK = 48 * MiB  # allocator, parser and transport buffers, code paged in by the first requests
+RESERVED_FDS = 56  # what logd keeps for itself beyond its connections (logd/fdlimit.py)
+
+
+@pytest.fixture
+def hold() -> Iterator[list[socket.socket]]:
+    """Sockets closed when the test ends, pass or fail, before its servers are stopped."""
+    socks: list[socket.socket] = []
+    yield socks
+    for sock in socks:
+        sock.close()
+
+
+def status(pid: int, key: str) -> int:
+    """A number from /proc/<pid>/status (VmRSS, VmHWM in bytes; Threads as a count)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                value = int(line.split()[1])
+                return value * 1024 if line.rstrip().endswith("kB") else value
+    raise AssertionError(f"no {key} for pid {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def warm_baseline(srv: ServerProcess, conn: RawConn) -> int:
+    """RSS after a few round trips have paged in the paths the test exercises."""
+    stats_of(conn)
+    conn.send(b"PING\r\n")
+    assert conn.line() == b"PONG"
+    return rss(srv.pid)
+
+
+def authed(srv: ServerProcess, token: str) -> RawConn:
+    conn = srv.connect(timeout=30)
+    conn.send(b"AUTH %s\r\n" % token.encode())
+    assert conn.line() == b"OK"
+    return conn
+
+
+def pong_on_new(srv: ServerProcess) -> None:
+    """A PING round trip on a new connection: accepted after every earlier one (the listener takes
+    them in order), so the server has set those up and read what they had sent by the time it answers."""
+    conn = srv.connect(timeout=60)
+    try:
+        conn.send(b"PING\r\n")
+        assert conn.line() == b"PONG"
+    finally:
+        conn.close()
+
+
+# --- finding 6: peers that never AUTH -------------------------------------------------------------
+
+
+def test_connections_that_never_authenticate_are_closed_at_the_auth_deadline(  # type: ignore[no-untyped-def]
+    start_server, tmp_path: Path, hold
+) -> None:
+    """20 sockets that only PING held --max-connections 20 for ever: a token holder got ERR BUSY."""
+    auth_file = tmp_path / "auth"
+    token = new_token(auth_file, "app", "write")
+    srv = start_server("--auth-file", str(auth_file), "--max-connections", "20")  # --auth-timeout: 5 s
+    squatters = []
+    for _ in range(20):
+        conn = srv.connect()
+        hold.append(conn.sock)
+        conn.send(b"PING\r\n")
+        assert conn.line() == b"PONG"
+        squatters.append(conn)
+    late = srv.connect()
+    assert late.line() == b"ERR BUSY too many connections"  # the 20 hold every slot
+    late.close()
+
+    def token_holder_served() -> bool:
+        for conn in squatters:  # busy all along: activity does not put the deadline off
+            try:
+                conn.sock.send(b"PING\r\n")
+            except OSError:
+                pass
+        conn = srv.connect()
+        try:
+            conn.send(b"AUTH %s\r\nPING\r\n" % token.encode())
+            return conn.line() == b"OK" and conn.line() == b"PONG"
+        except OSError:  # refused (ERR BUSY, then closed) and reset under our feet
+            return False
+        finally:
+            conn.close()
+
+    wait_for(token_holder_served, timeout=60, what="a token holder to be let in")
+    for conn in squatters:
+        data, closed = drain(conn.sock, timeout=30)
+        lines = (bytes(conn.buf) + data).split(b"\r\n")
+        assert closed and b"ERR TIMEOUT no successful AUTH within 5 s" in lines, lines[-3:]
+        assert set(lines) <= {b"PONG", b"ERR TIMEOUT no successful AUTH within 5 s", b""}
+    wait_for(lambda: "auth_timeout" in srv.stderr(), timeout=10, what="the auth_timeout log line")
+
+
+def test_unauthenticated_msg_headers_reserve_no_input_budget(  # type: ignore[no-untyped-def]
+    start_server, tmp_path: Path, hold, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two unauthenticated 8 MiB MSG headers reserved the whole 16 MiB input budget: an
+    authenticated 4 MiB MSG waited for ever. The AUTH deadline is far off here: no part of this
+    (set through the environment, which a server without the setting ignores)."""
+    monkeypatch.setenv("LOGD_AUTH_TIMEOUT", "600")
+    auth_file = tmp_path / "auth"
+    token = new_token(auth_file, "app", "write")
+    srv = start_server("--auth-file", str(auth_file), "--max-batch-bytes", "8MiB", "--server-input-bytes", "16MiB")
+    header = b"MSG " + b" ".join([b"%d" % MiB] * 8) + b"\r\n"  # 8 MiB declared
+    bodies = (b"x" * MiB + b"\r\n") * 8
+    squatters = [srv.connect(timeout=30) for _ in range(2)]
+    for conn in squatters:
+        hold.append(conn.sock)
+        conn.send(header + bodies[:1])  # the header and one byte, then nothing
+    watcher = authed(srv, token)
+
+    def headers_taken() -> bool:  # refused (an ERR is waiting) or, before, reserved in the budget
+        return all(readable(c.sock) for c in squatters) or int(stats_of(watcher)["input_bytes"]) >= 16 * MiB
+
+    wait_for(headers_taken, timeout=60, what="the server to take both MSG headers")
+    writer = authed(srv, token)
+    writer.sock.settimeout(60)  # the old server never read this MSG while the squatters held the budget
+    writer.send(b"MSG " + b" ".join([b"%d" % MiB] * 4) + b"\r\n" + (b"w" * MiB + b"\r\n") * 4)
+    assert writer.line() == b"OK 4"
+    for conn in squatters:
+        assert conn.line() == b"ERR DENIED authentication required"
+    assert int(stats_of(watcher)["input_bytes"]) == 0
+    # The refused MSG's bodies are read and dropped as they come; the stream stays framed.
+    squatters[0].send(bodies[1:] + b"PING\r\n")
+    assert squatters[0].line() == b"PONG"
+    assert int(stats_of(watcher)["input_bytes"]) == 0 and int(stats_of(watcher)["head"]) == 4
+
+
+# --- the partial lines: bounded before AUTH --------------------------------------------------------
+
+
+def test_unauthenticated_partial_lines_hold_no_memory(start_server, tmp_path: Path, hold) -> None:  # type: ignore[no-untyped-def]
+    """1,500 unauthenticated connections each sending 60 kB with no line end held +92 MB."""
+    raise_nofile()
+    auth_file = tmp_path / "auth"
+    token = new_token(auth_file, "ops", "read")
+    srv = start_server("--auth-file", str(auth_file), "--max-connections", "2000")
+    watcher = authed(srv, token)
+    base = warm_baseline(srv, watcher)
+    socks = []
+    for _ in range(1500):
+        sock = socket.create_connection((srv.host, srv.port), timeout=30)
+        hold.append(sock)
+        socks.append(sock)
+        try:
+            sock.sendall(b"P" * 60_000)
+        except OSError:
+            pass  # the server closed it already: the line was over its limit before AUTH
+    pong_on_new(srv)
+    growth = status(srv.pid, "VmHWM") - base
+    bound = 1500 * 4096 + SLACK  # a connection's objects and its 1 KiB line each, far under 60 kB each
+    assert growth < bound, f"server peak RSS grew by {growth / MiB:.0f} MiB for 1,500 partial lines"
+    for sock in socks:
+        data, closed = drain(sock, timeout=30)
+        assert closed and data == b"ERR TOO_LARGE command line over 1024 bytes before AUTH\r\n", data[:80]
