@@ -68,6 +68,8 @@ class Config:
     replica_timeout: float = defaults.REPLICA_TIMEOUT
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = defaults.METRICS_HOST
+    metrics_max_connections: int = defaults.METRICS_MAX_CONNECTIONS  # requests served at once
+    metrics_timeout: float = defaults.METRICS_TIMEOUT  # seconds for a whole request, in and out
     replica_token: str | None = field(default=None, repr=False)  # never shown
     replica_token_file: str | None = None  # read into replica_token by `resolve`
     auth_file: str | None = None  # tokens and roles; None: no authentication

@@ -131,7 +131,8 @@ class LogServer(Roles, Housekeeping):
         if self.config.metrics_port is not None:
             from .metrics import MetricsEndpoint  # prometheus_client is loaded only when asked for
 
-            self.metrics = MetricsEndpoint(self, self.config.metrics_host, self.config.metrics_port)
+            self.metrics = MetricsEndpoint(self, self.config.metrics_host, self.config.metrics_port,
+                                           self.config.metrics_max_connections, self.config.metrics_timeout)
         self._tasks.append(loop.create_task(self._sweeper()))
         if self.config.retention_bytes is not None or self.config.retention_ms is not None:
             self._tasks.append(loop.create_task(self._retention_loop()))

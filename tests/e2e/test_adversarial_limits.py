@@ -1,4 +1,4 @@
-"""Issue 22, finding 6 and the partial lines: nothing unauthenticated or slow holds a real `logd serve`.
+"""Issue 22, findings 6 and 8 and the partial lines: nothing unauthenticated or slow holds a real `logd serve`.
 
 Each test plays the hostile peers of one finding against a real server and
 then checks that a well-behaved client is still served. Memory is the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import pytest
 
 from .adversary import MiB, drain, raise_nofile, readable, rss
 from .conftest import RawConn, ServerProcess, new_token, wait_for
-from .helpers import stats_of
+from .helpers import send_msgs, stats_of
+from .test_metrics import metrics_url, scrape
 
 SLACK = 48 * MiB  # allocator, parser and transport buffers, code paged in by the first requests
 RESERVED_FDS = 56  # what logd keeps for itself beyond its connections (logd/fdlimit.py)
@@ -181,3 +183,39 @@ def test_unauthenticated_partial_lines_hold_no_memory(start_server, tmp_path: Pa
     for sock in socks:
         data, closed = drain(sock, timeout=30)
         assert closed and data == b"ERR TOO_LARGE command line over 1024 bytes before AUTH\r\n", data[:80]
+
+
+# --- finding 8: the metrics port -------------------------------------------------------------------
+
+
+def test_metrics_requests_that_never_end_hold_no_threads_or_descriptors(start_server, hold) -> None:  # type: ignore[no-untyped-def]
+    """385 requests whose headers never end held 382 threads and every descriptor."""
+    raise_nofile()
+    srv = start_server("--metrics-port", "0")  # --metrics-max-connections 8, --metrics-timeout 10 s
+    url = metrics_url(srv)
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    scrape(url)
+    threads = status(srv.pid, "Threads")
+    socks = []
+    for _ in range(385):
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        hold.append(sock)
+        socks.append(sock)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: logd\r\n")  # the blank line never comes
+
+    def scraped() -> dict | None:
+        try:
+            return scrape(url)
+        except (urllib.error.URLError, OSError):  # 503 while the slots are taken
+            return None
+
+    samples = wait_for(scraped, timeout=60, what="a real scrape")
+    # The real scrape was accepted after the 385: each of them has been accepted by now.
+    assert status(srv.pid, "Threads") <= threads + 2, "a thread per request"
+    fds = open_fds(srv.pid)
+    assert fds < 8 + RESERVED_FDS + 16, f"the server holds {fds} descriptors"
+    assert samples[("logd_connections", frozenset())] == 0
+    assert send_msgs(srv, [b"after"]) == 1
+    for sock in socks:  # 503 at once beyond the cap; the others closed at their deadline
+        data, closed = drain(sock, timeout=60)
+        assert closed and (data == b"" or data.startswith(b"HTTP/1.1 503 ")), data[:60]
