@@ -167,4 +167,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("tls_cert", str, "TLS certificate (chain), PEM: the server speaks TLS on its port."),
     Setting("tls_key", str, "TLS private key, PEM."),
     Setting("tls_ca", str, "Require client certificates signed by this CA (also verifies a logds:// leader)."),
+    Setting("tls_handshake_timeout", _float, "Seconds a TLS handshake may take before the connection is closed.",
+            (float, int)),
+    Setting("max_tls_handshakes", _int, "TLS handshakes in progress at once (each counts as a connection); "
+            "connections beyond are closed at once.", (int,)),
 )}

@@ -1,4 +1,4 @@
-"""Issue 22, findings 6 and 8 and the partial lines: nothing unauthenticated or slow holds a real `logd serve`.
+"""Issue 22, findings 6-8 and the partial lines: nothing unauthenticated or slow holds a real `logd serve`.
 
 Each test plays the hostile peers of one finding against a real server and
 then checks that a well-behaved client is still served. Memory is the
@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from logd import errors
+from logd.client import NO_RETRY, Client
+from logd.tls import client_context
+
 from .adversary import MiB, drain, raise_nofile, readable, rss
 from .conftest import RawConn, ServerProcess, new_token, wait_for
 from .helpers import send_msgs, stats_of
 from .test_metrics import metrics_url, scrape
+from .test_tls import Certs, certs, tls_args  # noqa: F401  (certs: the module's certificates fixture)
 
 SLACK = 48 * MiB  # allocator, parser and transport buffers, code paged in by the first requests
 RESERVED_FDS = 56  # what logd keeps for itself beyond its connections (logd/fdlimit.py)
@@ -183,6 +189,65 @@ def test_unauthenticated_partial_lines_hold_no_memory(start_server, tmp_path: Pa
     for sock in socks:
         data, closed = drain(sock, timeout=30)
         assert closed and data == b"ERR TOO_LARGE command line over 1024 bytes before AUTH\r\n", data[:80]
+
+
+# --- finding 7: TLS handshakes in progress --------------------------------------------------------
+
+
+def partial_client_hello() -> bytes:
+    """A real TLS ClientHello but for its last byte: the server holds TLS state for it, waiting."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert len(hello) > 100
+    return hello[:-1]
+
+
+def test_tls_handshakes_count_as_connections_and_stalled_ones_hold_little(  # type: ignore[no-untyped-def]
+    start_server, certs: Certs, hold  # noqa: F811
+) -> None:
+    """6,000 ClientHellos short of their last byte took RSS from 34 to 390 MB; 600 silent sockets took
+    every descriptor under --max-connections 10. Here 3,000 of them, under --max-connections 40 (the
+    cap on handshakes, 128 by default, is above it: tests/test_listener.py has that one)."""
+    raise_nofile()
+    srv = start_server(*tls_args(certs, client_certs=False), "--max-connections", "40")
+    ctx = client_context(str(certs.ca))
+
+    def real_client_served() -> dict[str, str] | None:
+        try:
+            with Client(srv.host, srv.port, ssl_context=ctx, timeout=10, retry=NO_RETRY) as client:
+                assert client.ping()
+                return {k: str(v) for k, v in client.stats().items()}
+        except errors.ConnectionError:  # closed before its handshake: the slots were taken
+            return None
+
+    real_client_served()
+    base = rss(srv.pid)
+    hello = partial_client_hello()
+    for _ in range(3000):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        hold.append(sock)
+        sock.settimeout(30)
+        try:
+            sock.connect((srv.host, srv.port))
+            sock.sendall(hello)
+        except OSError:
+            pass  # closed at once: no room for another handshake
+    # A real client gets in (the stalled handshakes time out: --tls-handshake-timeout, 5 s)...
+    figures = wait_for(real_client_served, timeout=60, what="a real TLS client to be served")
+    # ... and the flood never held more than the handshakes allowed at once.
+    growth = status(srv.pid, "VmHWM") - base
+    bound = 40 * 256 * 1024 + SLACK  # a quarter MiB per handshake in progress is generous
+    assert growth < bound, f"server peak RSS grew by {growth / MiB:.0f} MiB for 3,000 stalled handshakes"
+    fds = open_fds(srv.pid)
+    assert fds < 40 + RESERVED_FDS + 16, f"the server holds {fds} descriptors under --max-connections 40"
+    assert int(figures["refused_handshakes"]) > 2000 and int(figures["tls_handshakes"]) <= 40, figures
+    wait_for(lambda: "tls_handshake_failed" in srv.stderr(), timeout=10, what="the refusals logged")
 
 
 # --- finding 8: the metrics port -------------------------------------------------------------------
