@@ -188,6 +188,8 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
                 continue  # the stream ended at once: what waited behind it acts now
             if not data or self.write_paused or not session.backlog:
                 break
+            if data:  # what waits acts next: it sees the output this wrote (STATS, CURSORS)
+                self.budgets.output_changed(self, tr.get_write_buffer_size())
         if wrote or self.unsent:
             unsent = tr.get_write_buffer_size()
             if unsent != self.unsent:

@@ -51,7 +51,7 @@ class Snapshot:
     rounds: tuple[list[tuple[float, int]], float, int]
     errors: dict[str, int]
     replicas: list[tuple[str, int, int, float]] = field(default_factory=list)  # peer, acked, lag ids, lag s
-    cursors: list[tuple[str, int, int]] = field(default_factory=list)  # name, id, lag
+    cursors: list[tuple[str, int, int]] = field(default_factory=list)  # name, id, lag: the most lagging
 
 
 def snapshot(server: LogServer) -> Snapshot:
@@ -85,7 +85,10 @@ def snapshot(server: LogServer) -> Snapshot:
         figures = server.follower.stats()
         values["follower_lag_messages"] = float(figures["lag_messages"])  # type: ignore[arg-type]
         values["follower_lag_seconds"] = float(figures["lag_s"])  # type: ignore[arg-type]
-    for name, id in server.cursors.store.items().items():
+    cursors = server.cursors.stats(head)
+    values["cursors"] = float(cursors["cursors"])  # type: ignore[arg-type]
+    values["cursors_max_lag"] = float(cursors["cursors_max_lag"])  # type: ignore[arg-type]
+    for name, id in server.cursors.lagging():
         snap.cursors.append((name, id, max(0, head - id)))
     return snap
 
@@ -123,6 +126,9 @@ class LogdCollector(Collector):
             ("logd_buffered_output_bytes", "Output not yet sent (server output budget in use).", "output_bytes"),
             ("logd_uptime_seconds", "Seconds since the server started.", "uptime"),
             ("logd_failed", "1 once the server has failed and accepts no writes.", "failed"),
+            ("logd_cursors", "Named cursors.", "cursors"),
+            ("logd_cursor_lag_max_messages", "Messages between the most lagging cursor and the head.",
+             "cursors_max_lag"),
         )
         for name, doc, key in gauges:
             yield GaugeMetricFamily(name, doc, value=v[key])
@@ -149,8 +155,10 @@ class LogdCollector(Collector):
                                     value=v["follower_lag_messages"])
             yield GaugeMetricFamily("logd_follower_lag_seconds", "On a follower: seconds since it was caught up.",
                                     value=v["follower_lag_seconds"])
-        cursor_id = GaugeMetricFamily("logd_cursor_id", "Each named cursor's id.", labels=["cursor"])
-        cursor_lag = GaugeMetricFamily("logd_cursor_lag_messages", "Messages between each cursor and the head.",
+        cursor_id = GaugeMetricFamily("logd_cursor_id", "The id of each of the most lagging named cursors.",
+                                      labels=["cursor"])
+        cursor_lag = GaugeMetricFamily("logd_cursor_lag_messages",
+                                       "Messages between each of the most lagging cursors and the head.",
                                        labels=["cursor"])
         for name, id, behind in snap.cursors:
             cursor_id.add_metric([name], id)

@@ -13,6 +13,7 @@ from logd.storage.cursors import valid_name
 
 from .commands import (
     _NO_ARGS,
+    CURSORS_MAX,
     MAX_ID,
     Accept,
     Ack,
@@ -20,6 +21,7 @@ from .commands import (
     Command,
     Commit,
     Cursor,
+    Cursors,
     Msg,
     Read,
     RefusedMsg,
@@ -116,6 +118,13 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
             if len(args) != 1:
                 raise ProtocolError("CURSOR takes <name>")
             return Cursor(_cursor_name(args[0]))
+        if name == b"CURSORS" and args:
+            if len(args) > 2:
+                raise ProtocolError("CURSORS takes [<limit> [<after>]]")
+            limit = _number(args[0], "CURSORS limit")
+            if not 1 <= limit <= CURSORS_MAX:
+                raise ProtocolError(f"CURSORS limit must be 1 to {CURSORS_MAX}")
+            return Cursors(limit, _cursor_name(args[1]) if len(args) == 2 else None)
         command = _NO_ARGS.get(name)
         if command is None:
             return UnknownCommandError(f"unknown command {_show(verb)}")

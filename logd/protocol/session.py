@@ -149,6 +149,11 @@ class Backend(Protocol):
     def stats(self) -> dict[str, object]:
         """The STATS figures."""
 
+    def output_room(self, pending: int) -> bool:
+        """Whether a reply whose size grows with the server's state (STATS, CURSORS) may be made now,
+        with ``pending`` bytes of this session's replies not yet written: not while they and the
+        server's unsent output fill the server-wide output budget (protocol.md 3.6)."""
+
     def start_stream(self, cmd: Read | Replicate) -> bytes | None:
         """Start a READ/REPLICATE stream after its ``OK`` line (returned when it is not a bare ``OK``);
         or raise the `ServerError` to answer, or `HandshakeAnswer` (its reply, then close)."""
@@ -377,6 +382,8 @@ class ServerSession:
         # Everything below observes the effect of earlier commands: their replies come first.
         if not self._settled():
             return False
+        if (kind is Stats or kind is Cursors) and not backend.output_room(self._out_bytes):
+            return False  # waits, unread, as a stream does, until the output budget has room
         if kind is Head:
             self._emit(ok(backend.head()))
         elif kind is Stats:

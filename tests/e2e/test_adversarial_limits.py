@@ -1,4 +1,4 @@
-"""Issue 22, findings 6-8 and the partial lines: nothing unauthenticated or slow holds a real `logd serve`.
+"""Issue 22, findings 6-10 and the partial lines: nothing unauthenticated or slow holds a real `logd serve`.
 
 Each test plays the hostile peers of one finding against a real server and
 then checks that a well-behaved client is still served. Memory is the
@@ -21,9 +21,10 @@ import pytest
 
 from logd import errors
 from logd.client import NO_RETRY, Client
+from logd.storage.cursors import encode_line
 from logd.tls import client_context
 
-from .adversary import MiB, drain, raise_nofile, readable, rss
+from .adversary import MiB, connect_small_window, drain, raise_nofile, readable, rss
 from .conftest import RawConn, ServerProcess, new_token, wait_for
 from .helpers import send_msgs, stats_of
 from .test_metrics import metrics_url, scrape
@@ -284,3 +285,99 @@ def test_metrics_requests_that_never_end_hold_no_threads_or_descriptors(start_se
     for sock in socks:  # 503 at once beyond the cap; the others closed at their deadline
         data, closed = drain(sock, timeout=60)
         assert closed and (data == b"" or data.startswith(b"HTTP/1.1 503 ")), data[:60]
+
+
+# --- findings 9 and 10: STATS, CURSORS and the metrics with many cursors -----------------------------
+
+
+def with_cursors(start_server, cursors: dict[str, int], messages: int, *args: str) -> ServerProcess:  # type: ignore[no-untyped-def]
+    """A server whose log holds ``messages`` messages and whose CURSORS file holds ``cursors``
+    (written while it is stopped: committing them one by one is not what these tests are about)."""
+    srv = start_server("--fsync", "never")
+    assert send_msgs(srv, [b"m"] * messages) == messages
+    assert srv.terminate() == 0
+    (srv.data_dir / "CURSORS").write_bytes(b"".join(encode_line(name, id) for name, id in cursors.items()))
+    return start_server("--fsync", "never", *args, data_dir=srv.data_dir)
+
+
+def test_stats_and_cursors_with_60k_cursors_to_300_peers_that_never_read(start_server, hold) -> None:  # type: ignore[no-untyped-def]
+    """With 60k cursors, 300 connections sending STATS and never reading took RSS from 41 to 328 MB
+    under --server-output-bytes 64MiB (STATS had 120k cursor lines); the metrics page was 10 MiB."""
+    raise_nofile()
+    cursors = {f"c{i:05d}": i % 101 for i in range(60_000)}
+    srv = with_cursors(start_server, cursors, 100, "--server-output-bytes", "16MiB", "--metrics-port", "0")
+    other = srv.connect(timeout=60)
+    base = warm_baseline(srv, other)
+    bound = 16 * MiB + SLACK
+    socks = [connect_small_window(srv) for _ in range(300)]
+    hold.extend(socks)
+    for sock in socks:
+        sock.sendall(b"STATS\r\nCURSORS\r\n")
+
+    def all_answered() -> bool:
+        growth = rss(srv.pid) - base
+        assert growth < bound, f"server RSS grew by {growth / MiB:.0f} MiB for 300 STATS"
+        return all(readable(sock) for sock in socks)
+
+    wait_for(all_answered, timeout=120, what="every STATS answered")
+    pong_on_new(srv)
+    growth = status(srv.pid, "VmHWM") - base
+    assert growth < bound, f"server peak RSS grew by {growth / MiB:.0f} MiB for 300 STATS"
+    # STATS: the totals, and the 100 most lagging (id 0: c00000, c00101, ...), by name.
+    figures = stats_of(other)
+    assert (figures["cursors"], figures["cursors_listed"], figures["cursors_max_lag"]) == ("60000", "100", "100")
+    listed = sorted(name[len("cursor_"):-len("_id")] for name in figures if name.endswith("_id")
+                    and name.startswith("cursor_"))
+    assert listed == [f"c{i:05d}" for i in range(0, 101 * 100, 101)]
+    assert len(figures) < 300
+    # CURSORS: a bare one is refused (more than 1000), the pages give every cursor, once.
+    other.send(b"CURSORS\r\nCURSORS 3 c59998\r\n")
+    assert other.line() == (b"ERR TOO_LARGE 60000 cursors, more than 1000: list them a page at a time with "
+                            b"CURSORS <limit> [<after>]")
+    assert [other.line() for _ in range(2)] == [b"OK 1", b"c59999 %d" % (59999 % 101)]
+    with Client(srv.host, srv.port, timeout=60) as client:
+        assert client.cursors() == cursors
+    # The metrics page names the same 100, with the totals.
+    samples = scrape(metrics_url(srv))
+    assert samples[("logd_cursors", frozenset())] == 60000
+    assert samples[("logd_cursor_lag_max_messages", frozenset())] == 100
+    assert len([key for key in samples if key[0] == "logd_cursor_id"]) == 100
+
+
+def test_cursors_replies_wait_for_the_output_budget_then_go_on(start_server, hold) -> None:  # type: ignore[no-untyped-def]
+    """CURSORS replies were made however much unsent output the server held: 10 connections that
+    pipeline 500 CURSORS (70 kB each) and do not read held --conn-output-bytes each, past what the
+    kernel takes (a loopback send buffer grows to 4 MiB: tcp_wmem)."""
+    raise_nofile()
+    cursors = {f"{i:04d}-" + "c" * 59: i % 51 for i in range(1000)}
+    srv = with_cursors(start_server, cursors, 50, "--server-output-bytes", "2MiB", "--conn-output-bytes", "32MiB")
+    reply = b"OK 1000\r\n" + b"".join(b"%s %d\r\n" % (name.encode(), id) for name, id in sorted(cursors.items()))
+    other = srv.connect(timeout=60)
+    base = warm_baseline(srv, other)
+    socks = [connect_small_window(srv) for _ in range(10)]
+    hold.extend(socks)
+    for sock in socks:
+        sock.sendall(b"CURSORS\r\n" * 500)
+    pong_on_new(srv)  # a PING on another connection is answered meanwhile
+    # Once the peers that never read are gone, the replies that waited go on, whole and in order.
+    readers = socks[:2]
+    for sock in socks[2:]:
+        sock.close()
+    got = {sock: bytearray() for sock in readers}
+    want = reply * 500
+    for sock in readers:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MiB)
+
+    def all_read() -> bool:
+        for sock, data in got.items():
+            if len(data) < len(want) and readable(sock):
+                chunk = sock.recv(1 << 20)
+                assert chunk, "closed by the server"
+                data += chunk
+        return all(len(data) >= len(want) for data in got.values())
+
+    wait_for(all_read, timeout=120, what="every CURSORS reply")
+    assert all(data == want for data in got.values())
+    growth = status(srv.pid, "VmHWM") - base
+    bound = 2 * MiB + SLACK
+    assert growth < bound, f"server peak RSS grew by {growth / MiB:.0f} MiB under --server-output-bytes 2MiB"
