@@ -67,6 +67,7 @@ class AuthGate:
     def __init__(self, table: AuthTable | None) -> None:
         self.table = table
         self.failure_log = LogLimiter()
+        self.timeout_log = LogLimiter()
 
     @property
     def enabled(self) -> bool:
@@ -79,6 +80,14 @@ class AuthGate:
         if allowed:
             # Never the token: only who tried and how often.
             log.warning("auth_failed", peer=peer, failures=failures, closing=closing)
+
+    def log_timeout(self, peer: str, seconds: float) -> None:
+        """A connection closed for not authenticating in time (--auth-timeout), rate-limited."""
+        allowed, held = self.timeout_log.allow()
+        if held:
+            log.warning("auth_timeouts_not_logged", count=held, window_s=self.timeout_log.window)
+        if allowed:
+            log.warning("auth_timeout", peer=peer, seconds=seconds)
 
 
 class ConnectionAuth:
@@ -100,6 +109,11 @@ class ConnectionAuth:
         self.closing = False  # too many failures: reply, then close
         self.allowed: frozenset[type] = frozenset()
         self._refresh()
+
+    @property
+    def authenticated(self) -> bool:
+        """A successful AUTH is in force, or authentication is off."""
+        return self.role is not None or not self.gate.enabled
 
     def _refresh(self) -> None:
         kinds = allowed_commands(self.role, self.gate.enabled)

@@ -65,6 +65,10 @@ class ConnectionBackend:
     def stats(self) -> dict[str, object]:
         return self.server.stats()
 
+    def output_room(self, pending: int) -> bool:
+        budgets = self.budgets
+        return budgets.output_used + pending <= budgets.server_output
+
     def start_stream(self, cmd: protocol.Read | protocol.Replicate) -> bytes | None:
         answer = self.server.check_stream_start(cmd, self.peer)
         self.stream = Stream(self.server, self, cmd)  # type: ignore[arg-type]  # self is a Connection: the Sink

@@ -58,6 +58,7 @@ class Config:
     server_output_bytes: int = defaults.SERVER_OUTPUT_BYTES
     tail_stall_timeout: float = defaults.TAIL_STALL_TIMEOUT  # a stream whose output does not drain this long
     idle_timeout: float | None = None  # seconds; None = never time out
+    auth_timeout: float = defaults.AUTH_TIMEOUT  # with auth_file: AUTH within this or be closed
     allow_shutdown: bool = False
     shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT  # seconds to let connections finish on stop
     log_format: str = defaults.LOG_FORMAT  # or "json"
@@ -67,6 +68,8 @@ class Config:
     replica_timeout: float = defaults.REPLICA_TIMEOUT
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = defaults.METRICS_HOST
+    metrics_max_connections: int = defaults.METRICS_MAX_CONNECTIONS  # requests served at once
+    metrics_timeout: float = defaults.METRICS_TIMEOUT  # seconds for a whole request, in and out
     replica_token: str | None = field(default=None, repr=False)  # never shown
     replica_token_file: str | None = None  # read into replica_token by `resolve`
     auth_file: str | None = None  # tokens and roles; None: no authentication
@@ -74,6 +77,8 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None  # with it, clients must present a certificate it signed
+    tls_handshake_timeout: float = defaults.TLS_HANDSHAKE_TIMEOUT
+    max_tls_handshakes: int = defaults.MAX_TLS_HANDSHAKES  # in progress at once
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -82,7 +87,7 @@ class Config:
             raise ValueError(f"metrics-port must be 0..65535, not {self.metrics_port}")
         positive = ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_batch_bytes",
                     "max_connections", "conn_input_bytes", "conn_output_bytes", "server_input_bytes",
-                    "server_output_bytes")
+                    "server_output_bytes", "metrics_max_connections", "max_tls_handshakes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
@@ -92,6 +97,9 @@ class Config:
             raise ValueError("server-input-bytes must be at least max-batch-bytes (one MSG must fit)")
         if self.tail_stall_timeout <= 0:
             raise ValueError("tail-stall-timeout must be positive")
+        for name in ("auth_timeout", "tls_handshake_timeout", "metrics_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):  # NaN fails too
+                raise ValueError(f"{name.replace('_', '-')} must be a positive number of seconds")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError("log-level must be debug, info, warning or error")
         if self.min_replicas < 0:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from . import protocol
 from .access import ConnectionAuth
 from .backend import ConnectionBackend
-from .errors import ServerError
+from .errors import AuthTimeoutError, ServerError
 from .protocol.session import ServerSession
 from .streams import Stream
 
@@ -52,6 +52,7 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.granted = 0  # the declared size of the MSG in progress, once the server budget took it
         self.unsent = 0  # output bytes counted in the server's budget
         self.lost = False
+        self._auth_deadline: asyncio.TimerHandle | None = None  # --auth-timeout, while not authenticated
         self.budgets = server.budgets
         if not server.replication.min_replicas:  # fixed at start: no reply is ever held for replicas
             self.batch_done = self._acknowledged  # type: ignore[method-assign, assignment]
@@ -74,10 +75,29 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
             self.session.closing = self.session.closed = True
             return
         self.lane_write, self.lane_buffer_size = tr.write, tr.get_write_buffer_size
+        if not self.auth.authenticated:
+            loop = asyncio.get_running_loop()
+            self._auth_deadline = loop.call_later(self.server.config.auth_timeout, self._auth_expired)
         self._reopen()
+
+    def _auth_expired(self) -> None:
+        """--auth-timeout passed: a connection still not authenticated gets ERR TIMEOUT and is closed.
+        Its peer owes us nothing more, so if it does not read, the connection is reset at once."""
+        self._auth_deadline = None
+        if self.lost or self.auth.authenticated or self.session.closed:
+            return
+        seconds = self.server.config.auth_timeout
+        self.server.gate.log_timeout(self.peer, seconds)
+        self.close(protocol.error_reply(AuthTimeoutError(f"no successful AUTH within {seconds:g} s")))
+        tr = self.transport
+        if tr is not None and not self.lost and tr.get_write_buffer_size():
+            tr.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._auth_deadline is not None:
+            self._auth_deadline.cancel()
+            self._auth_deadline = None
         self.lane_open, self.lane_write, self.lane_buffer_size = False, None, None
         if self.stream is not None:
             self.stream.detach()
@@ -168,6 +188,8 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
                 continue  # the stream ended at once: what waited behind it acts now
             if not data or self.write_paused or not session.backlog:
                 break
+            if data:  # what waits acts next: it sees the output this wrote (STATS, CURSORS)
+                self.budgets.output_changed(self, tr.get_write_buffer_size())
         if wrote or self.unsent:
             unsent = tr.get_write_buffer_size()
             if unsent != self.unsent:

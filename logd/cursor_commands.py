@@ -10,16 +10,23 @@ file (`Log.attach`), has covered it.
 Replicas learn of commits through ``+CURSOR <name> <id>`` markers on their
 REPLICATE stream (protocol.md 3.4), sent by a `CursorFeed` per stream once
 the records up to that id have been sent.
+
+Replies stay bounded however many cursors there are (protocol.md 3.1): a
+bare CURSORS lists at most `protocol.CURSORS_MAX` (more is ``TOO_LARGE``;
+``CURSORS <limit> [<after>]`` pages through them), and STATS and the
+metrics name only the `LISTED_CURSORS` most lagging ones, with totals.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from . import protocol
-from .errors import LogdError, NotFoundError, ServerError, StaleCursorError, UnavailableError
+from .errors import LogdError, NotFoundError, ServerError, StaleCursorError, TooLargeError, UnavailableError
 from .protocol.replica import cursor_marker
 from .storage.cursors import CursorStore
 
@@ -27,6 +34,17 @@ if TYPE_CHECKING:
     from .server import LogServer
 
 log = structlog.get_logger("logd.cursors")
+
+LISTED_CURSORS = 100  # STATS and the metrics name at most this many cursors: the most lagging
+
+
+def most_lagging(cursors: Mapping[str, int], n: int) -> list[tuple[str, int]]:
+    """The ``n`` cursors with the lowest ids (ties by name), sorted by name: O(len) with a small heap."""
+    if len(cursors) > n:
+        bound = heapq.nsmallest(n, cursors.values())[-1]  # ints: the cheap pass over all of them
+        lowest = heapq.nsmallest(n, ((id, name) for name, id in cursors.items() if id <= bound))
+        return sorted((name, id) for id, name in lowest)
+    return sorted(cursors.items())
 
 
 class Flushable(Protocol):
@@ -70,6 +88,8 @@ class ServerCursors:
     def __init__(self, server: LogServer) -> None:
         self.server = server
         self.store = CursorStore(server.log.directory)
+        self._lagging: list[tuple[str, int]] = []
+        self._lagging_version = -1  # the store's version `_lagging` was taken at
         server.log.attach(self.store)
         if self.store.bad_lines_skipped:
             log.warning("cursor_lines_skipped", lines=self.store.bad_lines_skipped, path=self.store.path)
@@ -88,7 +108,7 @@ class ServerCursors:
         if isinstance(cmd, protocol.Cursor):
             return protocol.ok(store.get(cmd.name))
         if isinstance(cmd, protocol.Cursors):
-            return protocol.stats_reply(dict(store.items()))
+            return protocol.stats_reply(dict(self.page(cmd.limit, cmd.after)))
         server = self.server
         if server.read_only:
             raise server.readonly_error()
@@ -129,10 +149,38 @@ class ServerCursors:
         lowest = self.store.lowest()
         return None if lowest is None else lowest + 1
 
+    def page(self, limit: int, after: str | None) -> list[tuple[str, int]]:
+        """CURSORS: every cursor (``limit`` 0, at most `CURSORS_MAX` of them, else TOO_LARGE), or
+        at most ``limit`` whose names sort after ``after``; sorted by name."""
+        cursors = self.store.view()
+        if not limit:
+            if len(cursors) > protocol.CURSORS_MAX:
+                raise TooLargeError(f"{len(cursors)} cursors, more than {protocol.CURSORS_MAX}: list them a page "
+                                    f"at a time with CURSORS <limit> [<after>]")
+            return sorted(cursors.items())
+        names = heapq.nsmallest(limit, cursors if after is None else (n for n in cursors if n > after))
+        return [(name, cursors[name]) for name in names]
+
+    def lagging(self) -> list[tuple[str, int]]:
+        """The `LISTED_CURSORS` most lagging cursors, sorted by name; taken again only once a cursor moved."""
+        store = self.store
+        if store.version != self._lagging_version:
+            self._lagging = most_lagging(store.view(), LISTED_CURSORS)
+            self._lagging_version = store.version
+        return self._lagging
+
     def stats(self, head: int) -> dict[str, object]:
-        """STATS lines: ``cursors`` and, per cursor, ``cursor_<name>_id`` and ``cursor_<name>_lag``."""
-        figures: dict[str, object] = {"cursors": len(self.store)}
-        for name, id in self.store.items().items():
+        """STATS lines: ``cursors`` (how many), ``cursors_listed`` and ``cursors_max_lag``, then
+        ``cursor_<name>_id`` and ``cursor_<name>_lag`` for each of the most lagging (all, up to
+        `LISTED_CURSORS`)."""
+        lagging = self.lagging()
+        lowest = min((id for _name, id in lagging), default=head)
+        figures: dict[str, object] = {
+            "cursors": len(self.store),
+            "cursors_listed": len(lagging),
+            "cursors_max_lag": max(0, head - lowest),
+        }
+        for name, id in lagging:
             figures[f"cursor_{name}_id"] = id
             figures[f"cursor_{name}_lag"] = max(0, head - id)
         return figures

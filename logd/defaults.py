@@ -27,6 +27,14 @@ CONN_OUTPUT_BYTES = 2 << 20
 SERVER_INPUT_BYTES = 512 << 20
 SERVER_OUTPUT_BYTES = 256 << 20
 TAIL_STALL_TIMEOUT = 60.0  # a stream whose output does not drain this long is dropped
+# Nothing unauthenticated or slow holds the server (protocol.md 3.6, 3.7): with --auth-file a
+# connection must AUTH within this; a TLS handshake must finish within this, and only so many
+# run at once; the metrics endpoint serves so many requests at once, each within a deadline.
+AUTH_TIMEOUT = 5.0
+TLS_HANDSHAKE_TIMEOUT = 5.0
+MAX_TLS_HANDSHAKES = 128
+METRICS_MAX_CONNECTIONS = 8
+METRICS_TIMEOUT = 10.0
 SHUTDOWN_TIMEOUT = 10.0
 
 LOG_FORMAT = "console"

@@ -174,6 +174,10 @@ class IdleTimeoutError(ServerError):
     code = "TIMEOUT"
 
 
+class AuthTimeoutError(IdleTimeoutError):
+    """With authentication on, the connection did not authenticate within --auth-timeout."""
+
+
 # One table from wire code to class; the client uses it to raise the same type.
 ERROR_CLASSES: dict[str, type[ServerError]] = {
     cls.code: cls

@@ -11,6 +11,15 @@ Here the same trick is visible: a refused connection is closed at once (the
 client sees the connection end), counted, and reported in a log line at most
 once a second; when even the reserve is gone, accepting pauses briefly
 instead of spinning on a listener that stays readable.
+
+With TLS, a connection is a handshake in progress from the moment it is
+accepted: it is counted (``handshaking``), and one that would take the count
+to ``max_handshakes``, or that ``has_room`` (the server's --max-connections,
+handshakes included) says does not fit, is closed at once, before any TLS
+state is allocated for it; a handshake that has not finished within
+``handshake_timeout`` is closed. So peers that connect and stall hold at most
+``max_handshakes`` handshakes' memory and no more descriptors than
+--max-connections allows.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ from ssl import SSLContext
 
 import structlog
 
-from .tls import HANDSHAKE_TIMEOUT_S, describe
+from . import defaults
+from .tls import describe
 
 log = structlog.get_logger("logd.server")
 
@@ -97,12 +107,20 @@ class Listener:
         sockets: list[socket.socket],
         ssl: SSLContext | None = None,
         on_handshake_failure: Callable[[str, str], None] | None = None,
+        handshake_timeout: float = defaults.TLS_HANDSHAKE_TIMEOUT,
+        max_handshakes: int = defaults.MAX_TLS_HANDSHAKES,
+        has_room: Callable[[int], bool] | None = None,
     ) -> None:
         self._factory = protocol_factory
         # TLS (tls.py): the handshake runs inside connect_accepted_socket, before the protocol
         # sees the connection; a failed one is reported as (peer, reason), without a traceback.
         self._ssl = ssl
         self._on_handshake_failure = on_handshake_failure
+        self._handshake_timeout = handshake_timeout
+        self._max_handshakes = max_handshakes
+        self._has_room = has_room  # called with `handshaking`: may one more connection start?
+        self.handshaking = 0  # TLS handshakes in progress (each a connection, not yet the protocol's)
+        self.handshakes_refused = 0  # connections closed before their handshake: no room
         self.sockets = sockets
         self._reserve = _open_reserve()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -169,11 +187,26 @@ class Listener:
                     log.error("accept_failed", error=str(exc))
                     self._pause()
                 return
+            if self._ssl is not None:
+                if self.handshaking >= self._max_handshakes or (
+                    self._has_room is not None and not self._has_room(self.handshaking)
+                ):
+                    self._refuse_handshake(conn)
+                    continue
+                self.handshaking += 1  # until _serve ends: the handshake is over, one way or the other
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self._loop.create_task(self._serve(conn))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
+
+    def _refuse_handshake(self, conn: socket.socket) -> None:
+        """No room for another TLS connection: close it now (it cannot be told why in plain text)."""
+        peer = _peer(conn)
+        conn.close()
+        self.handshakes_refused += 1
+        if self._on_handshake_failure is not None:
+            self._on_handshake_failure(peer, "refused: too many connections or TLS handshakes in progress")
 
     async def _serve(self, conn: socket.socket) -> None:
         assert self._loop is not None
@@ -182,9 +215,12 @@ class Listener:
             if self._ssl is None:
                 await self._loop.connect_accepted_socket(self._factory, conn)
             else:
-                await self._loop.connect_accepted_socket(
-                    self._factory, conn, ssl=self._ssl, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
-                )
+                try:
+                    await self._loop.connect_accepted_socket(
+                        self._factory, conn, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout
+                    )
+                finally:
+                    self.handshaking -= 1
         except (OSError, TimeoutError) as exc:  # ssl.SSLError included: a failed TLS handshake
             conn.close()
             if self._ssl is not None and self._on_handshake_failure is not None:

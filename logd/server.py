@@ -125,13 +125,16 @@ class LogServer(Roles, Housekeeping):
         # with TLS it takes each connection through the handshake and reports failures (tls.py).
         sockets = bind_all(resolve(self.config.host, self.config.port), backlog=1024)
         self._listener = Listener(lambda: Connection(self), sockets, ssl=self.tls,
-                                  on_handshake_failure=self._tls_failed)
+                                  on_handshake_failure=self._tls_failed,
+                                  handshake_timeout=self.config.tls_handshake_timeout,
+                                  max_handshakes=self.config.max_tls_handshakes, has_room=self._room_for)
         self._listener.start()
         host, port = self._listener.address
         if self.config.metrics_port is not None:
             from .metrics import MetricsEndpoint  # prometheus_client is loaded only when asked for
 
-            self.metrics = MetricsEndpoint(self, self.config.metrics_host, self.config.metrics_port)
+            self.metrics = MetricsEndpoint(self, self.config.metrics_host, self.config.metrics_port,
+                                           self.config.metrics_max_connections, self.config.metrics_timeout)
         self._tasks.append(loop.create_task(self._sweeper()))
         if self.config.retention_bytes is not None or self.config.retention_ms is not None:
             self._tasks.append(loop.create_task(self._retention_loop()))
@@ -228,6 +231,11 @@ class LogServer(Roles, Housekeeping):
             max_batch=cfg.max_batch,
             max_batch_bytes=cfg.max_batch_bytes,
         )
+
+    def _room_for(self, handshaking: int) -> bool:
+        """Whether a TLS connection may start its handshake: it counts against --max-connections
+        from accept on, with the ``handshaking`` ones before it (listener.py)."""
+        return not self.stopping and len(self.connections) + handshaking < self.config.max_connections
 
     def admit(self, conn: Connection) -> BusyError | None:
         """Count a new connection, or say why it is refused."""
@@ -405,6 +413,8 @@ class LogServer(Roles, Housekeeping):
                 "connections": len(self.connections),
                 "max_connections": self.config.max_connections,
                 "refused_connections": self._listener.refused if self._listener is not None else 0,
+                "tls_handshakes": self._listener.handshaking if self._listener is not None else 0,
+                "refused_handshakes": self._listener.handshakes_refused if self._listener is not None else 0,
                 "tails": len(self.streams),
                 "waiting_tails": self.readers.count + self.replicas.count,
                 "replicas": len(self.replica_streams),

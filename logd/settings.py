@@ -142,6 +142,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Drop a READ/REPLICATE stream (ERR BUSY) whose output has not drained for this many seconds.",
             (float, int)),
     Setting("idle_timeout", _float, "Close connections idle this many seconds (not tails).", (float, int)),
+    Setting("auth_timeout", _float, "With --auth-file: close a connection not authenticated after this many "
+            "seconds (ERR TIMEOUT).", (float, int)),
     Setting("allow_shutdown", parse_bool, "Let clients stop the server with SHUTDOWN.", (bool,), flag_only=True),
     Setting("shutdown_timeout", _float, "Seconds to let connections finish on a graceful stop.", (float, int)),
     Setting("log_format", _word, "Log output format.", choices=("console", "json")),
@@ -154,6 +156,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.", (float, int)),
     Setting("metrics_port", _int, "Serve Prometheus metrics on this port (0: any free one; unset: off).", (int,)),
     Setting("metrics_host", str, "Address the metrics endpoint listens on."),
+    Setting("metrics_max_connections", _int, "Metrics requests served at once; more are answered 503.", (int,)),
+    Setting("metrics_timeout", _float, "Seconds a metrics request may take, headers in and page out.",
+            (float, int)),
     Setting("replica_token", str, "The follower's token for its leader. As a flag it is visible to other users "
             "(ps): prefer --replica-token-file or the environment.", secret=True),
     Setting("replica_token_file", str, "A file holding the follower's token for its leader (first line)."),
@@ -162,4 +167,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("tls_cert", str, "TLS certificate (chain), PEM: the server speaks TLS on its port."),
     Setting("tls_key", str, "TLS private key, PEM."),
     Setting("tls_ca", str, "Require client certificates signed by this CA (also verifies a logds:// leader)."),
+    Setting("tls_handshake_timeout", _float, "Seconds a TLS handshake may take before the connection is closed.",
+            (float, int)),
+    Setting("max_tls_handshakes", _int, "TLS handshakes in progress at once (each counts as a connection); "
+            "connections beyond are closed at once.", (int,)),
 )}

@@ -18,8 +18,6 @@ import structlog
 
 log = structlog.get_logger("logd.tls")
 
-HANDSHAKE_TIMEOUT_S = 10.0
-
 
 def server_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
     """TLS 1.2 or later with our certificate; with ``ca``, clients must present one it signed."""

@@ -177,3 +177,79 @@ def test_auth_behind_an_unanswered_msg_waits_and_counts_its_failure_once() -> No
     backend.commit()
     assert session.data_to_send() == b"OK 1\r\nERR DENIED invalid token\r\nPONG\r\n"
     assert auth.failures == 1 and auth.role == "write"
+
+
+# --- issue 22, finding 6: nothing unauthenticated is held ------------------------------------------
+
+
+def run_split(chunks: list[bytes], auth: ConnectionAuth) -> tuple[bytes, ModelBackend, list[int]]:
+    """Feed ``chunks`` to a session with ``auth``, committing as the adapter would; return every reply,
+    the backend, and the most input the session held (partial and declared) after any chunk."""
+    backend = ModelBackend()
+    session = ServerSession(backend, CommandParser(max_message_bytes=1 << 20), auth=auth)
+    out, held = [], []
+    for chunk in chunks:
+        session.receive(chunk)
+        out.append(session.data_to_send())
+        held.append(session.partial_bytes + session.declared_bytes)
+        backend.commit()
+        out.append(session.data_to_send())
+    return b"".join(out), backend, held
+
+
+def test_a_msg_before_auth_is_refused_at_its_line_and_its_bodies_are_never_held() -> None:
+    table, tokens = table_with(app="write", reader="read")
+    body = b"x" * 300_000
+    stream = b"PING\r\nMSG 1048576 1048576\r\n" + body  # 2 MiB declared, 300 kB of it sent
+    out, backend, held = run_split([stream[:20], stream[20:100_000], stream[100_000:]], ConnectionAuth(AuthGate(table)))
+    assert out == b"PONG\r\nERR DENIED authentication required\r\n"
+    assert max(held) < 1024, held  # neither the bodies nor their declared size: the MSG reserves nothing
+    # A read token's MSG is refused the same way, with the role's reason.
+    auth = ConnectionAuth(AuthGate(table))
+    rest = b"x" * 9 + b"\r\n" + b"y" * 5 + b"\r\nPING\r\n"
+    out, backend, held = run_split([b"AUTH %s\r\nMSG 9 5\r\n" % tokens["reader"].encode(), rest], auth)
+    assert out == b"OK\r\nERR DENIED role read may not send MSG\r\nPONG\r\n" and backend.log == []
+    assert max(held) < 64
+
+
+def test_a_msg_pipelined_behind_an_auth_acts_as_the_auth_allows_at_every_split() -> None:
+    table, tokens = table_with(app="write")
+    good = tokens["app"].encode()
+    stream = (b"MSG 1\r\na\r\nAUTH wrong\r\nMSG 2\r\nbb\r\nAUTH %s\r\nMSG 3\r\nccc\r\nPING\r\n" % good)
+    want = (b"ERR DENIED authentication required\r\nERR DENIED invalid token\r\n"
+            b"ERR DENIED authentication required\r\nOK\r\nOK 1\r\nPONG\r\n")
+    for cut in range(len(stream) + 1):
+        for cut2 in (cut, min(len(stream), cut + 7)):
+            out, backend, _ = run_split([stream[:cut], stream[cut:cut2], stream[cut2:]],
+                                        ConnectionAuth(AuthGate(table)))
+            assert (out, backend.log) == (want, [b"ccc"]), (cut, cut2, out)
+
+
+def test_eof_while_input_waits_behind_an_auth_comes_after_it() -> None:
+    table, tokens = table_with(app="write", reader="read")
+    backend = ModelBackend()
+    session = ServerSession(backend, CommandParser(), auth=ConnectionAuth(AuthGate(table)))
+    session.receive(b"AUTH %s\r\n" % tokens["reader"].encode())
+    assert session.data_to_send() == b"OK\r\n"
+    # A read token may not send MSG: the AUTH behind a running tail waits, what follows it is held unparsed.
+    session.receive(b"READ 1\r\nAUTH %s\r\nMSG 1\r\nz\r\nPING\r\n" % tokens["app"].encode())
+    assert session.data_to_send() == b"OK\r\n" and session.stream is not None
+    session.receive_eof()  # the tail goes on; the hangup must come after the MSG and PING
+    session.stream_over()
+    assert session.data_to_send() == b"OK\r\n"  # the AUTH
+    backend.commit()
+    assert session.data_to_send() == b"OK 1\r\nPONG\r\n" and session.closed and backend.log == [b"z"]
+
+
+def test_lines_before_auth_are_short() -> None:
+    table, tokens = table_with(app="write")
+    session = ServerSession(ModelBackend(), CommandParser(), auth=ConnectionAuth(AuthGate(table)))
+    session.receive(b"PING\r\n" + b"P" * 1500)  # a line of 1500 bytes before AUTH
+    assert session.data_to_send() == b"PONG\r\nERR TOO_LARGE command line over 1024 bytes before AUTH\r\n"
+    assert session.closed
+    # Once authenticated, lines up to --max-line-bytes are taken as before.
+    session = ServerSession(ModelBackend(), CommandParser(), auth=ConnectionAuth(AuthGate(table)))
+    session.receive(b"AUTH %s\r\n" % tokens["app"].encode() + b"P" * 1500)
+    assert session.data_to_send() == b"OK\r\n" and session.partial_bytes == 1500 and not session.closing
+    session.receive(b"\r\n")
+    assert session.data_to_send().startswith(b"ERR UNKNOWN_COMMAND")

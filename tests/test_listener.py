@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import time
+from collections.abc import Callable
 
 import pytest
+import trustme
 
 from logd.listener import Listener, bind_all, resolve
 
@@ -71,3 +75,58 @@ def test_a_failed_bind_closes_the_sockets_already_bound() -> None:
         socket.create_server(("127.0.0.2", port)).close()
     finally:
         taken.close()
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Let the loop run until ``cond`` holds; fail after ``timeout`` s (a condition with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_tls_handshakes_in_progress_are_counted_capped_and_timed_out() -> None:
+    """Issue 22, finding 7: a handshake counts from accept on; past the cap, or with no room, a
+    connection is closed before its handshake starts; a stalled one is closed at its deadline."""
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    failures: list[str] = []
+    room = [True]
+    seen: list[int] = []
+
+    def has_room(handshaking: int) -> bool:
+        seen.append(handshaking)
+        return room[0]
+
+    listener = Listener(Echo, bind_all(resolve("127.0.0.1", 0), backlog=16), ssl=server_ctx,
+                        on_handshake_failure=lambda peer, why: failures.append(why),
+                        handshake_timeout=1.0, max_handshakes=3, has_room=has_room)
+    listener.start()
+    host, port = listener.address
+    silent = []
+    try:
+        silent = [socket.create_connection((host, port)) for _ in range(5)]
+        await until(lambda: listener.handshaking + listener.handshakes_refused == 5, "five connections accepted")
+        assert (listener.handshaking, listener.handshakes_refused) == (3, 2)
+        assert seen == [0, 1, 2]  # asked with the handshakes before it; not asked past the cap
+        # The three stall, and are closed at their deadline: the slots come back.
+        await until(lambda: listener.handshaking == 0, "the stalled handshakes to time out")
+        assert len(failures) == 5 and all("refused" in why for why in failures[:2])
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_ctx, server_hostname="127.0.0.1")
+        writer.write(b"hi")
+        assert await asyncio.wait_for(reader.readexactly(2), 10) == b"hi"
+        writer.close()
+        # No room (the server's --max-connections): closed before any handshake.
+        room[0] = False
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=client_ctx, server_hostname="127.0.0.1"), 10)
+            await asyncio.wait_for(reader.read(), 10)
+        assert listener.handshakes_refused == 3
+    finally:
+        listener.close()
+        for sock in silent:
+            sock.close()

@@ -23,6 +23,7 @@ from logd.protocol import (
     Close,
     Command,
     CommandParser,
+    Cursors,
     EndOfStream,
     ErrorReply,
     Head,
@@ -129,6 +130,10 @@ VALID: list[tuple[bytes, list[Command]]] = [
     (b"read 3 4\r\n", [Read(3, 4)]),
     (b"replicate 2 00000000\r\n", [Replicate(2, 0)]),
     (b"ack 1\r\n", [Ack(1)]),
+    # CURSORS: all of them, or a page (issue 22)
+    (b"CURSORS\r\n", [Cursors()]),
+    (b"cursors 1\r\n", [Cursors(1)]),
+    (b"CURSORS 1000 sink.app-2\r\n", [Cursors(1000, "sink.app-2")]),
     # bare LF after lines and after bodies (people typing into nc)
     (b"PING\n", [Ping()]),
     (b"MSG 5\nhello\n", [Msg([b"hello"])]),
@@ -227,6 +232,11 @@ NON_FATAL: list[tuple[bytes, type[errors.ProtocolError], str]] = [
     (b"HEAD \r\n", errors.ProtocolError, "HEAD takes no arguments"),
     (b"MSG\r\n", errors.ProtocolError, "MSG needs at least one length"),
     (b"MSG \r\n", errors.ProtocolError, "MSG needs at least one length"),
+    (b"CURSORS 0\r\n", errors.ProtocolError, "CURSORS limit must be 1 to 1000"),
+    (b"CURSORS 1001\r\n", errors.ProtocolError, "CURSORS limit must be 1 to 1000"),
+    (b"CURSORS app\r\n", errors.ProtocolError, "CURSORS limit must be a decimal number"),
+    (b"CURSORS 5 b@d\r\n", errors.ProtocolError, "bad cursor name"),
+    (b"CURSORS 5 a b\r\n", errors.ProtocolError, "CURSORS takes [<limit> [<after>]]"),
 ]
 
 
@@ -408,7 +418,8 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Read, ids, st.integers(0, 2**63 - 1)),
     st.builds(Replicate, ids, st.none() | st.integers(0, 2**32 - 1)),
     st.builds(Ack, st.integers(0, 2**63 - 1)),
-    st.sampled_from([Head(), Ping(), Stats(), Close(), Shutdown(), Refuse(), Accept()]),
+    st.sampled_from([Head(), Ping(), Stats(), Close(), Shutdown(), Refuse(), Accept(), Cursors()]),
+    st.builds(Cursors, st.integers(1, 1000), st.none() | st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)),
 )
 
 

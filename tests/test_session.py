@@ -32,6 +32,7 @@ class ModelBackend:
     sent: int = 0
     commits: int = 0
     fast_count: int = 0  # a connection's lane (logd/lane.py) is not part of the session
+    output_full: bool = False  # the server-wide output budget is exceeded: STATS and CURSORS wait
 
     def refusal(self) -> ServerError | None:
         return ReadOnlyError("- this server does not accept writes") if self.read_only else None
@@ -61,6 +62,9 @@ class ModelBackend:
 
     def stats(self) -> dict[str, object]:
         return {"head": len(self.log)}
+
+    def output_room(self, pending: int) -> bool:
+        return not self.output_full
 
     def start_stream(self, cmd: protocol.Read | protocol.Replicate) -> bytes | None:
         self.stream_next = cmd.start

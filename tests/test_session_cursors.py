@@ -57,3 +57,14 @@ def test_refused_commit_is_an_err_in_its_place() -> None:
     session.receive(b"COMMIT c 2\r\nCURSORS\r\nCOMMIT b@d 1\r\n")
     assert session.data_to_send() == (b"ERR STALE a cursor only moves forward\r\nOK 1\r\nc 5\r\n"
                                       b"ERR BAD_FORMAT bad cursor name 'b@d': 1 to 64 of A-Z a-z 0-9 . _ -\r\n")
+
+
+def test_stats_and_cursors_wait_while_the_output_budget_is_exceeded() -> None:
+    """Issue 22, finding 10: their replies grow with the server's state, so they wait as a stream does."""
+    backend = CursorBackend(cursors={"c": 5}, output_full=True)
+    session = new_session(backend)
+    session.receive(b"PING\r\nSTATS\r\nPING\r\nCURSORS\r\nHEAD\r\n")
+    assert session.data_to_send() == b"PONG\r\n" and session.backlog  # in order: nothing passes STATS
+    assert session.data_to_send() == b""
+    backend.output_full = False
+    assert session.data_to_send() == b"OK 1\r\nhead 0\r\nPONG\r\nOK 1\r\nc 5\r\nOK 0\r\n"

@@ -31,10 +31,12 @@ from .commands import (
     commit_call,
     corrupt_id_in,
     cursor_call,
+    cursors_page_call,
     deadline_after,
     id_of,
     last_id_of,
     msg_call,
+    next_page,
     read_call,
     remaining,
     retriable,
@@ -169,8 +171,19 @@ class AsyncClient:
         return await self._execute(cursor_call(name), timeout)
 
     async def cursors(self, *, timeout: float | None = None) -> dict[str, int]:
-        """Every cursor on the server, name -> id."""
-        return await self._execute(CURSORS, timeout)
+        """Every cursor on the server, name -> id (a page at a time when a bare CURSORS is TOO_LARGE)."""
+        try:
+            return await self._execute(CURSORS, timeout)
+        except errors.TooLargeError:
+            pass
+        found: dict[str, int] = {}
+        after: str | None = None
+        while True:
+            page = await self._execute(cursors_page_call(after), timeout)
+            found.update(page)
+            after = next_page(after, page)
+            if after is None:
+                return found
 
     async def read(
         self,

@@ -20,6 +20,7 @@ import tenacity
 
 from .. import defaults, errors
 from ..protocol import (
+    CURSORS_MAX,
     DEFAULT_PORT,
     Accept,
     Auth,
@@ -220,6 +221,19 @@ def cursor_call(name: str) -> Call[int]:
 
 
 CURSORS = Call(Cursors(), cursors_of)
+
+
+def cursors_page_call(after: str | None) -> Call[dict[str, int]]:
+    """``CURSORS <CURSORS_MAX> [<after>]``: the next page of cursors, for a server with more than a bare
+    CURSORS lists (it answers that one TOO_LARGE)."""
+    return Call(Cursors(CURSORS_MAX, after), cursors_of)
+
+
+def next_page(after: str | None, page: dict[str, int]) -> str | None:
+    """Where the page after ``page`` starts (its last name), or None when it was the last one."""
+    if len(page) > CURSORS_MAX or (after is not None and any(name <= after for name in page)):
+        raise errors.ProtocolError(f"CURSORS page after {after!r} is not a page: {len(page)} names")
+    return max(page) if len(page) == CURSORS_MAX else None
 
 
 def auth_call(token: str) -> Call[None]:

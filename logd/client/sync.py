@@ -47,10 +47,12 @@ from .commands import (
     commit_call,
     corrupt_id_in,
     cursor_call,
+    cursors_page_call,
     deadline_after,
     id_of,
     last_id_of,
     msg_call,
+    next_page,
     read_call,
     readable_now,
     remaining,
@@ -297,8 +299,19 @@ class Client:
         return self._execute(cursor_call(name), timeout)
 
     def cursors(self, *, timeout: float | None = None) -> dict[str, int]:
-        """Every cursor on the server, name -> id."""
-        return self._execute(CURSORS, timeout)
+        """Every cursor on the server, name -> id (a page at a time when a bare CURSORS is TOO_LARGE)."""
+        try:
+            return self._execute(CURSORS, timeout)
+        except errors.TooLargeError:
+            pass
+        found: dict[str, int] = {}
+        after: str | None = None
+        while True:
+            page = self._execute(cursors_page_call(after), timeout)
+            found.update(page)
+            after = next_page(after, page)
+            if after is None:
+                return found
 
     def read(
         self,

@@ -20,6 +20,7 @@ from .client import (
     ReadRows,
 )
 from .commands import (
+    CURSORS_MAX,
     DEFAULT_PORT,
     Accept,
     Ack,
@@ -61,6 +62,7 @@ from .replies import (
 )
 
 __all__ = [
+    "CURSORS_MAX",
     "DEFAULT_PORT",
     "EOF",
     "PONG",

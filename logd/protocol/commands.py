@@ -11,6 +11,9 @@ from logd.storage.cursors import valid_name
 # Ids are 1 <= id < 2^63 (protocol.md section 1); numbers in commands are
 # bounded the same way so nothing downstream meets an unbounded int.
 MAX_ID = (1 << 63) - 1
+# CURSORS answers at most this many lines: a bare CURSORS over it is TOO_LARGE, and a page
+# (`CURSORS <limit> [<after>]`) asks for at most this many (protocol.md 3.1).
+CURSORS_MAX = 1000
 DEFAULT_PORT = defaults.PORT  # protocol.md section 3: the server's default, the client's too
 
 
@@ -148,7 +151,26 @@ class Cursor:
 
 @dataclass(frozen=True, slots=True)
 class Cursors:
-    """``CURSORS``: ``OK <n>`` and n ``<name> <id>`` lines, as STATS."""
+    """``CURSORS [<limit> [<after>]]``: ``OK <n>`` and n ``<name> <id>`` lines sorted by name, as STATS.
+
+    ``limit`` 0 (bare ``CURSORS``): every cursor, if there are at most `CURSORS_MAX`;
+    otherwise a page: at most ``limit`` cursors whose names sort after ``after``.
+    """
+
+    limit: int = 0
+    after: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.limit <= CURSORS_MAX:
+            raise ValueError(f"CURSORS limit must be 1 to {CURSORS_MAX}, not {self.limit}")
+        if self.after is not None and (not self.limit or not valid_name(self.after)):
+            raise ValueError(f"bad CURSORS after {self.after[:70]!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedMsg:
+    """Not a command: what the parser yields for a MSG this connection may not send (before AUTH,
+    or a role without MSG). Its bodies were skipped unread; it is answered ``ERR DENIED`` in turn."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +239,10 @@ def encode_command(cmd: Command) -> bytes:
         return b"COMMIT %s %d\r\n" % (cmd.name.encode("ascii"), cmd.id)
     if isinstance(cmd, Cursor):
         return b"CURSOR %s\r\n" % cmd.name.encode("ascii")
+    if isinstance(cmd, Cursors) and cmd.limit:
+        if cmd.after is None:
+            return b"CURSORS %d\r\n" % cmd.limit
+        return b"CURSORS %d %s\r\n" % (cmd.limit, cmd.after.encode("ascii"))
     if isinstance(cmd, Auth):
         if not cmd.token or any(c in cmd.token for c in b" \r\n"):
             raise ValueError("a token is one word, without spaces or line ends")

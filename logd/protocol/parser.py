@@ -13,6 +13,7 @@ from logd.storage.cursors import valid_name
 
 from .commands import (
     _NO_ARGS,
+    CURSORS_MAX,
     MAX_ID,
     Accept,
     Ack,
@@ -20,12 +21,21 @@ from .commands import (
     Command,
     Commit,
     Cursor,
+    Cursors,
     Msg,
     Read,
+    RefusedMsg,
     Replicate,
     _new,
     _set_msg_bodies,
 )
+
+# The longest line a connection may send before it has authenticated (when authentication is
+# on): PING, CLOSE and AUTH with a token of some 50 characters fit many times over, and a
+# peer that holds no token cannot make the server hold --max-line-bytes for it (protocol.md 3.7).
+SHORT_LINE_BYTES = 1024
+REFUSED_MSG = RefusedMsg()
+Parsed = Command | RefusedMsg | ProtocolError
 
 
 def _show(token: bytes) -> str:
@@ -108,6 +118,13 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
             if len(args) != 1:
                 raise ProtocolError("CURSOR takes <name>")
             return Cursor(_cursor_name(args[0]))
+        if name == b"CURSORS" and args:
+            if len(args) > 2:
+                raise ProtocolError("CURSORS takes [<limit> [<after>]]")
+            limit = _number(args[0], "CURSORS limit")
+            if not 1 <= limit <= CURSORS_MAX:
+                raise ProtocolError(f"CURSORS limit must be 1 to {CURSORS_MAX}")
+            return Cursors(limit, _cursor_name(args[1]) if len(args) == 2 else None)
         command = _NO_ARGS.get(name)
         if command is None:
             return UnknownCommandError(f"unknown command {_show(verb)}")
@@ -125,10 +142,20 @@ class CommandParser:
     with a non-fatal `ProtocolError` in the place of each bad command. A fatal
     one (the stream can no longer be framed) comes last, and the parser is
     dead from then on: reply with it, then close the connection.
+
+    `restrict` narrows what a connection that may not send MSG (before AUTH)
+    is parsed with: each MSG line yields `RefusedMsg` and its bodies are
+    skipped as they pass, never held; lines may be short. Then parsing stops
+    after each AUTH line, holding the rest unparsed, until `resume` is called
+    once that AUTH has acted (and `restrict` was told its outcome): a MSG
+    pipelined behind an AUTH is parsed as the AUTH's result allows.
     """
 
     __slots__ = (
         "_max_line",
+        "_line_max",
+        "_refuse_msgs",
+        "_at_auth",
         "_max_message",
         "_max_batch",
         "_max_batch_bytes",
@@ -153,6 +180,9 @@ class CommandParser:
         max_batch_bytes: int = defaults.MAX_BATCH_BYTES,
     ) -> None:
         self._max_line = max_line_bytes
+        self._line_max = max_line_bytes  # the limit in force (`restrict`)
+        self._refuse_msgs = False  # MSG lines are refused and their bodies skipped (`restrict`)
+        self._at_auth = False  # stopped after an AUTH line: the rest waits for `resume`
         self._max_message = max_message_bytes
         self._max_batch = max_batch
         # A MSG is held whole until its last body arrives, so its total size
@@ -191,7 +221,29 @@ class CommandParser:
     @property
     def clean(self) -> bool:
         """Nothing held from before (no partial line, MSG or skipped body), and still parsing."""
-        return not (self._buf or self._lens is not None or self._skip_lens is not None or self._dead)
+        return not (self._buf or self._lens is not None or self._skip_lens is not None or self._dead
+                    or self._at_auth)
+
+    @property
+    def at_auth(self) -> bool:
+        """Stopped after an AUTH line (restricted): what follows waits for `resume`."""
+        return self._at_auth
+
+    def restrict(self, msgs: bool, short_lines: bool) -> None:
+        """What this connection may send now: MSG (else each MSG line is refused and its bodies
+        skipped, and parsing stops after every AUTH line), and lines up to --max-line-bytes
+        (else up to `SHORT_LINE_BYTES`). Applies to what is parsed from now on."""
+        self._refuse_msgs = not msgs
+        self._line_max = self._max_line if not short_lines else min(self._max_line, SHORT_LINE_BYTES)
+
+    def resume(self) -> list[Parsed]:
+        """Parse what was held after an AUTH line, under the restrictions in force now."""
+        if not self._at_auth:
+            return []
+        self._at_auth = False
+        data = bytes(self._buf)
+        self._buf = bytearray()
+        return self.feed(data)
 
     def whole_msgs(self, data: bytes) -> list[list[bytes]] | None:
         """The bodies of each MSG, when ``data`` is nothing but complete MSG commands that `feed`
@@ -212,10 +264,13 @@ class CommandParser:
         """max_line, max_message, max_batch, max_batch_bytes: what `whole_msgs_py` takes (and the C lane)."""
         return self._max_line, self._max_message, self._max_batch, self._max_batch_bytes
 
-    def feed(self, data: bytes) -> list[Command | ProtocolError]:
+    def feed(self, data: bytes) -> list[Parsed]:
         """Parse a chunk of received bytes; return every command it completes, in order."""
-        out: list[Command | ProtocolError] = []
+        out: list[Parsed] = []
         if self._dead or not data:
+            return out
+        if self._at_auth:
+            self._buf += data  # unparsed until the AUTH has acted (`resume`)
             return out
         if self._skip_lens is not None:
             # Bodies of a rejected MSG go straight from the input to nowhere:
@@ -231,7 +286,7 @@ class CommandParser:
                 # A partial line: look for its end in the new bytes only.
                 if b"\n" not in data:
                     buf += data
-                    if len(buf) >= self._max_line:
+                    if len(buf) >= self._line_max:
                         self._fail(out, self._line_too_long())
                     return out
                 scan = len(buf)
@@ -251,10 +306,11 @@ class CommandParser:
 
         find = data.find
         size = len(data)
-        max_line = self._max_line
+        max_line = self._line_max
         max_message = self._max_message
         append = out.append
-        run_of_msgs = ext.msg_commands if ext is not None and type(data) is bytes else None
+        refuse_msgs = self._refuse_msgs
+        run_of_msgs = ext.msg_commands if ext is not None and type(data) is bytes and not refuse_msgs else None
         nl = find(b"\n", scan)
         while nl >= 0:
             if run_of_msgs is not None and data.startswith(b"MSG ", p):
@@ -275,7 +331,18 @@ class CommandParser:
             line = data[p : nl - 1] if nl > p and data[nl - 1] == 13 else data[p:nl]
             p = nl + 1
             verb, sep, rest = line.partition(b" ")
-            if verb == b"MSG" or verb == b"msg" or verb.upper() == b"MSG":
+            if refuse_msgs and verb.upper() == b"MSG":
+                lens = self._lengths(rest)
+                if isinstance(lens, ProtocolError):
+                    append(lens)
+                    if lens.fatal:
+                        self._fail(out, None)
+                        return out
+                else:
+                    p = self._reject(lens, data, p, out, REFUSED_MSG)
+                    if p < 0:
+                        return out
+            elif verb == b"MSG" or verb == b"msg" or verb.upper() == b"MSG":
                 if len(rest) < 19 and rest.isdigit():
                     # The common case, inline: one message, body and CRLF all here.
                     n = int(rest)
@@ -314,7 +381,14 @@ class CommandParser:
                 if p < 0:
                     return out
             elif line:
-                append(_parse_line(verb, sep, rest))
+                item = _parse_line(verb, sep, rest)
+                append(item)
+                if refuse_msgs and type(item) is Auth:
+                    # What follows is parsed once this AUTH has acted (`resume`).
+                    self._at_auth = True
+                    if p < size:
+                        buf += memoryview(data)[p:]
+                    return out
             nl = find(b"\n", p)
         if p < size:
             if size - p >= max_line:
@@ -324,9 +398,11 @@ class CommandParser:
         return out
 
     def _line_too_long(self) -> TooLargeError:
+        if self._line_max < self._max_line:
+            return TooLargeError(f"command line over {self._line_max} bytes before AUTH", fatal=True)
         return TooLargeError(f"command line over {self._max_line} bytes", fatal=True)
 
-    def _fail(self, out: list[Command | ProtocolError], exc: ProtocolError | None) -> None:
+    def _fail(self, out: list[Parsed], exc: ProtocolError | None) -> None:
         """Record a fatal error (if not already in ``out``); the parser is dead from now on."""
         if exc is not None:
             out.append(exc)
@@ -335,6 +411,7 @@ class CommandParser:
         self._lens = self._skip_lens = None
         self._bodies = []
         self._held = 0
+        self._at_auth = False
 
     @staticmethod
     def _lengths(rest: bytes) -> list[int] | ProtocolError:
@@ -358,7 +435,7 @@ class CommandParser:
         p: int,
         lens: list[int],
         bodies: list[bytes],
-        out: list[Command | ProtocolError],
+        out: list[Parsed],
     ) -> int:
         """Take the bodies of a MSG from ``data[p:]``.
 
@@ -410,23 +487,24 @@ class CommandParser:
         return p
 
     def _reject(
-        self, lens: list[int], data: bytes, p: int, out: list[Command | ProtocolError]
+        self, lens: list[int], data: bytes, p: int, out: list[Parsed], refused: RefusedMsg | None = None
     ) -> int:
-        """Report a MSG over the limits, then discard its bodies (see `_skip`)."""
-        if len(lens) > self._max_batch:
-            what = f"batch of {len(lens)} messages is over max_batch {self._max_batch}"
+        """Report a MSG over the limits (or ``refused``), then discard its bodies (see `_skip`)."""
+        if refused is not None:
+            out.append(refused)
+        elif len(lens) > self._max_batch:
+            out.append(TooLargeError(f"batch of {len(lens)} messages is over max_batch {self._max_batch}"))
         elif max(lens) <= self._max_message:
-            what = f"batch of {sum(lens)} bytes is over max_batch_bytes {self._max_batch_bytes}"
+            out.append(TooLargeError(f"batch of {sum(lens)} bytes is over max_batch_bytes {self._max_batch_bytes}"))
         else:
-            what = f"message of {max(lens)} bytes is over max_message_bytes {self._max_message}"
-        out.append(TooLargeError(what))
+            out.append(TooLargeError(f"message of {max(lens)} bytes is over max_message_bytes {self._max_message}"))
         self._skip_lens = lens
         self._skip_i = 0
         self._skip_left = lens[0]
         self._skip_state = 0
         return self._skip(data, p, out)
 
-    def _skip(self, data: bytes, p: int, out: list[Command | ProtocolError]) -> int:
+    def _skip(self, data: bytes, p: int, out: list[Parsed]) -> int:
         """Drop bodies of a rejected MSG from ``data[p:]``.
 
         Returns the position after the last body, or -1 if the input ran out

@@ -30,6 +30,7 @@ from collections import deque
 from typing import Protocol
 
 from logd.errors import (
+    DeniedError,
     DivergedError,
     FencedError,
     HandshakeAnswer,
@@ -53,9 +54,11 @@ from .commands import (
     Ping,
     Read,
     Refuse,
+    RefusedMsg,
     Replicate,
     Shutdown,
     Stats,
+    _new,
 )
 from .parser import CommandParser
 from .replies import PONG, error_reply, ok, ok_id, stats_reply
@@ -92,7 +95,8 @@ class Hangup:
 
 
 HANGUP = Hangup()
-Item = Command | ProtocolError | Hangup
+Item = Command | RefusedMsg | ProtocolError | Hangup
+_MSG = _new(Msg)  # stands for a refused MSG when the gate is asked why (it looks at the type only)
 # The parser's errors are items too; they are answered whatever the role.
 PARSE_ERRORS: frozenset[type] = frozenset({ProtocolError, UnknownCommandError, TooLargeError})
 
@@ -102,6 +106,11 @@ class Gate(Protocol):
 
     allowed: frozenset[type]  # item types that act with no call to `check`
     closing: bool  # set by `check`: reply, then close (too many failed AUTHs)
+
+    @property
+    def authenticated(self) -> bool:
+        """A successful AUTH is in force, or none is needed: lines of any length are taken
+        (else short ones only: `CommandParser.restrict`)."""
 
     def check(self, item: object) -> bytes | None:
         """The reply to AUTH, or the refusal of a command; None: it acts as usual."""
@@ -115,6 +124,7 @@ class OpenGate:
         | PARSE_ERRORS
     )
     closing = False
+    authenticated = True
 
     def check(self, item: object) -> bytes | None:
         return OK_EMPTY if type(item) is Auth else None
@@ -138,6 +148,11 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, object]:
         """The STATS figures."""
+
+    def output_room(self, pending: int) -> bool:
+        """Whether a reply whose size grows with the server's state (STATS, CURSORS) may be made now,
+        with ``pending`` bytes of this session's replies not yet written: not while they and the
+        server's unsent output fill the server-wide output budget (protocol.md 3.6)."""
 
     def start_stream(self, cmd: Read | Replicate) -> bytes | None:
         """Start a READ/REPLICATE stream after its ``OK`` line (returned when it is not a bare ``OK``);
@@ -180,6 +195,7 @@ class ServerSession:
         "partial_bytes",
         "_out_bytes",
         "_out_limit",
+        "_eof_at_auth",
     )
 
     def __init__(
@@ -201,6 +217,7 @@ class ServerSession:
         # data_to_send), so one chunk of pipelined commands cannot make unbounded output at once.
         self._out_bytes = 0
         self._out_limit = output_limit
+        self._eof_at_auth = False  # EOF came while the parser held input after an AUTH
 
     # --- input ------------------------------------------------------------------
 
@@ -226,6 +243,7 @@ class ServerSession:
                 self.partial_bytes = 0
                 self._submit(batches)
                 return bool(self._out)
+        parser.restrict(Msg in self.auth.allowed, not self.auth.authenticated)
         items: list[Item] = parser.feed(data)  # type: ignore[assignment]
         self.partial_bytes = partial = parser.buffered
         if self._waiting or self.stream is not None:
@@ -276,7 +294,10 @@ class ServerSession:
         """The peer will send nothing more: answer what it asked, then close (a tail goes on)."""
         if not self.closing:
             self.closing = True
-            self._waiting.append(HANGUP)
+            if self._parser.at_auth:
+                self._eof_at_auth = True  # the hangup comes after what the parser still holds
+            else:
+                self._waiting.append(HANGUP)
             self._run_waiting()
 
     def _hold(self, items: list[Item], i: int) -> None:
@@ -301,6 +322,9 @@ class ServerSession:
         kind = type(item)
         backend = self._backend
         auth = self.auth
+        if kind is RefusedMsg:  # refused at its line, its bodies skipped (CommandParser.restrict)
+            self._reply(auth.check(_MSG) or error_reply(DeniedError("MSG was refused when it arrived")))
+            return True
         if kind not in auth.allowed:  # AUTH, a command this role may not send, an audited one
             if kind is Auth:
                 # AUTH waits for earlier replies: acting twice would count a failure twice.
@@ -309,6 +333,8 @@ class ServerSession:
                 self._emit(auth.check(item) or OK_EMPTY)
                 if auth.closing:  # too many failures: nothing after it acts
                     self.closing = self.closed = True
+                elif self._parser.at_auth:
+                    self._after_auth()
                 return True
             denial = auth.check(item)
             if denial is not None:
@@ -356,6 +382,8 @@ class ServerSession:
         # Everything below observes the effect of earlier commands: their replies come first.
         if not self._settled():
             return False
+        if (kind is Stats or kind is Cursors) and not backend.output_room(self._out_bytes):
+            return False  # waits, unread, as a stream does, until the output budget has room
         if kind is Head:
             self._emit(ok(backend.head()))
         elif kind is Stats:
@@ -394,6 +422,19 @@ class ServerSession:
         # The backend writes the stream after this OK (and after every reply before it).
         self._emit(answer or OK_EMPTY)
         self.stream = cmd
+
+    def _after_auth(self) -> None:
+        """An AUTH the parser stopped at has acted: parse what followed it, as its outcome allows;
+        it acts after the AUTH (AUTH is the last command received, so those go last in line)."""
+        parser = self._parser
+        parser.restrict(Msg in self.auth.allowed, not self.auth.authenticated)
+        items: list[Item] = parser.resume()  # type: ignore[assignment]
+        self.partial_bytes = parser.buffered
+        if self._eof_at_auth and not parser.at_auth:
+            self._eof_at_auth = False
+            items.append(HANGUP)
+        if items:
+            self._hold(items, 0)
 
     def _cursor(self, cmd: Commit | Cursor | Cursors) -> None:
         """A cursor command, after every earlier reply (so COMMIT sees the MSG before it committed)."""

@@ -22,7 +22,7 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import structlog
 from crc32c import crc32c
@@ -133,6 +133,11 @@ class CursorStore:
     def items(self) -> dict[str, int]:
         """Every cursor, name -> id (a copy, sorted by name)."""
         return dict(sorted(self._cursors.items()))
+
+    def view(self) -> Mapping[str, int]:
+        """Every cursor, name -> id, in no order and not copied: O(1), for a caller that reads
+        it at once on the thread that calls `set` (a page of CURSORS, the most lagging)."""
+        return self._cursors
 
     def __len__(self) -> int:
         return len(self._cursors)

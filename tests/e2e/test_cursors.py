@@ -75,7 +75,9 @@ def test_commit_acts_after_the_msg_before_it(server: ServerProcess) -> None:
     (b"COMMIT app", b"COMMIT takes <name> <id>"),
     (b"COMMIT app -1", b"COMMIT id must be a decimal number"),
     (b"CURSOR", b"CURSOR takes <name>"),
-    (b"CURSORS app", b"CURSORS takes no arguments"),
+    (b"CURSORS app", b"CURSORS limit must be a decimal number"),
+    (b"CURSORS 1001", b"CURSORS limit must be 1 to 1000"),
+    (b"CURSORS 10 b@d", b"bad cursor name"),
 ])
 def test_bad_commands_get_bad_format_and_the_connection_stays(server: ServerProcess, line: bytes,
                                                                complaint: bytes) -> None:
