@@ -52,6 +52,6 @@ def local_target(config: Config, client_cert: str | None = None, client_key: str
         raise ConfigError(f"cannot load the client certificate {cert}: {exc}") from None
     hint = ""
     if config.tls_ca is not None:
-        hint = (f" (the server requires a client certificate signed by {config.tls_ca}; this check presented "
-                f"{cert}: set LOGD_CLIENT_TLS_CERT and LOGD_CLIENT_TLS_KEY to give it another)")
+        hint = (f" (if it refused the certificate: the server requires one signed by {config.tls_ca}, and this "
+                f"check presented {cert}; LOGD_CLIENT_TLS_CERT and LOGD_CLIENT_TLS_KEY give it another)")
     return LocalTarget(host, config.port, ctx, hint)

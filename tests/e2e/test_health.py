@@ -75,7 +75,7 @@ def test_local_speaks_tls_with_auth_and_client_certificates(start_server, pems: 
     # certificate of its own, from the client-side variables, and says so with exit 1 without one.
     refused = ping("--local", "--timeout", "5", env=env)
     assert refused.returncode == 1 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr
-    assert f"requires a client certificate signed by {pems.client_ca}" in refused.stderr
+    assert f"requires one signed by {pems.client_ca}, and this check presented {pems.server_cert}" in refused.stderr
     with_client = {**env, "LOGD_CLIENT_TLS_CERT": str(pems.client_cert), "LOGD_CLIENT_TLS_KEY": str(pems.client_key)}
     done = ping("--local", env=with_client)
     assert (done.returncode, done.stdout) == (0, "PONG\n"), done.stderr
