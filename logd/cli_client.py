@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from .client.commands import DEFAULT_URL
 from .errors import LogdError
@@ -356,12 +357,44 @@ def head(url: str, timeout: float) -> None:
 
 
 @click.command()
+@click.option("--local", is_flag=True,
+              help="Ping the server that `logd serve` would run here: its LOGD_* variables and LOGD_CONFIG "
+                   "file give the port and TLS (its certificate is not checked; no token is sent), "
+                   "127.0.0.1 for 0.0.0.0. For health checks, as the Docker image's.")
 @client_options
-def ping(url: str, timeout: float) -> None:
+def ping(url: str, timeout: float, local: bool) -> None:
     """Print PONG and exit 0 if the server answers, else say why and exit 1 (a health check)."""
+    if local:
+        if click.get_current_context().get_parameter_source("url") == ParameterSource.COMMANDLINE:
+            raise click.UsageError("--url and --local: give one")
+        _ping_local(timeout)
+        return
     with _Quiet(), _client(url, timeout, attempts=1) as client:
         client.ping()
         click.echo("PONG")
+
+
+def _ping_local(timeout: float) -> None:
+    """`ping --local`: PING the server this machine's settings describe (`health.local_target`).
+    Any failure exits 1, bad settings included: Docker reserves a health check's status 2."""
+    from .client import NO_RETRY, Client
+    from .config import ConfigError, environment, resolve
+    from .health import local_target
+
+    meta = click.get_current_context().meta
+    try:
+        target = local_target(resolve({}, environment()).config, meta.get("logd_tls_cert"), meta.get("logd_tls_key"))
+    except ConfigError as exc:
+        click.echo(f"logd: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    try:
+        with Client(target.host, target.port, timeout=timeout, connect_timeout=timeout, retry=NO_RETRY,
+                    token=None, ssl_context=target.ssl_context) as client:
+            client.ping()
+    except LogdError as exc:
+        click.echo(f"logd: {exc}{target.hint}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo("PONG")
 
 
 @click.command()

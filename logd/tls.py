@@ -40,6 +40,23 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
     return ctx
 
 
+def unchecked_context(cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """TLS that does not check the server's certificate, presenting ``cert``/``key`` if given.
+
+    Only for `logd ping --local` (a health check): it reaches the server on its
+    own machine, where the certificate, which names the server's public host,
+    could not be checked against 127.0.0.1, and it sends no secret (PING needs
+    no token), so it has nothing a false server could take.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 def describe(exc: BaseException) -> str:
     """A one-line reason for a failed handshake."""
     if isinstance(exc, ssl.SSLError) and exc.reason:
