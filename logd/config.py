@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import defaults
+from .protocol.commands import valid_address
 from .settings import ENV_PREFIX, SETTINGS
 from .storage.policy import FsyncPolicy
 from .url import split_url
@@ -74,6 +75,7 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None  # with it, clients must present a certificate it signed
+    advertise: str | None = None  # HOST:PORT others reach this server at; a follower's name to its leader
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -96,6 +98,11 @@ class Config:
             raise ValueError("log-level must be debug, info, warning or error")
         if self.min_replicas < 0:
             raise ValueError("min-replicas must be 0 or more")
+        if self.advertise is not None and not valid_address(self.advertise):
+            raise ValueError(f"advertise must be HOST:PORT (a name, an IPv4 address or [IPv6], port 1-65535), "
+                             f"not {self.advertise!r}")
+        if self.advertise is not None and _wildcard(self.advertise):
+            raise ValueError(f"advertise must be an address others can reach, not the wildcard {self.advertise!r}")
         if self.replica_timeout <= 0:
             raise ValueError("replica-timeout must be positive")
         if self.shutdown_timeout < 0:
@@ -130,6 +137,11 @@ class Config:
         if self.replica_of is None:
             return None
         return split_url(self.replica_of)[3] or self.replica_token
+
+
+def _wildcard(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("0.0.0.0", "::") or host.strip("0:.") == ""
 
 
 DEFAULTS = Config()

@@ -85,6 +85,11 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.server.connection_gone(self)
 
     def eof_received(self) -> bool | None:
+        if self.stream is not None and self.stream.replica:
+            # A follower sends its ACKs on this connection while it follows: its EOF means it is
+            # gone, and it must stop counting (replicas, --min-replicas) now, not at the next write.
+            self.close()
+            return False
         self.session.receive_eof()
         self.flush()
         return True  # keep our side open: a tail goes on, replies still go out

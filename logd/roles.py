@@ -13,6 +13,7 @@ import structlog
 
 from . import protocol
 from .errors import (
+    BusyError,
     CorruptRecordError,
     DeniedError,
     DivergedError,
@@ -114,6 +115,14 @@ class Roles:
         self.fenced_by = None
         self.leader_address = None
         self.wake_streams()  # readers may see more now (the follower's cap is gone)
+
+    def replace_replica(self, name: str) -> None:
+        """A REPLICATE stream starts under ``name`` (the address its replica listens on): a stream
+        already running under that name is that replica's old connection, dead or dying. It stops
+        counting now, so one follower never counts twice toward --min-replicas, nor shows twice."""
+        for old in [s for s in self.replica_streams if s.name == name]:
+            log.warning("replica_replaced", replica=name, old_peer=old.peer)
+            old.sink.drop(BusyError(f"replaced by a newer REPLICATE stream from replica {name}"))  # type: ignore[attr-defined]
 
     def step_down(self, epoch: int, replica: str) -> None:
         """A replica has seen a newer epoch than ours: a newer leader exists, so stop taking writes

@@ -140,7 +140,7 @@ class LogServer(Roles, Housekeeping):
         if self.config.replica_address:
             self.read_only = True
             self.leader_address = self.config.replica_address
-            self.follower = Follower(self, self.config.replica_address)
+            self.follower = Follower(self, self.config.replica_address, listening=(host, port))
             self.follower.start()
         elif self.epochs.refused:
             # REFUSE (or a step-down) outlives a restart: only ACCEPT undoes it.
@@ -326,6 +326,7 @@ class LogServer(Roles, Housekeeping):
     def stream_started(self, stream: Stream) -> None:
         self.streams.add(stream)
         if stream.replica:
+            self.replace_replica(stream.name)
             self.replica_streams.add(stream)
 
     def stream_gone(self, stream: Stream) -> None:

@@ -162,4 +162,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("tls_cert", str, "TLS certificate (chain), PEM: the server speaks TLS on its port."),
     Setting("tls_key", str, "TLS private key, PEM."),
     Setting("tls_ca", str, "Require client certificates signed by this CA (also verifies a logds:// leader)."),
+    Setting("advertise", str, "HOST:PORT others reach this server at. A follower names itself so to its leader "
+            "(STATS, metrics); not set: its --host and port, or if that is a wildcard or loopback, the address "
+            "it connects to the leader from, with its port."),
 )}

@@ -172,8 +172,8 @@ class ReplicaSet:
             "high_watermark": self.hw,
             "replicas_in_sync": self.in_sync(),
         }
-        for conn, acked in self.acked.items():
-            name = f"replica_{conn.peer}"
+        for stream, acked in self.acked.items():
+            name = f"replica_{stream.name}"  # the address it listens on (protocol.md 3.4)
             figures[f"{name}_acked"] = acked
             figures[f"{name}_lag_messages"] = max(0, self.head - acked)
             figures[f"{name}_lag_s"] = round(self.lag_seconds(acked), 3)

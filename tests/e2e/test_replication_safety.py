@@ -193,7 +193,7 @@ def test_follower_resumes_after_its_retention_ran_past_a_lone_seg_marker(start_s
         sock, _ = listener.accept()
         sock.settimeout(30)
         f = sock.makefile("rb")
-        assert f.readline() == b"REPLICATE 1 00000000 0 0\r\n"
+        assert f.readline() == b"REPLICATE 1 00000000 0 0 127.0.0.1:%d\r\n" % follower.port
         sock.sendall(b"OK 0 0 51 0\r\n+HEAD 50 50\r\n+SEG 1\r\n"
                      + b"".join(encode_record(i + 1, body) for i, body in enumerate(bodies[:50])))
         while f.readline() != b"ACK 50\r\n":
@@ -208,7 +208,7 @@ def test_follower_resumes_after_its_retention_ran_past_a_lone_seg_marker(start_s
         sock.settimeout(30)
         f = sock.makefile("rb")
         crc50 = encode_record(50, bodies[49]).split(b" ")[2][:8]
-        assert f.readline() == b"REPLICATE 51 %s 0 0\r\n" % crc50
+        assert f.readline() == b"REPLICATE 51 %s 0 0 127.0.0.1:%d\r\n" % (crc50, follower.port)
         sock.sendall(b"OK 0 0 52 0\r\n+HEAD 51 51\r\n+SEG 51\r\n" + encode_record(51, bodies[50]))
         while f.readline() != b"ACK 51\r\n":
             pass
