@@ -64,7 +64,9 @@ class Config:
     log_format: str = defaults.LOG_FORMAT  # or "json"
     log_level: str = defaults.LOG_LEVEL
     replica_of: str | None = field(default=None, repr=False)  # may carry a token
-    min_replicas: int = defaults.MIN_REPLICAS
+    # None: not configured here; then what a leader or a promotion left in the data dir (CLUSTER), else
+    # defaults.MIN_REPLICAS (replication/durability.py).
+    min_replicas: int | None = None
     replica_timeout: float = defaults.REPLICA_TIMEOUT
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = defaults.METRICS_HOST
@@ -96,7 +98,7 @@ class Config:
             raise ValueError("tail-stall-timeout must be positive")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError("log-level must be debug, info, warning or error")
-        if self.min_replicas < 0:
+        if self.min_replicas is not None and self.min_replicas < 0:
             raise ValueError("min-replicas must be 0 or more")
         if self.advertise is not None and not valid_address(self.advertise):
             raise ValueError(f"advertise must be HOST:PORT (a name, an IPv4 address or [IPv6], port 1-65535), "

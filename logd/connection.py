@@ -53,7 +53,14 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.unsent = 0  # output bytes counted in the server's budget
         self.lost = False
         self.budgets = server.budgets
-        if not server.replication.min_replicas:  # fixed at start: no reply is ever held for replicas
+        self.replicas_changed()
+
+    def replicas_changed(self) -> None:
+        """Set at start, and when a promotion changes --min-replicas: with none, no reply ever
+        waits for replicas, and the queue's `batch_done` is the short way."""
+        if self.server.replication.min_replicas:
+            vars(self).pop("batch_done", None)
+        else:
             self.batch_done = self._acknowledged  # type: ignore[method-assign, assignment]
 
     # --- asyncio.Protocol -------------------------------------------------------

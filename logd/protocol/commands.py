@@ -132,13 +132,17 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    """``ACCEPT [<next_id>]``: promote a follower to leader (only if its next id is ``next_id``, if given)."""
+    """``ACCEPT [<next_id>] [min_replicas=<n>]``: promote a follower to leader (only if its next id
+    is ``next_id``, if given), with ``min_replicas`` in place of the setting it would keep."""
 
     next_id: int | None = None
+    min_replicas: int | None = None
 
     def __post_init__(self) -> None:
         if self.next_id is not None and not 1 <= self.next_id <= MAX_ID:
             raise ValueError(f"bad ACCEPT next id {self.next_id}")
+        if self.min_replicas is not None and not 0 <= self.min_replicas <= MAX_ID:
+            raise ValueError(f"bad ACCEPT min_replicas {self.min_replicas}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +234,13 @@ def encode_command(cmd: Command) -> bytes:
             line = b"REPLICATE %d %08x %d %d" % (cmd.start, cmd.prev_crc, cmd.epoch, cmd.seen)
             return line + (b" %s\r\n" % cmd.address.encode("ascii") if cmd.address else b"\r\n")
         return b"REPLICATE %d %08x\r\n" % (cmd.start, cmd.prev_crc)
-    if isinstance(cmd, Accept) and cmd.next_id is not None:
-        return b"ACCEPT %d\r\n" % cmd.next_id
+    if isinstance(cmd, Accept) and (cmd.next_id is not None or cmd.min_replicas is not None):
+        words = [b"ACCEPT"]
+        if cmd.next_id is not None:
+            words.append(b"%d" % cmd.next_id)
+        if cmd.min_replicas is not None:
+            words.append(b"min_replicas=%d" % cmd.min_replicas)
+        return b" ".join(words) + b"\r\n"
     if isinstance(cmd, Ack):
         return b"ACK %d\r\n" % cmd.id
     if isinstance(cmd, Commit):

@@ -64,6 +64,24 @@ def _address(token: bytes) -> str:
     return text
 
 
+def _accept(args: list[bytes]) -> Accept:
+    """``ACCEPT [<next_id>] [min_replicas=<n>]`` (without arguments it is one shared instance)."""
+    usage = "ACCEPT takes [<next_id>] [min_replicas=<n>]"
+    min_replicas = None
+    if args[-1].startswith(b"min_replicas="):
+        min_replicas = _number(args.pop()[len(b"min_replicas="):], "ACCEPT min_replicas")
+    if len(args) > 1:
+        raise ProtocolError(usage)
+    next_id = None
+    if args:
+        if b"=" in args[0]:  # a setting ACCEPT does not take
+            raise ProtocolError(usage)
+        next_id = _number(args[0], "ACCEPT next id")
+        if next_id < 1:
+            raise ProtocolError("ACCEPT next id must be >= 1")
+    return Accept(next_id, min_replicas)
+
+
 def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError:
     """Any command line but MSG (which the parser's loop handles itself)."""
     name = verb.upper()
@@ -96,12 +114,7 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
                 raise ProtocolError(f"REPLICATE prev_crc must be 8 hex digits, not {_show(crc)}")
             return Replicate(start, int(crc, 16), *epochs, address)
         if name == b"ACCEPT" and args:
-            if len(args) != 1:
-                raise ProtocolError("ACCEPT takes [<next_id>]")
-            next_id = _number(args[0], "ACCEPT next id")
-            if next_id < 1:
-                raise ProtocolError("ACCEPT next id must be >= 1")
-            return Accept(next_id)
+            return _accept(args)
         if name == b"AUTH":
             # The token is never echoed back: error messages here get logged and shown.
             if len(args) != 1 or not args[0]:

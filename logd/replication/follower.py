@@ -347,6 +347,7 @@ class Follower:
             raise LinkLost(f"leader {self.leader} is at epoch {ok.leader_epoch}, older than epoch {epochs.seen}")
         epochs.see(ok.leader_epoch)
         self.leader_min_replicas = ok.min_replicas
+        self.server.min_replicas.told_by_leader(ok.min_replicas, self.leader)  # kept for a promotion
         if ok.epoch == epochs.current and ok.end >= start:
             return True
         _found, own_end = epochs.end_of(ok.epoch, start)
