@@ -83,8 +83,8 @@ class ConnectionBackend:
     def refuse(self) -> None:
         self.server.refuse_writes(self.peer)
 
-    def accept(self, next_id: int | None) -> None:
-        self.server.accept_writes(self.peer, next_id)
+    def accept(self, next_id: int | None, min_replicas: int | None) -> None:
+        self.server.accept_writes(self.peer, next_id, min_replicas)
 
     def shutdown(self) -> ServerError | None:
         if not self.server.config.allow_shutdown:

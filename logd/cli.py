@@ -188,13 +188,25 @@ def _send_admin(address: str, send: Callable[[Any], None], timeout: float) -> No
 @click.option("--next-id", default=None, type=click.IntRange(min=1),
               help="Promote only if the server's next id is this (its log_head + 1 in STATS), "
                    "so the replica you checked is the one promoted.")
+@click.option("--min-replicas", default=None, type=click.IntRange(min=0),
+              help="Run the new leader with this --min-replicas instead of the one it kept (its old "
+                   "leader's, or its own flag: STATS min_replicas); kept across restarts.")
 @tls_options
-def promote(address: str, timeout: float, next_id: int | None) -> None:
+def promote(address: str, timeout: float, next_id: int | None, min_replicas: int | None) -> None:
     """Make the server at URL (HOST:PORT, logd://[:TOKEN@]HOST:PORT, logds://...) a leader (ACCEPT):
-    it stops following, starts a new epoch and accepts MSG. Needs an admin token when the server has
-    --auth-file."""
-    _send_admin(address, lambda c: c.accept_writes(next_id=next_id), timeout)
-    click.echo(f"{_shown(address)} accepts writes")
+    it stops following, starts a new epoch and accepts MSG, with the --min-replicas its leader ran
+    with unless told otherwise. Needs an admin token when the server has --auth-file."""
+    figures: dict[str, str] = {}
+
+    def accept(client: Any) -> None:
+        client.accept_writes(next_id=next_id, min_replicas=min_replicas)
+        figures.update(client.stats())
+
+    _send_admin(address, accept, timeout)
+    durability = ""
+    if "min_replicas_from" in figures:  # an older server does not say
+        durability = f", min_replicas {figures['min_replicas']} ({figures['min_replicas_from']})"
+    click.echo(f"{_shown(address)} accepts writes{durability}")
 
 
 @main.command()

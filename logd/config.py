@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import defaults
+from .protocol.commands import valid_address
 from .settings import ENV_PREFIX, SETTINGS
 from .storage.policy import FsyncPolicy
 from .url import split_url
@@ -64,7 +65,9 @@ class Config:
     log_format: str = defaults.LOG_FORMAT  # or "json"
     log_level: str = defaults.LOG_LEVEL
     replica_of: str | None = field(default=None, repr=False)  # may carry a token
-    min_replicas: int = defaults.MIN_REPLICAS
+    # None: not configured here; then what a leader or a promotion left in the data dir (CLUSTER), else
+    # defaults.MIN_REPLICAS (replication/durability.py).
+    min_replicas: int | None = None
     replica_timeout: float = defaults.REPLICA_TIMEOUT
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = defaults.METRICS_HOST
@@ -79,6 +82,7 @@ class Config:
     tls_ca: str | None = None  # with it, clients must present a certificate it signed
     tls_handshake_timeout: float = defaults.TLS_HANDSHAKE_TIMEOUT
     max_tls_handshakes: int = defaults.MAX_TLS_HANDSHAKES  # in progress at once
+    advertise: str | None = None  # HOST:PORT others reach this server at; a follower's name to its leader
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -102,8 +106,13 @@ class Config:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive number of seconds")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError("log-level must be debug, info, warning or error")
-        if self.min_replicas < 0:
+        if self.min_replicas is not None and self.min_replicas < 0:
             raise ValueError("min-replicas must be 0 or more")
+        if self.advertise is not None and not valid_address(self.advertise):
+            raise ValueError(f"advertise must be HOST:PORT (a name, an IPv4 address or [IPv6], port 1-65535), "
+                             f"not {self.advertise!r}")
+        if self.advertise is not None and _wildcard(self.advertise):
+            raise ValueError(f"advertise must be an address others can reach, not the wildcard {self.advertise!r}")
         if self.replica_timeout <= 0:
             raise ValueError("replica-timeout must be positive")
         if self.shutdown_timeout < 0:
@@ -138,6 +147,11 @@ class Config:
         if self.replica_of is None:
             return None
         return split_url(self.replica_of)[3] or self.replica_token
+
+
+def _wildcard(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("0.0.0.0", "::") or host.strip("0:.") == ""
 
 
 DEFAULTS = Config()

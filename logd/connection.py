@@ -54,7 +54,14 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.lost = False
         self._auth_deadline: asyncio.TimerHandle | None = None  # --auth-timeout, while not authenticated
         self.budgets = server.budgets
-        if not server.replication.min_replicas:  # fixed at start: no reply is ever held for replicas
+        self.replicas_changed()
+
+    def replicas_changed(self) -> None:
+        """Set at start, and when a promotion changes --min-replicas: with none, no reply ever
+        waits for replicas, and the queue's `batch_done` is the short way."""
+        if self.server.replication.min_replicas:
+            vars(self).pop("batch_done", None)
+        else:
             self.batch_done = self._acknowledged  # type: ignore[method-assign, assignment]
 
     # --- asyncio.Protocol -------------------------------------------------------
@@ -105,6 +112,11 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.server.connection_gone(self)
 
     def eof_received(self) -> bool | None:
+        if self.stream is not None and self.stream.replica:
+            # A follower sends its ACKs on this connection while it follows: its EOF means it is
+            # gone, and it must stop counting (replicas, --min-replicas) now, not at the next write.
+            self.close()
+            return False
         self.session.receive_eof()
         self.flush()
         return True  # keep our side open: a tail goes on, replies still go out

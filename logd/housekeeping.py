@@ -120,7 +120,7 @@ class Housekeeping:
         saved = -1
         while True:
             hw = self.replication.hw
-            if hw != saved:
+            if hw != saved and self.replication.min_replicas:  # which a promotion may turn on
                 self.save_watermark()
                 saved = hw
             await asyncio.sleep(WATERMARK_SAVE_S)

@@ -50,7 +50,7 @@ class Snapshot:
     fsync: tuple[list[tuple[float, int]], float, int]
     rounds: tuple[list[tuple[float, int]], float, int]
     errors: dict[str, int]
-    replicas: list[tuple[str, int, int, float]] = field(default_factory=list)  # peer, acked, lag ids, lag s
+    replicas: list[tuple[str, int, int, float]] = field(default_factory=list)  # name, acked, lag ids, lag s
     cursors: list[tuple[str, int, int]] = field(default_factory=list)  # name, id, lag: the most lagging
 
 
@@ -80,7 +80,7 @@ def snapshot(server: LogServer) -> Snapshot:
     snap = Snapshot(role, values, queue.fsync_seconds.snapshot(), queue.round_messages.snapshot(), dict(ERRORS_SENT))
     replication = server.replication
     for stream, acked in replication.acked.items():
-        snap.replicas.append((stream.peer, acked, max(0, replication.head - acked), replication.lag_seconds(acked)))
+        snap.replicas.append((stream.name, acked, max(0, replication.head - acked), replication.lag_seconds(acked)))
     if server.follower is not None:
         figures = server.follower.stats()
         values["follower_lag_messages"] = float(figures["lag_messages"])  # type: ignore[arg-type]
@@ -145,10 +145,10 @@ class LogdCollector(Collector):
         lag_s = GaugeMetricFamily("logd_replica_lag_seconds",
                                   "Seconds since the first id each replica lacks was committed (0: caught up).",
                                   labels=["replica"])
-        for peer, ack, behind, seconds in snap.replicas:
-            acked.add_metric([peer], ack)
-            lag_ids.add_metric([peer], behind)
-            lag_s.add_metric([peer], seconds)
+        for name, ack, behind, seconds in snap.replicas:
+            acked.add_metric([name], ack)
+            lag_ids.add_metric([name], behind)
+            lag_s.add_metric([name], seconds)
         yield from (acked, lag_ids, lag_s)
         if "follower_lag_messages" in v:
             yield GaugeMetricFamily("logd_follower_lag_messages", "On a follower: messages behind its leader.",

@@ -13,6 +13,7 @@ import structlog
 
 from . import protocol
 from .errors import (
+    BusyError,
     CorruptRecordError,
     DeniedError,
     DivergedError,
@@ -23,7 +24,9 @@ from .errors import (
 from .replication.leader import replicate_handshake
 
 if TYPE_CHECKING:
+    from .connection import Connection
     from .replication import Follower, ReplicaSet
+    from .replication.durability import MinReplicas
     from .storage import Log
     from .storage.epochs import Epochs
     from .streams import Stream
@@ -37,6 +40,8 @@ class Roles:
     log: Log
     epochs: Epochs
     replication: ReplicaSet
+    min_replicas: MinReplicas
+    connections: set[Connection]
     follower: Follower | None
     read_only: bool
     fenced_by: int | None  # the newer epoch a replica told us of, after we stepped down
@@ -85,35 +90,63 @@ class Roles:
             log.warning("writes_refused", head=self.log.head, peer=peer)
         self.read_only = True
 
-    def accept_writes(self, peer: str = "-", next_id: int | None = None) -> None:
-        """ACCEPT [next_id]: stop following (if we were) and accept MSG from the next id.
+    def accept_writes(self, peer: str = "-", next_id: int | None = None, min_replicas: int | None = None) -> None:
+        """ACCEPT [next_id] [min_replicas=n]: stop following (if we were) and accept MSG from the next id.
 
         A server that was not writable starts a new epoch (the highest seen +
         1) at its next id, durably, before it takes any MSG. With ``next_id``
         it refuses (`DeniedError`) unless that is its next id, so an operator
-        promotes exactly the replica they checked.
+        promotes exactly the replica they checked. It runs with the
+        ``--min-replicas`` it kept (`MinReplicas`: its leader's, unless
+        configured here), or ``min_replicas`` if given.
         """
         nxt = self.log.written + 1
         if next_id is not None and next_id != nxt:
             raise DeniedError(f"ACCEPT {next_id}: this server's next id is {nxt} (nothing changed)")
         if self.follower is None and not self.read_only:
+            if min_replicas is not None and min_replicas != self.replication.min_replicas:
+                raise DeniedError(f"this server is already a leader, with min_replicas {self.replication.min_replicas}"
+                                  f" (nothing changed): demote it first, then ACCEPT min_replicas={min_replicas}")
             return  # already a leader: same epoch
+        n = self.min_replicas.promoted(min_replicas)  # an override is saved before anything changes
         epoch = max(self.epochs.seen, self.epochs.current) + 1
         try:
             self.epochs.start(epoch, nxt, refused=False)
         except OSError as exc:
             raise UnavailableError(f"cannot record the new epoch: {exc}") from None
         follower, self.follower = self.follower, None
+        # What readers could see here stays visible (a follower's: the old leader's high watermark).
+        visible = self.visible_head() if follower is None else min(self.log.head, follower.leader_visible)
         if follower is not None:
-            # What the old leader's readers could see stays visible here.
-            self.replication.hw = max(self.replication.hw, follower.leader_visible)
             follower.cancel()
+        self._run_with_min_replicas(n, visible)
         log.warning("promoted", former_leader=follower.leader if follower else None, head=self.log.head,
-                    epoch=epoch, first_id=nxt, peer=peer)
+                    epoch=epoch, first_id=nxt, peer=peer, min_replicas=n, min_replicas_from=self.min_replicas.source)
         self.read_only = False
         self.fenced_by = None
         self.leader_address = None
         self.wake_streams()  # readers may see more now (the follower's cap is gone)
+
+    def _run_with_min_replicas(self, n: int, visible: int) -> None:
+        """A promotion's --min-replicas takes effect: held replies, lanes, replicas' handshakes."""
+        changed = n != self.replication.min_replicas
+        self.replication.configure(n, self.log.head, visible)
+        if not changed:
+            return
+        for conn in list(self.connections):
+            conn.replicas_changed()  # MSG replies wait for replicas from now on, or no longer
+        # Replicas still connected were told the old value in their handshake: they come back for the new one.
+        for stream in list(self.replica_streams):
+            stream.end(protocol.EOF)
+            stream.sink.flush()  # type: ignore[attr-defined]
+
+    def replace_replica(self, name: str) -> None:
+        """A REPLICATE stream starts under ``name`` (the address its replica listens on): a stream
+        already running under that name is that replica's old connection, dead or dying. It stops
+        counting now, so one follower never counts twice toward --min-replicas, nor shows twice."""
+        for old in [s for s in self.replica_streams if s.name == name]:
+            log.warning("replica_replaced", replica=name, old_peer=old.peer)
+            old.sink.drop(BusyError(f"replaced by a newer REPLICATE stream from replica {name}"))  # type: ignore[attr-defined]
 
     def step_down(self, epoch: int, replica: str) -> None:
         """A replica has seen a newer epoch than ours: a newer leader exists, so stop taking writes
@@ -145,7 +178,8 @@ class Roles:
                 f"this server's epoch {self.epochs.current} is older than epoch {cmd.seen} "
                 f"the replica has seen; it no longer accepts writes"
             )
-        return replicate_handshake(self.epochs, cmd, self.log.head + 1, self.replication.min_replicas)
+        # The setting, not only this server's own: a follower passes its leader's on to its replicas.
+        return replicate_handshake(self.epochs, cmd, self.log.head + 1, self.min_replicas.value)
 
     def check_replica_start(self, start: int, prev_crc: int | None) -> None:
         """Refuse a follower whose history differs from ours (DIVERGED)."""

@@ -35,6 +35,7 @@ from .housekeeping import Housekeeping
 from .listener import Listener, bind_all, resolve
 from .queue import AppendQueue
 from .replication import Follower, ReplicaSet
+from .replication.durability import MinReplicas
 from .roles import Roles
 from .storage import Log, watermark
 from .storage.epochs import Epochs
@@ -78,7 +79,9 @@ class LogServer(Roles, Housekeeping):
         # A restarted leader shows what it last saved as visible, no more
         # than it holds (a torn tail may have gone), until replicas confirm more.
         saved_hw = min(watermark.load(config.data_dir), self.log.head)
-        self.replication = ReplicaSet(config.min_replicas, config.replica_timeout, self.log.head, saved_hw)
+        # --min-replicas as configured, or as a former leader or a promotion left it (CLUSTER).
+        self.min_replicas = MinReplicas(self.log.directory, config.min_replicas)
+        self.replication = ReplicaSet(self.min_replicas.value, config.replica_timeout, self.log.head, saved_hw)
         self.follower: Follower | None = None
         self.exit_code = 0
         # Counted against max_connections from connection_made to connection_lost,
@@ -138,12 +141,11 @@ class LogServer(Roles, Housekeeping):
         self._tasks.append(loop.create_task(self._sweeper()))
         if self.config.retention_bytes is not None or self.config.retention_ms is not None:
             self._tasks.append(loop.create_task(self._retention_loop()))
-        if self.config.min_replicas:
-            self._tasks.append(loop.create_task(self._watermark_saver()))
+        self._tasks.append(loop.create_task(self._watermark_saver()))  # saves only under --min-replicas
         if self.config.replica_address:
             self.read_only = True
             self.leader_address = self.config.replica_address
-            self.follower = Follower(self, self.config.replica_address)
+            self.follower = Follower(self, self.config.replica_address, listening=(host, port))
             self.follower.start()
         elif self.epochs.refused:
             # REFUSE (or a step-down) outlives a restart: only ACCEPT undoes it.
@@ -202,7 +204,7 @@ class LogServer(Roles, Housekeeping):
         if not await self._until(self.queue.stop(), deadline + self.config.shutdown_timeout, "final sync"):
             log.error("stopped_without_final_sync", head=self.log.head)
             return  # the disk does not answer: leave the files as they are (recovery handles them)
-        if self.config.min_replicas:
+        if self.replication.min_replicas:
             self.save_watermark()
         try:
             self.log.close()
@@ -334,6 +336,7 @@ class LogServer(Roles, Housekeeping):
     def stream_started(self, stream: Stream) -> None:
         self.streams.add(stream)
         if stream.replica:
+            self.replace_replica(stream.name)
             self.replica_streams.add(stream)
 
     def stream_gone(self, stream: Stream) -> None:
@@ -437,6 +440,7 @@ class LogServer(Roles, Housekeeping):
         figures["log_head"] = self.log.head
         if self.follower is not None:
             figures.update(self.follower.stats())
+        figures.update(self.min_replicas.stats())
         figures.update(self.replication.stats())
         figures.update(self.cursors.stats(figures["head"]))  # type: ignore[arg-type]
         return figures

@@ -151,7 +151,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             choices=("debug", "info", "warning", "error"), reloadable=True),
     Setting("replica_of", str, "Run as a follower of this leader: HOST:PORT, logd://[:TOKEN@]HOST:PORT or "
             "logds://... for TLS (read-only until promoted).", show=hide_token),
-    Setting("min_replicas", _int, "Acknowledge a MSG only once this many replicas have committed it.", (int,)),
+    Setting("min_replicas", _int, "Acknowledge a MSG only once this many replicas have committed it. Not set: "
+            "what this server's leader runs with (a follower keeps it for when it is promoted), else 0.", (int,)),
     Setting("replica_timeout", _float,
             "Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.", (float, int)),
     Setting("metrics_port", _int, "Serve Prometheus metrics on this port (0: any free one; unset: off).", (int,)),
@@ -171,4 +172,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             (float, int)),
     Setting("max_tls_handshakes", _int, "TLS handshakes in progress at once (each counts as a connection); "
             "connections beyond are closed at once.", (int,)),
+    Setting("advertise", str, "HOST:PORT others reach this server at. A follower names itself so to its leader "
+            "(STATS, metrics); not set: its --host and port, or if that is a wildcard or loopback, the address "
+            "it connects to the leader from, with its port."),
 )}

@@ -48,7 +48,7 @@ class Stream:
 
     __slots__ = (
         "server", "sink", "replica", "next", "left", "segment", "position", "sent", "acked", "parked", "epoch",
-        "cursors", "piece", "piece_at",
+        "cursors", "piece", "piece_at", "name",
     )
 
     def __init__(self, server: LogServer, sink: Sink, cmd: protocol.Read | protocol.Replicate) -> None:
@@ -69,6 +69,8 @@ class Stream:
         # REPLICATE with epochs (protocol.md 3.4): the epoch last announced with +EPOCH; None: older form.
         self.epoch: int | None = -1 if type(cmd) is protocol.Replicate and cmd.epoch is not None else None
         self.cursors = server.cursors.feed() if self.replica else None  # REPLICATE: +CURSOR markers sent
+        # A replica's name in STATS and metrics: the address it listens on, if it said (protocol.md 3.4).
+        self.name = cmd.address if type(cmd) is protocol.Replicate and cmd.address else sink.peer
 
     @property
     def peer(self) -> str:

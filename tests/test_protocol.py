@@ -101,6 +101,8 @@ VALID: list[tuple[bytes, list[Command]]] = [
     (b"REFUSE\r\n", [Refuse()]),
     (b"ACCEPT\r\n", [Accept()]),
     (b"ACCEPT 17\r\n", [Accept(17)]),
+    (b"ACCEPT 17 min_replicas=2\r\n", [Accept(17, 2)]),
+    (b"ACCEPT min_replicas=0\r\n", [Accept(None, 0)]),
     (b"ACK 0\r\n", [Ack(0)]),
     (b"ACK 42\r\n", [Ack(42)]),
     (b"READ 1\r\n", [Read(1, 0)]),
@@ -112,6 +114,9 @@ VALID: list[tuple[bytes, list[Command]]] = [
     (b"REPLICATE 8 9a71bb4c\r\n", [Replicate(8, 0x9A71BB4C)]),
     (b"REPLICATE 8 9a71bb4c 3 4\r\n", [Replicate(8, 0x9A71BB4C, 3, 4)]),
     (b"REPLICATE 1 0 0 0\r\n", [Replicate(1, 0, 0, 0)]),
+    (b"REPLICATE 1 0 0 0 127.0.0.1:7001\r\n", [Replicate(1, 0, 0, 0, "127.0.0.1:7001")]),
+    (b"REPLICATE 8 9a71bb4c 3 4 db-2.example:1774\r\n", [Replicate(8, 0x9A71BB4C, 3, 4, "db-2.example:1774")]),
+    (b"REPLICATE 1 0 0 0 [fe80::1]:65535\r\n", [Replicate(1, 0, 0, 0, "[fe80::1]:65535")]),
     (b"REPLICATE 8 9A71BB4C\r\n", [Replicate(8, 0x9A71BB4C)]),
     (b"MSG 5\r\nhello\r\n", [Msg([b"hello"])]),
     (b"MSG 0\r\n\r\n", [Msg([b""])]),
@@ -219,10 +224,25 @@ NON_FATAL: list[tuple[bytes, type[errors.ProtocolError], str]] = [
     (b"READ 9223372036854775808\r\n", errors.ProtocolError, "READ start is out of range"),
     (b"READ " + b"9" * 5000 + b"\r\n", errors.ProtocolError, "READ start is out of range"),
     (b"REPLICATE 0\r\n", errors.ProtocolError, "REPLICATE start must be >= 1"),
-    (b"REPLICATE 5 0 1\r\n", errors.ProtocolError, "REPLICATE takes <start> [<prev_crc> [<epoch> <seen>]]"),
+    (b"REPLICATE 5 0 1\r\n", errors.ProtocolError, "REPLICATE takes <start> [<prev_crc> [<epoch> <seen> [<address>]]]"),
     (b"ACCEPT 0\r\n", errors.ProtocolError, "ACCEPT next id must be >= 1"),
-    (b"ACCEPT 1 2\r\n", errors.ProtocolError, "ACCEPT takes [<next_id>]"),
-    (b"REPLICATE\r\n", errors.ProtocolError, "REPLICATE takes <start> [<prev_crc> [<epoch> <seen>]]"),
+    (b"ACCEPT 1 2\r\n", errors.ProtocolError, "ACCEPT takes [<next_id>] [min_replicas=<n>]"),
+    (b"ACCEPT min_replicas=1 2\r\n", errors.ProtocolError, "ACCEPT takes [<next_id>] [min_replicas=<n>]"),
+    (b"ACCEPT next_id=2\r\n", errors.ProtocolError, "ACCEPT takes [<next_id>] [min_replicas=<n>]"),
+    (b"ACCEPT min_replicas=-1\r\n", errors.ProtocolError, "ACCEPT min_replicas must be a decimal number"),
+    (b"ACCEPT 5 min_replicas=99999999999999999999\r\n", errors.ProtocolError, "ACCEPT min_replicas is out of range"),
+    (b"REPLICATE\r\n", errors.ProtocolError, "REPLICATE takes <start> [<prev_crc> [<epoch> <seen> [<address>]]]"),
+    (b"REPLICATE 1 0 0 0 a b\r\n", errors.ProtocolError, "REPLICATE takes <start>"),
+    (b"REPLICATE 1 0 0 0 host\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 host:0\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 host:65536\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 host:01774\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 :1774\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 h_st:1774\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 h\xc3\xa9:1774\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 [::1:1774\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 [zz::1]:1774\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
+    (b"REPLICATE 1 0 0 0 " + b"a" * 254 + b":1\r\n", errors.ProtocolError, "REPLICATE address must be HOST:PORT"),
     (b"REPLICATE 1 xyz\r\n", errors.ProtocolError, "REPLICATE prev_crc must be 8 hex digits"),
     (b"REPLICATE 1 0x123456\r\n", errors.ProtocolError, "REPLICATE prev_crc must be 8 hex"),
     (b"REPLICATE 1 123456789\r\n", errors.ProtocolError, "REPLICATE prev_crc must be 8 hex"),
@@ -417,9 +437,13 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.lists(bodies, min_size=1, max_size=6).map(Msg),
     st.builds(Read, ids, st.integers(0, 2**63 - 1)),
     st.builds(Replicate, ids, st.none() | st.integers(0, 2**32 - 1)),
+    st.builds(Replicate, ids, st.integers(0, 2**32 - 1), st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1),
+              st.none() | st.builds("{}:{}".format, st.sampled_from(["127.0.0.1", "db-2.example", "[::1]", "h"]),
+                                    st.integers(1, 65535))),
     st.builds(Ack, st.integers(0, 2**63 - 1)),
     st.sampled_from([Head(), Ping(), Stats(), Close(), Shutdown(), Refuse(), Accept(), Cursors()]),
     st.builds(Cursors, st.integers(1, 1000), st.none() | st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)),
+    st.builds(Accept, st.none() | ids, st.none() | st.integers(0, 2**63 - 1)),
 )
 
 
@@ -543,6 +567,17 @@ def test_encoders() -> None:
     assert encode_command(Read(3, 2)) == b"READ 3 2\r\n"
     assert encode_command(Replicate(4)) == b"REPLICATE 4\r\n"
     assert encode_command(Replicate(4, 0x9A71BB4C)) == b"REPLICATE 4 9a71bb4c\r\n"
+    assert encode_command(Replicate(4, 0, 1, 2, "10.0.0.5:1774")) == b"REPLICATE 4 00000000 1 2 10.0.0.5:1774\r\n"
+    assert encode_command(Accept(7)) == b"ACCEPT 7\r\n"
+    assert encode_command(Accept(7, 1)) == b"ACCEPT 7 min_replicas=1\r\n"
+    assert encode_command(Accept(None, 2)) == b"ACCEPT min_replicas=2\r\n"
+    for bad in ("x", "x:0", "0.0.0.0:65536", "a b:1", "[1.2.3.4]:5"):
+        with pytest.raises(ValueError):
+            Replicate(4, 0, 1, 2, bad)
+    with pytest.raises(ValueError):
+        Replicate(4, 0, None, None, "h:1")  # the address comes after <epoch> <seen>
+    with pytest.raises(ValueError):
+        Accept(None, -1)
     assert encode_command(Ack(9)) == b"ACK 9\r\n"
     assert encode_command(Refuse()) == b"REFUSE\r\n"
     assert encode_command(Shutdown()) == b"SHUTDOWN\r\n"

@@ -80,7 +80,7 @@ class ModelBackend:
     def refuse(self) -> None:
         self.read_only = True
 
-    def accept(self, next_id: int | None) -> None:
+    def accept(self, next_id: int | None, min_replicas: int | None) -> None:
         self.read_only = False
 
     def shutdown(self) -> ServerError | None:

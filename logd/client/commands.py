@@ -254,8 +254,8 @@ REFUSE = Call(Refuse(), ok_of)  # sending it twice is harmless
 ACCEPT = Call(Accept(), ok_of)
 
 
-def accept_call(next_id: int | None) -> Call[None]:
-    return ACCEPT if next_id is None else Call(Accept(next_id), ok_of)
+def accept_call(next_id: int | None, min_replicas: int | None = None) -> Call[None]:
+    return ACCEPT if next_id is None and min_replicas is None else Call(Accept(next_id, min_replicas), ok_of)
 
 
 def clamp(start: int, limit: int, head: int) -> int:

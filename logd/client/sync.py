@@ -415,10 +415,13 @@ class Client:
         """REFUSE: make the server read-only (failover: the old leader steps down)."""
         self._execute(REFUSE, timeout)
 
-    def accept_writes(self, *, next_id: int | None = None, timeout: float | None = None) -> None:
+    def accept_writes(
+        self, *, next_id: int | None = None, min_replicas: int | None = None, timeout: float | None = None
+    ) -> None:
         """ACCEPT: the server stops following (if it was) and accepts MSG; with ``next_id``,
-        only if that is its next id (protocol.md 3.4)."""
-        self._execute(accept_call(next_id), timeout)
+        only if that is its next id; with ``min_replicas``, it runs with that instead of the
+        --min-replicas it kept (protocol.md 3.4)."""
+        self._execute(accept_call(next_id, min_replicas), timeout)
 
 
 class Tail:

@@ -15,6 +15,21 @@ MAX_ID = (1 << 63) - 1
 # (`CURSORS <limit> [<after>]`) asks for at most this many (protocol.md 3.1).
 CURSORS_MAX = 1000
 DEFAULT_PORT = defaults.PORT  # protocol.md section 3: the server's default, the client's too
+MAX_HOST_CHARS = 253  # a DNS name's longest text form; an address is shorter
+_HOST_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+
+
+def valid_address(text: str) -> bool:
+    """``HOST:PORT`` as a replica names itself (protocol.md 3.4): a name or IPv4 address of
+    ``A-Z a-z 0-9 . -``, or ``[IPv6]``, then a port 1..65535 with no leading zero."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or port[0] == "0" or int(port[:6]) > 65535:
+        return False
+    if host[:1] == "[" and host[-1:] == "]":
+        inner = host[1:-1]
+        return 2 <= len(inner) <= 45 and ":" in inner and set(inner) <= _IPV6_CHARS
+    return 1 <= len(host) <= MAX_HOST_CHARS and set(host) <= _HOST_CHARS and host[0] != "-"
 
 
 # --- commands (client -> server) ---------------------------------------------
@@ -44,18 +59,21 @@ class Read:
 
 @dataclass(frozen=True, slots=True)
 class Replicate:
-    """``REPLICATE <start> [<prev_crc> [<epoch> <seen>]]``: tail from ``start`` for a replica.
+    """``REPLICATE <start> [<prev_crc> [<epoch> <seen> [<address>]]]``: tail from ``start`` for a replica.
 
     ``prev_crc`` is the CRC the replica holds for id ``start - 1`` (None: not
     sent). ``epoch`` is the epoch of the replica's newest epoch entry, which
     ends at ``start`` in its history, and ``seen`` the highest epoch it has
     heard of (both None in the older form, which gets no epoch exchange).
+    ``address`` is the ``HOST:PORT`` the replica listens on: the name the
+    leader gives it in STATS and metrics (None: its connection's address).
     """
 
     start: int
     prev_crc: int | None = None
     epoch: int | None = None
     seen: int | None = None
+    address: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.start <= MAX_ID:
@@ -67,6 +85,8 @@ class Replicate:
         for value in (self.epoch, self.seen):
             if value is not None and not 0 <= value <= MAX_ID:
                 raise ValueError(f"bad REPLICATE epoch {value}")
+        if self.address is not None and (self.seen is None or not valid_address(self.address)):
+            raise ValueError(f"bad REPLICATE address {self.address[:70]!r}: HOST:PORT, after <epoch> <seen>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +135,17 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    """``ACCEPT [<next_id>]``: promote a follower to leader (only if its next id is ``next_id``, if given)."""
+    """``ACCEPT [<next_id>] [min_replicas=<n>]``: promote a follower to leader (only if its next id
+    is ``next_id``, if given), with ``min_replicas`` in place of the setting it would keep."""
 
     next_id: int | None = None
+    min_replicas: int | None = None
 
     def __post_init__(self) -> None:
         if self.next_id is not None and not 1 <= self.next_id <= MAX_ID:
             raise ValueError(f"bad ACCEPT next id {self.next_id}")
+        if self.min_replicas is not None and not 0 <= self.min_replicas <= MAX_ID:
+            raise ValueError(f"bad ACCEPT min_replicas {self.min_replicas}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +253,16 @@ def encode_command(cmd: Command) -> bytes:
         if cmd.prev_crc is None:
             return b"REPLICATE %d\r\n" % cmd.start
         if cmd.epoch is not None and cmd.seen is not None:
-            return b"REPLICATE %d %08x %d %d\r\n" % (cmd.start, cmd.prev_crc, cmd.epoch, cmd.seen)
+            line = b"REPLICATE %d %08x %d %d" % (cmd.start, cmd.prev_crc, cmd.epoch, cmd.seen)
+            return line + (b" %s\r\n" % cmd.address.encode("ascii") if cmd.address else b"\r\n")
         return b"REPLICATE %d %08x\r\n" % (cmd.start, cmd.prev_crc)
-    if isinstance(cmd, Accept) and cmd.next_id is not None:
-        return b"ACCEPT %d\r\n" % cmd.next_id
+    if isinstance(cmd, Accept) and (cmd.next_id is not None or cmd.min_replicas is not None):
+        words = [b"ACCEPT"]
+        if cmd.next_id is not None:
+            words.append(b"%d" % cmd.next_id)
+        if cmd.min_replicas is not None:
+            words.append(b"min_replicas=%d" % cmd.min_replicas)
+        return b" ".join(words) + b"\r\n"
     if isinstance(cmd, Ack):
         return b"ACK %d\r\n" % cmd.id
     if isinstance(cmd, Commit):

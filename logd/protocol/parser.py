@@ -28,6 +28,7 @@ from .commands import (
     Replicate,
     _new,
     _set_msg_bodies,
+    valid_address,
 )
 
 # The longest line a connection may send before it has authenticated (when authentication is
@@ -64,6 +65,33 @@ def _cursor_name(token: bytes) -> str:
     return name
 
 
+def _address(token: bytes) -> str:
+    """A replica's ``HOST:PORT`` (protocol.md 3.4), or ProtocolError."""
+    text = token.decode("latin-1")
+    if not valid_address(text):
+        raise ProtocolError(f"REPLICATE address must be HOST:PORT (a name, an IPv4 address or [IPv6], "
+                            f"port 1-65535), not {_show(token)}")
+    return text
+
+
+def _accept(args: list[bytes]) -> Accept:
+    """``ACCEPT [<next_id>] [min_replicas=<n>]`` (without arguments it is one shared instance)."""
+    usage = "ACCEPT takes [<next_id>] [min_replicas=<n>]"
+    min_replicas = None
+    if args[-1].startswith(b"min_replicas="):
+        min_replicas = _number(args.pop()[len(b"min_replicas="):], "ACCEPT min_replicas")
+    if len(args) > 1:
+        raise ProtocolError(usage)
+    next_id = None
+    if args:
+        if b"=" in args[0]:  # a setting ACCEPT does not take
+            raise ProtocolError(usage)
+        next_id = _number(args[0], "ACCEPT next id")
+        if next_id < 1:
+            raise ProtocolError("ACCEPT next id must be >= 1")
+    return Accept(next_id, min_replicas)
+
+
 def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError:
     """Any command line but MSG (which the parser's loop handles itself)."""
     name = verb.upper()
@@ -77,8 +105,8 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
                 raise ProtocolError("READ start must be >= 1")
             return Read(start, _number(args[1], "READ limit") if len(args) == 2 else 0)
         if name == b"REPLICATE":
-            if len(args) not in (1, 2, 4):
-                raise ProtocolError("REPLICATE takes <start> [<prev_crc> [<epoch> <seen>]]")
+            if len(args) not in (1, 2, 4, 5):
+                raise ProtocolError("REPLICATE takes <start> [<prev_crc> [<epoch> <seen> [<address>]]]")
             start = _number(args[0], "REPLICATE start")
             if start < 1:
                 raise ProtocolError("REPLICATE start must be >= 1")
@@ -86,21 +114,17 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
                 return Replicate(start, None)
             crc = args[1]
             epochs: tuple[int | None, int | None] = (None, None)
-            if len(args) == 4:
+            if len(args) >= 4:
                 epochs = (_number(args[2], "REPLICATE epoch"), _number(args[3], "REPLICATE seen"))
+            address = _address(args[4]) if len(args) == 5 else None
             if crc == b"0":
-                return Replicate(start, 0, *epochs)
+                return Replicate(start, 0, *epochs, address)
             # Exactly 8 hex digits; int(x, 16) alone would also take "0x", "+" or "_".
             if len(crc) != 8 or crc.strip(b"0123456789abcdefABCDEF"):
                 raise ProtocolError(f"REPLICATE prev_crc must be 8 hex digits, not {_show(crc)}")
-            return Replicate(start, int(crc, 16), *epochs)
+            return Replicate(start, int(crc, 16), *epochs, address)
         if name == b"ACCEPT" and args:
-            if len(args) != 1:
-                raise ProtocolError("ACCEPT takes [<next_id>]")
-            next_id = _number(args[0], "ACCEPT next id")
-            if next_id < 1:
-                raise ProtocolError("ACCEPT next id must be >= 1")
-            return Accept(next_id)
+            return _accept(args)
         if name == b"AUTH":
             # The token is never echoed back: error messages here get logged and shown.
             if len(args) != 1 or not args[0]:

@@ -164,8 +164,9 @@ class Backend(Protocol):
     def refuse(self) -> None:
         """REFUSE: stop accepting MSG, or raise the `ServerError` to answer."""
 
-    def accept(self, next_id: int | None) -> None:
-        """ACCEPT [next_id]: accept MSG (a follower stops following), or raise the `ServerError` to answer."""
+    def accept(self, next_id: int | None, min_replicas: int | None) -> None:
+        """ACCEPT [next_id] [min_replicas=n]: accept MSG (a follower stops following), or raise the
+        `ServerError` to answer."""
 
     def shutdown(self) -> ServerError | None:
         """SHUTDOWN: ask the server to stop, or say why not."""
@@ -369,7 +370,7 @@ class ServerSession:
                 if kind is Refuse:
                     backend.refuse()
                 else:
-                    backend.accept(item.next_id)  # type: ignore[union-attr]
+                    backend.accept(item.next_id, item.min_replicas)  # type: ignore[union-attr]
             except ServerError as exc:
                 self._reply(error_reply(exc))
             else:

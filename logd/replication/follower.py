@@ -28,6 +28,7 @@ from ..settings import parse_address
 from ..storage import watermark
 from ..storage.truncate import dropped_name
 from ..tls import client_context
+from .naming import replica_address
 
 if TYPE_CHECKING:
     from ..server import LogServer
@@ -117,9 +118,10 @@ class _Link(asyncio.Protocol):
 class Follower:
     """Follows a leader: REPLICATE, append what arrives, ACK; reconnect with jittered backoff."""
 
-    def __init__(self, server: LogServer, leader: str) -> None:
+    def __init__(self, server: LogServer, leader: str, listening: tuple[str, int] = ("", 0)) -> None:
         self.server = server
         self.leader = leader
+        self.listening = listening  # where this server listens: its name in REPLICATE (naming.py)
         self.host, self.port = parse_address(leader)
         self.state = "connecting"
         self.leader_head = server.log.head  # the leader's commit point, as last told
@@ -244,7 +246,9 @@ class Follower:
             start = lg.written + 1
             prev_crc = lg.crc_of(start - 1) if start > 1 else 0
             epochs = srv.epochs
-            link.write(b"REPLICATE %d %08x %d %d\r\n" % (start, prev_crc, epochs.current, epochs.seen))
+            replicate = b"REPLICATE %d %08x %d %d" % (start, prev_crc, epochs.current, epochs.seen)
+            name = self._name(link)
+            link.write(replicate + (b" %s\r\n" % name.encode("ascii") if name else b"\r\n"))
             parser = ReplicaStreamParser(start)
             started = False
             self._uncommitted = [0, 0]
@@ -301,6 +305,13 @@ class Follower:
                         log.warning("leader_stopping", leader=self.leader, head=lg.head)
                         return
                     elif type(ev) is StreamError:
+                        if ev.code == "BAD_FORMAT" and name and not started:
+                            # A leader older than the <address> argument: ask again without it (it
+                            # then names us by our connection's address), on the same connection.
+                            name = None
+                            link.write(replicate + b"\r\n")
+                            parser = ReplicaStreamParser(start)
+                            break
                         if ev.code == "FENCED":
                             self.state = "fenced"
                             log.error("leader_fenced", leader=self.leader, error=ev.message)
@@ -336,6 +347,7 @@ class Follower:
             raise LinkLost(f"leader {self.leader} is at epoch {ok.leader_epoch}, older than epoch {epochs.seen}")
         epochs.see(ok.leader_epoch)
         self.leader_min_replicas = ok.min_replicas
+        self.server.min_replicas.told_by_leader(ok.min_replicas, self.leader)  # kept for a promotion
         if ok.epoch == epochs.current and ok.end >= start:
             return True
         _found, own_end = epochs.end_of(ok.epoch, start)
@@ -380,6 +392,12 @@ class Follower:
         if ev.first_id != nxt:
             raise LinkLost(f"leader {self.leader} starts epoch {ev.epoch} at {ev.first_id}, our next id is {nxt}")
         epochs.start(ev.epoch, nxt)
+
+    def _name(self, link: _Link) -> str | None:
+        """The address this server names itself by to the leader (naming.py)."""
+        sockname = link.transport.get_extra_info("sockname") if link.transport is not None else None
+        outgoing = str(sockname[0]) if sockname else None
+        return replica_address(self.server.config.advertise, self.listening, outgoing)
 
     async def _authenticate(self, link: _Link) -> None:
         """AUTH with the replica token and wait for the answer (nothing else is in flight)."""

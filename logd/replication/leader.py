@@ -55,6 +55,15 @@ class ReplicaSet:
         self._waiters: deque[tuple[int, float, Any, AppendReply]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
+    def configure(self, min_replicas: int, head: int, visible: int) -> None:
+        """Run with ``min_replicas`` from now on (a promotion). Readers saw up to ``visible``: with
+        N > 0 that stays the high watermark until replicas confirm more; with 0 it is the commit point."""
+        self.min_replicas = min_replicas
+        self.head = head
+        self.hw = head if min_replicas == 0 else min(head, visible)
+        self._advance()
+        self.release()  # replies held under the old setting that the new one lets go
+
     def on_commit(self, head: int) -> bool:
         """The commit point moved; return True if the high watermark moved with it."""
         self.head = head
@@ -168,12 +177,11 @@ class ReplicaSet:
     def stats(self) -> dict[str, object]:
         """Figures for a leader's STATS: one group of lines per replica."""
         figures: dict[str, object] = {
-            "min_replicas": self.min_replicas,
             "high_watermark": self.hw,
             "replicas_in_sync": self.in_sync(),
         }
-        for conn, acked in self.acked.items():
-            name = f"replica_{conn.peer}"
+        for stream, acked in self.acked.items():
+            name = f"replica_{stream.name}"  # the address it listens on (protocol.md 3.4)
             figures[f"{name}_acked"] = acked
             figures[f"{name}_lag_messages"] = max(0, self.head - acked)
             figures[f"{name}_lag_s"] = round(self.lag_seconds(acked), 3)

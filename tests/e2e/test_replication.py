@@ -126,14 +126,18 @@ def test_failover_with_min_replicas(start_server, tmp_path: Path) -> None:  # ty
     on_b = dict(read_all(b, 1, last_acked))
     assert all(on_b[i] == body for i, body in acked.items())
     # Promote the survivor, checking it is the one we looked at; writes continue
-    # there from the next id. (Until now its readers saw only up to a's last high
-    # watermark; what it holds past that, received but never acknowledged by a,
-    # becomes visible as it takes over.)
+    # there from the next id. It would keep a's --min-replicas 1 (and take no write
+    # until a replica follows it): the operator runs it alone, asynchronous, for
+    # now. (Until now its readers saw only up to a's last high watermark; what it
+    # holds past that, received but never acknowledged by a, becomes visible as
+    # it takes over with --min-replicas 0.)
     b_head = head_once_leader_gone(b)
+    assert stats(b)["min_replicas"] == "1" and stats(b)["min_replicas_from"] == "leader"
     refused = logd_cli("promote", "--next-id", str(b_head + 5), addr(b))
     assert refused.returncode != 0 and f"next id is {b_head + 1}" in refused.stderr
     assert stats(b)["role"] == "follower"
-    assert logd_cli("promote", "--next-id", str(b_head + 1), addr(b)).returncode == 0
+    promoted = logd_cli("promote", "--next-id", str(b_head + 1), "--min-replicas", "0", addr(b))
+    assert promoted.returncode == 0 and "min_replicas 0 (promote)" in promoted.stdout, promoted
     wait_for(lambda: stats(b)["role"] == "leader", what="promotion")
     assert stats(b)["epoch"] == "1"
     assert last_acked <= b_head < a_head and head(b) == b_head

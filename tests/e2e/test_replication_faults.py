@@ -151,6 +151,9 @@ def test_faults_kills_and_failover_lose_nothing_acknowledged(start_server) -> No
 
         # A rejoins as a follower; writes go on at the new leader.
         a2 = start_server("--replica-of", addr(new), data_dir=a.data_dir)
+        # The new leader kept A's --min-replicas 1: it takes writes once a replica is in sync.
+        assert stats(new)["min_replicas"] == "1"
+        wait_for(lambda: stats(new)["replicas_in_sync"] == "2", what="both followers in sync with the new leader")
         writer2 = Writer(new, b"n", window=16, limit=2 * STEP)
         writer2.start()
         writer2.join(60)  # to its limit (finish() would stop it at once)

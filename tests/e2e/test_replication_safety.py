@@ -27,8 +27,10 @@ def test_old_leader_coming_back_is_fenced(start_server) -> None:  # type: ignore
         wait_for(lambda: head(b) == 50 and head(c) == 50, what="replicas hold 50")
         assert a.terminate() == 0  # A stops
         assert logd_cli("promote", "--next-id", "51", addr(b)).returncode == 0
+        assert stats(b)["min_replicas"] == "1"  # A's, kept by B (it was started without the flag)
         link.retarget(b.host, b.port)
         link.drop()  # C follows B
+        wait_for(lambda: stats(b)["replicas_in_sync"] == "1", what="C in sync with B")
         assert send_msgs(b, [b"b-51"]) == 51
         wait_for(lambda: head(c) == 51, what="C follows B")
         assert stats(c)["epoch"] == "1" and stats(b)["epoch"] == "1"
@@ -78,6 +80,7 @@ def test_old_leader_coming_back_is_fenced(start_server) -> None:  # type: ignore
         # C pointed back at B goes on.
         link.retarget(b.host, b.port)
         link.drop()
+        wait_for(lambda: stats(b)["replicas_in_sync"] == "1", what="C in sync with B again")
         assert send_msgs(b, [b"b-52"]) == 52
         wait_for(lambda: head(c) == 52, what="C follows B again")
 
@@ -134,7 +137,9 @@ def test_follower_with_unacknowledged_records_truncates_and_matches(start_server
         # C is promoted (exactly the one checked), B is re-pointed at it.
         c_next = int(stats(c)["log_head"]) + 1
         assert c_next == acked + 1
-        assert logd_cli("promote", "--next-id", str(c_next), addr(c)).returncode == 0
+        # C would keep A's --min-replicas 2, which B (not yet following C) and nobody else can meet:
+        # the operator lowers it, to write to C before B comes back.
+        assert logd_cli("promote", "--next-id", str(c_next), "--min-replicas", "0", addr(c)).returncode == 0
         for k in range(0, 200, 10):
             assert send_msgs(c, [b"new-%d" % i for i in range(k, k + 10)]) == acked + k + 10
         to_b.retarget(c.host, c.port)
@@ -193,7 +198,7 @@ def test_follower_resumes_after_its_retention_ran_past_a_lone_seg_marker(start_s
         sock, _ = listener.accept()
         sock.settimeout(30)
         f = sock.makefile("rb")
-        assert f.readline() == b"REPLICATE 1 00000000 0 0\r\n"
+        assert f.readline() == b"REPLICATE 1 00000000 0 0 127.0.0.1:%d\r\n" % follower.port
         sock.sendall(b"OK 0 0 51 0\r\n+HEAD 50 50\r\n+SEG 1\r\n"
                      + b"".join(encode_record(i + 1, body) for i, body in enumerate(bodies[:50])))
         while f.readline() != b"ACK 50\r\n":
@@ -208,7 +213,7 @@ def test_follower_resumes_after_its_retention_ran_past_a_lone_seg_marker(start_s
         sock.settimeout(30)
         f = sock.makefile("rb")
         crc50 = encode_record(50, bodies[49]).split(b" ")[2][:8]
-        assert f.readline() == b"REPLICATE 51 %s 0 0\r\n" % crc50
+        assert f.readline() == b"REPLICATE 51 %s 0 0 127.0.0.1:%d\r\n" % (crc50, follower.port)
         sock.sendall(b"OK 0 0 52 0\r\n+HEAD 51 51\r\n+SEG 51\r\n" + encode_record(51, bodies[50]))
         while f.readline() != b"ACK 51\r\n":
             pass
