@@ -14,12 +14,14 @@ the records up to that id have been sent.
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from . import protocol
 from .errors import LogdError, NotFoundError, ServerError, StaleCursorError, UnavailableError
+from .protocol.commands import MAX_ID
 from .protocol.replica import cursor_marker
 from .storage.cursors import CursorStore
 
@@ -147,30 +149,47 @@ class CursorFeed:
     `markers(upto)` returns the ``+CURSOR`` lines for every cursor that moved
     since it was last sent and whose id is at most ``upto`` (the last id the
     stream has sent), so a follower never holds a cursor past its records.
-    Cheap when nothing moved: one comparison.
+    Costs what changed since the last call (the store's `changed_since`) plus
+    the held cursors that came due, never the number of cursors: a COMMIT
+    with a replica attached stays O(1). Cheap when nothing moved: one
+    comparison.
     """
 
-    __slots__ = ("_store", "_sent", "_version", "_held")
+    __slots__ = ("_store", "_sent", "_version", "_held", "_holding")
 
     def __init__(self, store: CursorStore) -> None:
         self._store = store
         self._sent: dict[str, int] = {}
         self._version = -1
-        self._held = 0  # lowest id of a cursor not sent because the stream was not there yet (0: none)
+        # Cursors not sent because the stream had not carried their id yet: a heap of
+        # (id, name), and per name the lowest id it is held at (`_holding`), so a name gets a
+        # new entry only when it must come due sooner (a cut-back cursor). An entry that
+        # comes due is checked against the cursor's value then, which may have moved on.
+        self._held: list[tuple[int, str]] = []
+        self._holding: dict[str, int] = {}
 
     def markers(self, upto: int) -> bytes:
-        if self._store.version == self._version and not (self._held and upto >= self._held):
+        store = self._store
+        held = self._held
+        if store.version == self._version and not (held and held[0][0] <= upto):
             return b""
+        due = store.changed_since(self._version)
+        self._version = store.version
+        while held and held[0][0] <= upto:
+            at, name = heapq.heappop(held)
+            if self._holding.get(name) == at:
+                del self._holding[name]
+            due.append(name)
         out: list[bytes] = []
-        held = 0
-        for name, id in self._store.items().items():
+        for name in due:
+            id = store.get(name)
             if self._sent.get(name) == id:
                 continue
             if id > upto:
-                held = id if not held else min(held, id)
+                if id < self._holding.get(name, MAX_ID + 1):
+                    heapq.heappush(held, (id, name))
+                    self._holding[name] = id
                 continue
             out.append(cursor_marker(name, id))
             self._sent[name] = id
-        self._version = self._store.version
-        self._held = held
         return b"".join(out)
