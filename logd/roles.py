@@ -98,7 +98,10 @@ class Roles:
             raise DeniedError(f"ACCEPT {next_id}: this server's next id is {nxt} (nothing changed)")
         if self.follower is None and not self.read_only:
             return  # already a leader: same epoch
-        epoch = max(self.epochs.seen, self.epochs.current) + 1
+        epoch = self.epochs.next_epoch
+        if epoch is None:  # refused, not written: EPOCHS would hold a number no reader takes
+            raise DeniedError(f"ACCEPT: epoch {self.epochs.seen} is the largest there is; no new epoch can "
+                              "start (nothing changed)")
         try:
             self.epochs.start(epoch, nxt, refused=False)
         except OSError as exc:

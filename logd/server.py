@@ -146,6 +146,10 @@ class LogServer(Roles, Housekeeping):
             # REFUSE (or a step-down) outlives a restart: only ACCEPT undoes it.
             self.read_only = True
             log.warning("starting_read_only", epoch=self.epochs.current, epoch_seen=self.epochs.seen)
+        if self.epochs.unverified:  # it may have lost its `refused` line: fail closed
+            log.error("epochs_unverified", path=self.epochs.path,
+                      reason=self.epochs.unverified,
+                      hint="read-only until ACCEPT (logd promote): check first that no other server leads")
         log.info(
             "listening",
             host=host,
