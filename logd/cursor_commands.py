@@ -75,6 +75,14 @@ class ServerCursors:
         server.log.attach(self.store)
         if self.store.bad_lines_skipped:
             log.warning("cursor_lines_skipped", lines=self.store.bad_lines_skipped, path=self.store.path)
+        if self.store.rewrite_error is not None:
+            log.warning("cursor_file_not_rewritten", path=self.store.path, error=str(self.store.rewrite_error))
+        # A log that ends before a cursor (cut by `logd check --repair`, or records a crash
+        # took under fsync=never) will hand those ids out again: the consumer must read them.
+        try:
+            self.cut_back(server.log.head)
+        except OSError as exc:
+            log.error("cursors_not_cut_back", path=self.store.path, head=server.log.head, error=str(exc))
 
     def execute(
         self,
@@ -122,6 +130,14 @@ class ServerCursors:
         """A follower got ``+CURSOR <name> <id>`` from its leader (synced with its next commit)."""
         if id > self.store.get(name) or name not in self.store:
             self.store.set(name, id)
+
+    def cut_back(self, last_id: int) -> None:
+        """Cursors past ``last_id`` (the log's new end) go back to it, so their consumers read the
+        records that get those ids next (protocol.md 3.1). Raises OSError if the file cannot be rewritten."""
+        past = self.store.cut_back(last_id)
+        if past:
+            log.warning("cursors_cut_back", to=last_id, cursors=len(past),
+                        some=dict(sorted(past.items())[:10]))
 
     def feed(self) -> CursorFeed:
         return CursorFeed(self.store)

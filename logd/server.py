@@ -25,6 +25,7 @@ from .connection import Connection
 from .cursor_commands import ServerCursors
 from .errors import (
     BusyError,
+    DeniedError,
     HandshakeAnswer,
     LogdError,
     ServerError,
@@ -318,6 +319,9 @@ class LogServer(Roles, Housekeeping):
         replica must cut its log before it can stream.
         """
         answer = None
+        if type(cmd) is protocol.Replicate and self.follower is not None and peer == self.follower.link_address:
+            # Our own follower's link: streaming to ourselves would report "streaming" and copy nothing.
+            raise DeniedError("this server would follow itself: --replica-of names its own address")
         if type(cmd) is protocol.Replicate and cmd.epoch is not None:
             answer, streams = self.replica_handshake(cmd, peer)
             if not streams:

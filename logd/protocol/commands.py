@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from logd import defaults
-from logd.storage.cursors import valid_name
+from logd.storage.cursors import MAX_NAME, valid_name
 
 # Ids are 1 <= id < 2^63 (protocol.md section 1); numbers in commands are
 # bounded the same way so nothing downstream meets an unbounded int.
@@ -225,3 +225,8 @@ def encode_command(cmd: Command) -> bytes:
 
 
 _NO_ARGS_BYTES: dict[type, bytes] = {type(cmd): name + b"\r\n" for name, cmd in _NO_ARGS.items()}
+
+# The longest line a server must parse from its clients, terminator included: COMMIT
+# with the longest name and id (93 bytes; REPLICATE with every argument is 80, and
+# AUTH with a `logd token` token 50). `max_line_bytes` may not be set below it.
+LONGEST_COMMAND = len(encode_command(Commit("n" * MAX_NAME, MAX_ID)))
