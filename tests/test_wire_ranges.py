@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from logd.client.commands import cursors_of
 from logd.errors import ProtocolError, StorageError
+from logd.protocol import StatsReply
 from logd.protocol.commands import MAX_ID
 from logd.protocol.replica import EpochStart, ReplicaStreamParser, StreamOk
 from logd.storage.epochs import FILE, Epochs
@@ -82,3 +84,10 @@ def test_accept_after_a_replica_claimed_the_largest_epoch_is_refused_not_written
     again = start_server(data_dir=srv.data_dir)  # what it wrote, it reads back
     figures = stats(again)
     assert figures["epoch_seen"] == TOP.decode() and figures["role"] == "readonly"
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 5000, "-1"], ids=["superscript two", "5000 digits", "signed"])
+def test_a_client_takes_cursor_ids_in_range_only(value: str) -> None:
+    assert cursors_of([StatsReply({"app": "7"})]) == {"app": 7}
+    with pytest.raises(ProtocolError):
+        cursors_of([StatsReply({"app": value})])
