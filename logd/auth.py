@@ -41,6 +41,7 @@ from .protocol import (
     Shutdown,
     Stats,
 )
+from .storage.files import fsync_dir, remove_quietly, write_all
 
 ROLES = ("read", "write", "replicate", "admin")
 MAX_FAILURES = 5  # failed AUTHs on one connection before it is closed
@@ -169,16 +170,25 @@ def loose_permissions(path: str) -> bool:
 
 
 def save_table(path: str, table: AuthTable) -> None:
-    """Write the file atomically with mode 0600 (temporary file, fsync, rename)."""
+    """Write the file atomically with mode 0600 (temporary file, fsync, rename, fsync of the directory).
+
+    Every byte is written before the rename (a short write on a full disk
+    raises), so a failure leaves the old file as it was.
+    """
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.fchmod(fd, 0o600)  # also when tmp existed with other bits
-        os.write(fd, table.render().encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, 0o600)  # also when tmp existed with other bits
+            write_all(fd, table.render().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        remove_quietly(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def add_token(path: str, name: str, role: str) -> str:

@@ -10,6 +10,7 @@ the source of every value for `logd config` (`describe`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import defaults
+from .protocol.commands import LONGEST_COMMAND as MIN_LINE_BYTES
 from .protocol.commands import valid_address
 from .settings import ENV_PREFIX, SETTINGS
 from .storage.policy import FsyncPolicy
@@ -91,10 +93,21 @@ class Config:
             raise ValueError(f"metrics-port must be 0..65535, not {self.metrics_port}")
         positive = ("segment_bytes", "max_message_bytes", "max_line_bytes", "max_batch", "max_batch_bytes",
                     "max_connections", "conn_input_bytes", "conn_output_bytes", "server_input_bytes",
-                    "server_output_bytes", "metrics_max_connections", "max_tls_handshakes")
+                    "server_output_bytes", "metrics_max_connections", "max_tls_handshakes", "retention_bytes",
+                    "retention_ms", "retention_cap_bytes")
         for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be positive")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be positive, not {value}")
+        # Seconds: NaN compares false with everything, so it would pass a plain `<= 0` and then
+        # never expire (or always); infinity would never expire either: a number or unset.
+        for name in ("tail_stall_timeout", "idle_timeout", "replica_timeout", "shutdown_timeout"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a number of seconds, not {value}")
+        if self.max_line_bytes < MIN_LINE_BYTES:
+            raise ValueError(f"max-line-bytes must be at least {MIN_LINE_BYTES}, the longest command the server must "
+                             f"take (COMMIT with a 64-character name and a 19-digit id), not {self.max_line_bytes}")
         if self.log_format not in ("console", "json"):
             raise ValueError("log-format must be console or json")
         if self.server_input_bytes < self.max_batch_bytes:
@@ -177,6 +190,8 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): a TOML file is UTF-8") from None
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")

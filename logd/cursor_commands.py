@@ -27,6 +27,7 @@ import structlog
 
 from . import protocol
 from .errors import LogdError, NotFoundError, ServerError, StaleCursorError, TooLargeError, UnavailableError
+from .protocol.commands import MAX_ID
 from .protocol.replica import cursor_marker
 from .storage.cursors import CursorStore
 
@@ -93,6 +94,14 @@ class ServerCursors:
         server.log.attach(self.store)
         if self.store.bad_lines_skipped:
             log.warning("cursor_lines_skipped", lines=self.store.bad_lines_skipped, path=self.store.path)
+        if self.store.rewrite_error is not None:
+            log.warning("cursor_file_not_rewritten", path=self.store.path, error=str(self.store.rewrite_error))
+        # A log that ends before a cursor (cut by `logd check --repair`, or records a crash
+        # took under fsync=never) will hand those ids out again: the consumer must read them.
+        try:
+            self.cut_back(server.log.head)
+        except OSError as exc:
+            log.error("cursors_not_cut_back", path=self.store.path, head=server.log.head, error=str(exc))
 
     def execute(
         self,
@@ -140,6 +149,14 @@ class ServerCursors:
         """A follower got ``+CURSOR <name> <id>`` from its leader (synced with its next commit)."""
         if id > self.store.get(name) or name not in self.store:
             self.store.set(name, id)
+
+    def cut_back(self, last_id: int) -> None:
+        """Cursors past ``last_id`` (the log's new end) go back to it, so their consumers read the
+        records that get those ids next (protocol.md 3.1). Raises OSError if the file cannot be rewritten."""
+        past = self.store.cut_back(last_id)
+        if past:
+            log.warning("cursors_cut_back", to=last_id, cursors=len(past),
+                        some=dict(sorted(past.items())[:10]))
 
     def feed(self) -> CursorFeed:
         return CursorFeed(self.store)
@@ -195,30 +212,47 @@ class CursorFeed:
     `markers(upto)` returns the ``+CURSOR`` lines for every cursor that moved
     since it was last sent and whose id is at most ``upto`` (the last id the
     stream has sent), so a follower never holds a cursor past its records.
-    Cheap when nothing moved: one comparison.
+    Costs what changed since the last call (the store's `changed_since`) plus
+    the held cursors that came due, never the number of cursors: a COMMIT
+    with a replica attached stays O(1). Cheap when nothing moved: one
+    comparison.
     """
 
-    __slots__ = ("_store", "_sent", "_version", "_held")
+    __slots__ = ("_store", "_sent", "_version", "_held", "_holding")
 
     def __init__(self, store: CursorStore) -> None:
         self._store = store
         self._sent: dict[str, int] = {}
         self._version = -1
-        self._held = 0  # lowest id of a cursor not sent because the stream was not there yet (0: none)
+        # Cursors not sent because the stream had not carried their id yet: a heap of
+        # (id, name), and per name the lowest id it is held at (`_holding`), so a name gets a
+        # new entry only when it must come due sooner (a cut-back cursor). An entry that
+        # comes due is checked against the cursor's value then, which may have moved on.
+        self._held: list[tuple[int, str]] = []
+        self._holding: dict[str, int] = {}
 
     def markers(self, upto: int) -> bytes:
-        if self._store.version == self._version and not (self._held and upto >= self._held):
+        store = self._store
+        held = self._held
+        if store.version == self._version and not (held and held[0][0] <= upto):
             return b""
+        due = store.changed_since(self._version)
+        self._version = store.version
+        while held and held[0][0] <= upto:
+            at, name = heapq.heappop(held)
+            if self._holding.get(name) == at:
+                del self._holding[name]
+            due.append(name)
         out: list[bytes] = []
-        held = 0
-        for name, id in self._store.items().items():
+        for name in due:
+            id = store.get(name)
             if self._sent.get(name) == id:
                 continue
             if id > upto:
-                held = id if not held else min(held, id)
+                if id < self._holding.get(name, MAX_ID + 1):
+                    heapq.heappush(held, (id, name))
+                    self._holding[name] = id
                 continue
             out.append(cursor_marker(name, id))
             self._sent[name] = id
-        self._version = self._store.version
-        self._held = held
         return b"".join(out)

@@ -108,8 +108,11 @@ class Roles:
                 raise DeniedError(f"this server is already a leader, with min_replicas {self.replication.min_replicas}"
                                   f" (nothing changed): demote it first, then ACCEPT min_replicas={min_replicas}")
             return  # already a leader: same epoch
+        epoch = self.epochs.next_epoch
+        if epoch is None:  # refused, not written: EPOCHS would hold a number no reader takes
+            raise DeniedError(f"ACCEPT: epoch {self.epochs.seen} is the largest there is; no new epoch can "
+                              "start (nothing changed)")
         n = self.min_replicas.promoted(min_replicas)  # an override is saved before anything changes
-        epoch = max(self.epochs.seen, self.epochs.current) + 1
         try:
             self.epochs.start(epoch, nxt, refused=False)
         except OSError as exc:

@@ -25,6 +25,7 @@ from .connection import Connection
 from .cursor_commands import ServerCursors
 from .errors import (
     BusyError,
+    DeniedError,
     HandshakeAnswer,
     LogdError,
     ServerError,
@@ -151,6 +152,10 @@ class LogServer(Roles, Housekeeping):
             # REFUSE (or a step-down) outlives a restart: only ACCEPT undoes it.
             self.read_only = True
             log.warning("starting_read_only", epoch=self.epochs.current, epoch_seen=self.epochs.seen)
+        if self.epochs.unverified:  # it may have lost its `refused` line: fail closed
+            log.error("epochs_unverified", path=self.epochs.path,
+                      reason=self.epochs.unverified,
+                      hint="read-only until ACCEPT (logd promote): check first that no other server leads")
         log.info(
             "listening",
             host=host,
@@ -324,6 +329,9 @@ class LogServer(Roles, Housekeeping):
         replica must cut its log before it can stream.
         """
         answer = None
+        if type(cmd) is protocol.Replicate and self.follower is not None and peer == self.follower.link_address:
+            # Our own follower's link: streaming to ourselves would report "streaming" and copy nothing.
+            raise DeniedError("this server would follow itself: --replica-of names its own address")
         if type(cmd) is protocol.Replicate and cmd.epoch is not None:
             answer, streams = self.replica_handshake(cmd, peer)
             if not streams:

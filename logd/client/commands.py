@@ -206,8 +206,9 @@ def msg_call(bodies: Sequence[Body]) -> Call[list[int]]:
 
 def cursors_of(replies: list[Reply]) -> dict[str, int]:
     values = stats_of(replies)
-    if not all(v.isdigit() for v in values.values()):
-        raise errors.ProtocolError(f"expected <name> <id> lines, got {values!r}")
+    # ASCII digits, at most 19 (as id_of): int() would take "²" or raise a ValueError on 5,000 digits.
+    if not all(v.isascii() and v.isdigit() and len(v) <= 19 for v in values.values()):
+        raise errors.ProtocolError(f"expected <name> <id> lines, got {str(values)[:200]}")
     return {name: int(v) for name, v in values.items()}
 
 

@@ -91,7 +91,9 @@ class FileCheckpoint(Checkpoint):
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, b"%d\n" % id)
+            data = memoryview(b"%d\n" % id)
+            while data:  # a write to a full disk may be short: the rename must not take a cut id
+                data = data[os.write(fd, data) :]
             os.fsync(fd)
         finally:
             os.close(fd)

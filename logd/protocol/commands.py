@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from logd import defaults
-from logd.storage.cursors import valid_name
+from logd.storage.cursors import MAX_NAME, valid_name
 
 # Ids are 1 <= id < 2^63 (protocol.md section 1); numbers in commands are
 # bounded the same way so nothing downstream meets an unbounded int.
@@ -281,3 +281,12 @@ def encode_command(cmd: Command) -> bytes:
 
 
 _NO_ARGS_BYTES: dict[type, bytes] = {type(cmd): name + b"\r\n" for name, cmd in _NO_ARGS.items()}
+
+# The longest line a server must parse from its clients, terminator included: REPLICATE
+# with every argument and the longest address a follower may name itself by (342 bytes;
+# COMMIT with the longest name and id is 93, AUTH with a `logd token` token 50).
+# `max_line_bytes` may not be set below it.
+LONGEST_COMMAND = max(
+    len(encode_command(Commit("n" * MAX_NAME, MAX_ID))),
+    len(encode_command(Replicate(MAX_ID, 0xFFFFFFFF, MAX_ID, MAX_ID, "h" * MAX_HOST_CHARS + ":65535"))),
+)

@@ -16,6 +16,7 @@ from crc32c import crc32c
 
 from logd.errors import CorruptRecordError, ProtocolError
 from logd.hot import ext
+from logd.protocol.commands import MAX_ID
 from logd.storage.cursors import valid_name
 from logd.storage.record import MAX_HEADER_BYTES
 
@@ -216,8 +217,10 @@ class ReplicaStreamParser:
 
     @staticmethod
     def _int(token: bytes, line: bytes) -> int:
-        if not token.isdigit():
-            raise ProtocolError(f"bad number in {line[:80]!r}")
+        """A number from the leader: ids, epochs, counts are all 0 .. 2^63-1, as in commands
+        (a longer one would be written to EPOCHS or CURSORS and refused when read back)."""
+        if not token.isdigit() or len(token) > 19 or int(token) > MAX_ID:
+            raise ProtocolError(f"bad number in {line[:80]!r}: decimal digits, at most {MAX_ID}")
         return int(token)
 
     def _records(self, data: bytes, p: int) -> tuple[int, array]:

@@ -48,6 +48,13 @@ class ReplicationFailed(LogdError):
     """Following must stop: going on would mix two histories or skip records."""
 
 
+def _address(sockname: object) -> str | None:
+    """``host:port`` of a socket address, as a connection names its peer."""
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return f"{sockname[0]}:{sockname[1]}"
+    return None
+
+
 def _feed_all(parser: ReplicaStreamParser, chunks: list[bytes]) -> list[Event]:
     """The events of received chunks, up to the end of the stream (nothing after that counts)."""
     events: list[Event] = []
@@ -142,6 +149,7 @@ class Follower:
         self.last_error = "-"
         self._task: asyncio.Task[None] | None = None
         self._link: _Link | None = None
+        self.link_address: str | None = None  # "host:port" of our end of the link to the leader
         self._committer: asyncio.Task[None] | None = None
         self._saver: asyncio.Task[None] | None = None
         self._uncommitted = [0, 0]  # messages and bytes written, not yet in a commit round
@@ -240,6 +248,10 @@ class Follower:
         except OSError as exc:  # TimeoutError included
             raise LinkLost(f"cannot connect to {self.leader}: {exc}") from None
         self._link = link
+        # Our end of the link, as the leader names its peer: if the leader is this very server
+        # (--replica-of names its own address), a REPLICATE arrives from here and is refused
+        # (`LogServer.check_stream_start`).
+        self.link_address = _address(_tr.get_extra_info("sockname"))
         try:
             if self.token is not None:
                 await self._authenticate(link)
@@ -283,7 +295,10 @@ class Follower:
                     elif type(ev) is EpochStart:
                         self._epoch(ev)
                     elif type(ev) is CursorCommit:
-                        srv.cursors.replicated(ev.name, ev.id)
+                        try:
+                            srv.cursors.replicated(ev.name, ev.id)
+                        except OSError as exc:  # e.g. a full disk: the next stream sends every cursor again
+                            raise LinkLost(f"cannot write cursor {ev.name}: {exc}") from None
                     elif type(ev) is LeaderPosition:
                         self.leader_head = ev.head
                         self._set_visible(ev.visible)
@@ -327,6 +342,7 @@ class Follower:
             self._committer = None
             link.close()
             self._link = None
+            self.link_address = None
             if self.state == "streaming":
                 self.state = "connecting"
 
@@ -378,6 +394,10 @@ class Follower:
         except NotFoundError as exc:
             raise ReplicationFailed(f"cannot cut the log to follow {self.leader}: {exc}") from None
         self.dropped += n
+        try:
+            self.server.cursors.cut_back(cut - 1)
+        except OSError as exc:  # a restart cuts them back at open
+            raise ReplicationFailed(f"cannot cut the cursors back to {cut - 1}: {exc}") from None
         self.leader_visible = min(self.leader_visible, lg.head)
         self.leader_head = ok.end - 1
         log.warning("diverged_records_dropped", leader=self.leader, first_id=cut, count=n, file=path,

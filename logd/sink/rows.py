@@ -69,12 +69,14 @@ def _json_object(body: bytes) -> dict[str, Any]:
             value, end = _scan_once(text, 0)
             if end == len(text) or not text[end:].strip(_JSON_SPACE):
                 return value  # type: ignore[no-any-return]
-        except (ValueError, UnicodeDecodeError, StopIteration):
+        except (ValueError, UnicodeDecodeError, StopIteration, RecursionError):
             pass  # json.loads below says why, in its own words
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    except RecursionError:  # the decoder recurses per level: a body nested too deep is not a crash
+        raise ValueError("not JSON this sink can take: nested too deep") from None
     if not isinstance(value, dict):
         raise ValueError(f"not a JSON object but {type(value).__name__}")
     return value
@@ -114,6 +116,8 @@ def map_records(
             rows.append(Row(id_, body, shape, tuple([v if type(v) in scalars else plain(v) for v in mapped.values()])))
         except ValueError as exc:
             dead.append(DeadLetter(id_, body, str(exc)))
+        except RecursionError:  # plain()'s json.dumps of a value nested near the limit
+            dead.append(DeadLetter(id_, body, "a value nested too deep to store as JSON text"))
     return rows, dead
 
 

@@ -22,6 +22,8 @@ from typing import TextIO
 
 from ..errors import LockedError, StorageError
 from . import closed_head
+from .cursors import FILE as CURSORS_FILE
+from .cursors import CursorStore, decode_lines
 from .epochs import FILE as EPOCHS_FILE
 from .epochs import Epochs
 from .files import (
@@ -250,6 +252,12 @@ def _check(path: str, repair: bool, say: Callable[[str], None]) -> int:
         say(f"{exc} (logd will not start with it)")
         epochs = None
         problems += 1
+    if epochs is not None and epochs.unverified:
+        say(f"{epochs.path}: note: {epochs.unverified}; it may have lost its `refused` line, so logd starts "
+            "read-only until ACCEPT")
+    if not repair:
+        _note_cursors_past(path, last_id, "logd moves them back to it at open" if cut is None
+                           else "--repair moves them back to it", say)
     try:
         saved = closed_head.load(path)
     except ValueError as exc:
@@ -355,6 +363,7 @@ def _repair(
     if saved > last:
         say(f"repair: accepting the loss of ids {last + 1}..{saved}: the next message gets id {last + 1}")
     _forget_epochs_after(epochs, last + 1, say)
+    _cut_cursors_back(path, last, say)
     closed_head.save(path, last)  # fsyncs the dir, making the renames above durable too
     say("repair: done; the log now holds " + (f"ids {first}..{last}" if last >= first else "no records"))
 
@@ -365,6 +374,40 @@ def _forget_epochs_after(epochs: Epochs, next_id: int, say: Callable[[str], None
     epochs.truncate_after(next_id)  # keeps an epoch that starts at the next id (no record yet)
     if epochs.entries != before:
         say(f"repair: EPOCHS: forgot the epochs that started after id {next_id}")
+
+
+def _note_cursors_past(path: str, last_id: int, fix: str, say: Callable[[str], None]) -> None:
+    """Say which cursors are past the log's last id (and what moves them back: ``fix``)."""
+    try:
+        with open(os.path.join(path, CURSORS_FILE), "rb") as f:
+            cursors, _bad = decode_lines(f.read())
+    except FileNotFoundError:
+        return
+    past = {name: id for name, id in cursors.items() if id > last_id}
+    if past:
+        say(f"{os.path.join(path, CURSORS_FILE)}: note: {len(past)} cursors past the last id {last_id} "
+            f"({_some(past)}); {fix}")
+
+
+def _cut_cursors_back(path: str, last: int, say: Callable[[str], None]) -> None:
+    """Cursors past the repaired log's last id go back to it: their consumers must read the ids handed out again."""
+    if not os.path.exists(os.path.join(path, CURSORS_FILE)):
+        return
+    store = CursorStore(path)
+    try:
+        past = store.cut_back(last)
+    finally:
+        store.close()
+    if past:
+        say(f"repair: CURSORS: {len(past)} cursors moved back to {last} ({_some(past)}): their consumers read "
+            f"ids {last + 1}.. again when they are written")
+
+
+def _some(cursors: dict[str, int], shown: int = 10) -> str:
+    """``name at id, ...`` for the first few cursors by name."""
+    names = sorted(cursors)
+    text = ", ".join(f"{name} at {cursors[name]}" for name in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _free_name(path: str) -> str:

@@ -14,6 +14,12 @@ At open every line is checked; a bad or cut-off line (a torn tail after a
 crash, or zeros) is skipped, and if there was one the file is rewritten
 without it. Cursors only move forward, so the highest id read for a name
 is its value whatever order the lines are in.
+
+A line is written whole or not at all (`CursorStore.set`): a write cut short
+(a full disk) is truncated back to the end of the last whole line before the
+error is raised, so a torn line can never swallow the next one's start. If
+even that truncation fails, the next line is written after an LF of its own,
+so the torn bytes stay a bad line of their own that readers skip.
 """
 
 from __future__ import annotations
@@ -101,10 +107,16 @@ class CursorStore:
         # failed at, so a lasting fault costs a thread and a log line per doubling, not per COMMIT.
         self._compact_past = COMPACT_MIN_BYTES
         self._cursors: dict[str, int] = {}
+        # name -> the `version` of its last change, oldest change first: a replica feed reads
+        # only the names changed since it last looked, newest first (`changed_since`).
+        self._changes: dict[str, int] = {}
+        self._live = 0  # the bytes a compacted file would hold: kept as a count, so `set` is O(1)
         self._dirty = False
         self.version = 0  # bumped on every change, so a replica feed can tell nothing moved
         self.bad_lines_skipped = 0
-        self._size = 0
+        self.rewrite_error: OSError | None = None  # why the file could not be rewritten at open
+        self._size = 0  # the end of the last whole line in the file
+        self._torn = False  # bytes past `_size` that a failed write left and truncation could not cut
         self._fd = -1
         self._open()
 
@@ -117,12 +129,24 @@ class CursorStore:
         if data is None:
             self._rewrite({})  # create it, durably, so a later append has a file to go to
             return
-        self._cursors, self.bad_lines_skipped = decode_lines(data)
+        cursors, self.bad_lines_skipped = decode_lines(data)
+        for name, id in cursors.items():
+            self._remember(name, id)
         if self.bad_lines_skipped:
-            self._rewrite(self._cursors)
-        else:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            self._size = len(data)
+            try:
+                self._rewrite(self._cursors)
+                return
+            except OSError as exc:
+                # A full disk must not stop the server: the bad lines stay (they are skipped at
+                # every open), and a torn last line is cut below, which needs no space.
+                self.rewrite_error = exc
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        whole = data.rfind(b"\n") + 1  # the end of the last whole line
+        self._size = len(data)
+        if whole < len(data):
+            self._size = whole
+            self._torn = True
+            self._cut_torn()
 
     # --- reading ------------------------------------------------------------
 
@@ -154,19 +178,78 @@ class CursorStore:
     def set(self, name: str, id: int) -> None:
         """Move cursor ``name`` to ``id`` (written to the OS; durable at the next `sync`).
 
-        The caller has checked that it only moves forward. Raises OSError if the write fails.
+        The caller has checked that it only moves forward. Raises OSError if the
+        line could not be written whole; the file then ends as it did before
+        (see `_append`) and the cursor keeps its old value. O(1) in the number
+        of cursors.
         """
         line = encode_line(name, id)
         with self._write_lock:
-            os.write(self._fd, line)
-            self._size += len(line)
+            self._append(line)
             if self._written_meanwhile is not None:
                 self._written_meanwhile.append(line)
             self._dirty = True  # with the write: `sync` reads the file and the flag under this lock
+        self._remember(name, id)
+        if self._compactor is None and self._size > self._compact_past and self._size > 4 * self._live:
+            self._compact_in_background()
+
+    def _remember(self, name: str, id: int) -> None:
+        if name not in self._cursors:
+            self._live += len(name) + 30  # about a line's length: the name, a space, an id, a CRC
         self._cursors[name] = id
         self.version += 1
-        if self._compactor is None and self._size > self._compact_past and self._size > 4 * self._live_bytes():
-            self._compact_in_background()
+        self._changes.pop(name, None)
+        self._changes[name] = self.version
+
+    def changed_since(self, version: int) -> list[str]:
+        """The names changed after ``version`` (a `version` read earlier), newest change first.
+
+        Costs what changed, not the number of cursors.
+        """
+        out: list[str] = []
+        changes = self._changes
+        for name in reversed(changes):
+            if changes[name] <= version:
+                break
+            out.append(name)
+        return out
+
+    def _append(self, data: bytes) -> None:
+        """Write one whole line at the end of the file, or raise OSError with the file ending as before.
+
+        Called under `_write_lock`. A write cut short (ENOSPC part-way: the
+        disk took part of a page) is truncated back to the end of the last
+        whole line; shrinking a file needs no space. If that fails too, the
+        torn bytes stay and `_torn` makes the next line start with an LF of
+        its own, so they remain one bad line that readers skip and never
+        the start of an acknowledged one.
+        """
+        if self._torn:
+            self._cut_torn()
+        if self._torn:
+            data = b"\n" + data
+        start = self._size
+        try:
+            write_all(self._fd, data)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                self._torn = True
+            raise
+        if self._torn:
+            self._size = os.fstat(self._fd).st_size  # past the torn bytes we could not measure
+            self._torn = False
+        else:
+            self._size = start + len(data)
+
+    def _cut_torn(self) -> None:
+        """Try again to cut the bytes a failed write left after the last whole line."""
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            return
+        self._torn = False
 
     @property
     def dirty(self) -> bool:
@@ -193,6 +276,22 @@ class CursorStore:
                 if dirty:
                     self._dirty = True
                 raise
+
+    def cut_back(self, last_id: int) -> dict[str, int]:
+        """Move every cursor past ``last_id`` back to it (the log was cut there); return their old ids.
+
+        Cursors only move forward line by line, so this rewrites the file
+        whole (temporary file, fsync, rename). Raises OSError if it cannot;
+        nothing changed then.
+        """
+        past = {name: id for name, id in self._cursors.items() if id > last_id}
+        if not past:
+            return {}
+        self.wait_compacted()
+        self._rewrite({**self._cursors, **dict.fromkeys(past, last_id)})
+        for name in past:
+            self._remember(name, last_id)
+        return past
 
     def compact(self) -> None:
         """Rewrite the file with one line per cursor (temporary file, fsync, rename, fsync of the directory)."""
@@ -260,6 +359,7 @@ class CursorStore:
                     old, self._fd, fd = self._fd, fd, -1
                     self._written_meanwhile = None
                     self._size = size
+                    self._torn = False  # the torn bytes, if any, were in the old file
                     self._compact_past = COMPACT_MIN_BYTES
                     break
             self._step("renamed")
@@ -281,9 +381,6 @@ class CursorStore:
         finally:
             self._compactor = None
 
-    def _live_bytes(self) -> int:
-        return sum(len(name) + 30 for name in self._cursors)
-
     def _rewrite(self, cursors: dict[str, int]) -> None:
         data = b"".join(encode_line(name, id) for name, id in sorted(cursors.items()))
         # Nothing writes to the old file meanwhile: `set` runs on this thread, no compaction is running.
@@ -293,6 +390,7 @@ class CursorStore:
             if old >= 0:
                 os.close(old)
             self._size = len(data)
+            self._torn = False
             self._dirty = False  # the new file was synced whole
 
     def close(self) -> None:

@@ -172,9 +172,21 @@ def replace_durably(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        remove_quietly(tmp)  # a part-written temp file must not keep the space a full disk lacks
+        raise
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def remove_quietly(path: str) -> None:
+    """Delete ``path`` if it is there, ignoring failure (cleaning up after an error already raised)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

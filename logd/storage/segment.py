@@ -20,7 +20,7 @@ import sys
 from array import array
 
 from ..errors import CorruptRecordError, UnavailableError
-from .files import SCAN_CHUNK, scan_records, segment_name, write_all
+from .files import SCAN_CHUNK, replace_durably, scan_records, segment_name, write_all
 from .handles import HandleCache, ReadHandle
 from .record import BadRecord, Decoded, decode_record
 
@@ -127,14 +127,7 @@ class Segment:
                 where=self.log_path,
                 id=self.first_id + len(offsets),
             )
-        tmp = self.idx_path + ".tmp"
-        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            write_all(tfd, offsets.tobytes())
-            os.fsync(tfd)
-        finally:
-            os.close(tfd)
-        os.replace(tmp, self.idx_path)
+        replace_durably(self.idx_path, offsets.tobytes())  # whole or not at all; no debris on a full disk
 
     # --- writing (active segment only) ----------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .files import fsync_dir, write_all
+from .files import fsync_dir, remove_quietly, write_all
 from .segment import INDEX_ENTRY, Segment
 
 DROPPED_PREFIX = "dropped-"
@@ -30,28 +30,39 @@ def save_dropped(directory: str, segments: list[Segment], first_id: int, path: s
     """
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    total = 0
     try:
-        for seg in segments:
-            if seg.last_id < first_id:
-                continue
-            begin = seg.offset_of(max(first_id, seg.first_id))
-            rfd = os.open(seg.log_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                pos = begin
-                while pos < seg.size:
-                    data = os.pread(rfd, min(1 << 20, seg.size - pos), pos)
-                    if not data:
-                        break
-                    write_all(fd, data)
-                    pos += len(data)
-                    total += len(data)
-            finally:
-                os.close(rfd)
+        total = _copy_records(fd, segments, first_id)
         os.fsync(fd)
-    finally:
         os.close(fd)
-    os.replace(tmp, path)
+        fd = -1
+        os.replace(tmp, path)
+    except OSError:
+        if fd >= 0:
+            os.close(fd)
+        remove_quietly(tmp)  # nothing was cut yet: a full disk leaves the log whole and no debris
+        raise
+    return total
+
+
+def _copy_records(fd: int, segments: list[Segment], first_id: int) -> int:
+    """Write the stored records from ``first_id`` on to ``fd``; return the bytes written."""
+    total = 0
+    for seg in segments:
+        if seg.last_id < first_id:
+            continue
+        begin = seg.offset_of(max(first_id, seg.first_id))
+        rfd = os.open(seg.log_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pos = begin
+            while pos < seg.size:
+                data = os.pread(rfd, min(1 << 20, seg.size - pos), pos)
+                if not data:
+                    break
+                write_all(fd, data)
+                pos += len(data)
+                total += len(data)
+        finally:
+            os.close(rfd)
     return total
 
 

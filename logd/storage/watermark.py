@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .files import remove_quietly
+
 FILE = "HIGH_WATERMARK"
 
 
@@ -29,6 +31,10 @@ def save(directory: str | os.PathLike[str], hw: int) -> None:
     """
     path = os.path.join(directory, FILE)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(b"%d\n" % hw)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a buffered file: a short write is retried, a failure raised
+            f.write(b"%d\n" % hw)
+        os.replace(tmp, path)
+    except OSError:
+        remove_quietly(tmp)
+        raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from crc32c import crc32c
 
 from logd.errors import NotFoundError, StorageError
 from logd.storage import Log, closed_head
@@ -26,7 +27,8 @@ def test_changes_survive_a_reload(tmp_path: Path) -> None:
     e.see(5, refused=True)
     again = Epochs.load(str(tmp_path))
     assert again.entries == [(0, 1), (1, 101)] and again.seen == 5 and again.refused
-    assert (tmp_path / FILE).read_text() == "0 1\n1 101\nseen 5\nrefused\n"
+    body = b"0 1\n1 101\nseen 5\nrefused\n"
+    assert (tmp_path / FILE).read_bytes() == body + b"crc %08x\n" % crc32c(body)
     assert not (tmp_path / (FILE + ".tmp")).exists()
 
 
@@ -157,3 +159,28 @@ def test_replace_durably_swaps_the_whole_file(tmp_path: Path) -> None:
     replace_durably(str(path), b"new\n" * 1000)
     assert path.read_bytes() == b"new\n" * 1000
     assert [p.name for p in tmp_path.iterdir()] == ["FILE"]  # no temp file left behind
+
+
+# --- the crc line: a file that may have lost its `refused` line fails closed (issue 22) ------
+
+
+@pytest.mark.parametrize("text, why", [
+    (b"", "empty"),
+    (b"0 1\nseen 2\n", "does not end with its crc line"),  # cut short, or an older logd's
+    (b"0 1\nseen 2\ncrc 00000000\n", "does not match"),
+    (b"0 1\nseen 2\nrefused\ncrc 0000", "does not end with its crc line"),
+])
+def test_a_file_it_cannot_verify_loads_refused(tmp_path: Path, text: bytes, why: str) -> None:
+    (tmp_path / FILE).write_bytes(text)
+    e = Epochs.load(str(tmp_path))
+    assert e.refused and e.unverified is not None and why in e.unverified
+    e.start(3, 1, refused=False)  # what ACCEPT does: the file is whole again, with its crc
+    again = Epochs.load(str(tmp_path))
+    assert again.unverified is None and not again.refused and again.current == 3
+
+
+def test_a_verified_file_without_refused_is_writable(tmp_path: Path) -> None:
+    body = b"0 1\n1 5\nseen 1\n"
+    (tmp_path / FILE).write_bytes(body + b"crc %08x\n" % crc32c(body))
+    e = Epochs.load(str(tmp_path))
+    assert e.unverified is None and not e.refused and e.entries == [(0, 1), (1, 5)]
