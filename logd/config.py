@@ -67,6 +67,7 @@ class Config:
     replica_timeout: float = defaults.REPLICA_TIMEOUT
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = defaults.METRICS_HOST
+    metrics_public: bool = False  # allow a non-loopback --metrics-host (the endpoint has no authentication)
     replica_token: str | None = field(default=None, repr=False)  # never shown
     replica_token_file: str | None = None  # read into replica_token by `resolve`
     auth_file: str | None = None  # tokens and roles; None: no authentication

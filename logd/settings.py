@@ -153,7 +153,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("replica_timeout", _float,
             "Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.", (float, int)),
     Setting("metrics_port", _int, "Serve Prometheus metrics on this port (0: any free one; unset: off).", (int,)),
-    Setting("metrics_host", str, "Address the metrics endpoint listens on."),
+    Setting("metrics_host", str, "Address the metrics endpoint listens on (off loopback: see --metrics-public)."),
+    Setting("metrics_public", parse_bool, "Allow a non-loopback --metrics-host: the endpoint has no "
+            "authentication, whatever --auth-file says.", (bool,), flag_only=True),
     Setting("replica_token", str, "The follower's token for its leader. As a flag it is visible to other users "
             "(ps): prefer --replica-token-file or the environment.", secret=True),
     Setting("replica_token_file", str, "A file holding the follower's token for its leader (first line)."),

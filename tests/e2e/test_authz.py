@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from .conftest import RawConn, ServerProcess, new_token, wait_for
+from .test_metrics import metrics_url
 
 
 def authed(srv: ServerProcess, token: str) -> RawConn:
@@ -107,3 +111,48 @@ def test_a_replicate_stream_ends_when_its_token_loses_the_replicate_role(start_s
     reload_auth(srv)
     assert conn.line() == b"ERR DENIED role read may not send REPLICATE"
     assert conn.closed_by_peer()
+
+
+# --- finding 4: protected mode covers the metrics port ----------------------------------------
+
+
+def serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``logd serve`` that is expected to refuse to start (it would run for ever otherwise)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOGD_")}
+    argv = [sys.executable, "-m", "logd.cli", "serve", "--port", "0", "--data-dir", str(tmp_path / "d"), *args]
+    return subprocess.run(argv, capture_output=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+@pytest.mark.parametrize("main_port", [["--insecure"], ["--auth-file", "AUTH"], []])
+def test_metrics_off_loopback_needs_metrics_public(tmp_path: Path, host: str, main_port: list[str]) -> None:
+    # Review finding 4: `--metrics-host 0.0.0.0` started with neither --auth-file nor --insecure.
+    # The endpoint has no authentication, so neither an auth file nor --insecure (which is about
+    # the log's port) lets it off loopback: only --metrics-public does.
+    if main_port == ["--auth-file", "AUTH"]:
+        new_token(tmp_path / "a.auth", "x", "read")
+        main_port = ["--auth-file", str(tmp_path / "a.auth")]
+    result = serve(tmp_path, *main_port, "--metrics-port", "0", "--metrics-host", host)
+    assert result.returncode == 3, result
+    assert f"refusing to serve metrics on {host!r}".encode() in result.stderr
+    assert b"--metrics-public" in result.stderr
+    assert b"Traceback" not in result.stderr and result.stdout == b""
+    assert not (tmp_path / "d").exists()  # refused before touching anything
+
+
+def test_both_ports_refused_say_so_both(tmp_path: Path) -> None:
+    result = serve(tmp_path, "--host", "0.0.0.0", "--metrics-port", "0", "--metrics-host", "0.0.0.0")
+    assert result.returncode == 3
+    assert b"refusing to listen on '0.0.0.0'" in result.stderr
+    assert b"refusing to serve metrics on '0.0.0.0'" in result.stderr
+
+
+def test_metrics_public_serves_off_loopback_and_loopback_needs_nothing(start_server) -> None:  # type: ignore[no-untyped-def]
+    public = start_server("--metrics-port", "0", "--metrics-host", "0.0.0.0", "--metrics-public")
+    url = metrics_url(public)
+    assert url.startswith("http://0.0.0.0:")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        assert resp.status == 200 and b"logd_head_id" in resp.read()
+    local = start_server("--metrics-port", "0", "--metrics-host", "127.0.0.2")  # loopback too: no opt-in
+    assert metrics_url(local).startswith("http://127.0.0.2:")
