@@ -47,6 +47,7 @@ class Config:
     max_batch: int = defaults.MAX_BATCH
     max_batch_bytes: int = defaults.MAX_BATCH_BYTES  # total body bytes of one MSG
     max_connections: int = defaults.MAX_CONNECTIONS
+    max_cursors: int = defaults.MAX_CURSORS  # a COMMIT that would make one more is refused (TOO_LARGE)
     # Memory budgets (protocol.md 3.6; Redis's client-output-buffer-limit and
     # Kafka's queued.max.request.bytes): over one, the server stops reading.
     # Per connection, commands received and not yet answered (waiting their
@@ -97,6 +98,8 @@ class Config:
             raise ValueError("log-level must be debug, info, warning or error")
         if self.min_replicas < 0:
             raise ValueError("min-replicas must be 0 or more")
+        if self.max_cursors < 0:
+            raise ValueError("max-cursors must be 0 or more")
         if self.replica_timeout <= 0:
             raise ValueError("replica-timeout must be positive")
         if self.shutdown_timeout < 0:

@@ -130,6 +130,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("max_batch", _int, "Most messages in one MSG.", (int,)),
     Setting("max_batch_bytes", parse_size, "Most body bytes in one MSG.", (int, str)),
     Setting("max_connections", _int, "Connections beyond this get ERR BUSY.", (int,)),
+    Setting("max_cursors", _int, "Named cursors: a COMMIT that would make one more gets ERR TOO_LARGE "
+            "(0: COMMIT makes none).", (int,)),
     Setting("conn_input_bytes", parse_size,
             "Per connection: bytes of commands received and not yet answered before it is not read.", (int, str)),
     Setting("conn_output_bytes", parse_size,

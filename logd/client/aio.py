@@ -32,6 +32,7 @@ from .commands import (
     corrupt_id_in,
     cursor_call,
     deadline_after,
+    drop_call,
     id_of,
     last_id_of,
     msg_call,
@@ -171,6 +172,11 @@ class AsyncClient:
     async def cursors(self, *, timeout: float | None = None) -> dict[str, int]:
         """Every cursor on the server, name -> id."""
         return await self._execute(CURSORS, timeout)
+
+    async def drop_cursor(self, name: str, *, timeout: float | None = None) -> None:
+        """Delete the named cursor (NotFoundError if there is none); with authentication, the
+        token must own it (its cursor grant) or be admin. Not resent after a lost connection."""
+        await self._execute(drop_call(name), timeout)
 
     async def read(
         self,

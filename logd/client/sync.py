@@ -48,6 +48,7 @@ from .commands import (
     corrupt_id_in,
     cursor_call,
     deadline_after,
+    drop_call,
     id_of,
     last_id_of,
     msg_call,
@@ -299,6 +300,11 @@ class Client:
     def cursors(self, *, timeout: float | None = None) -> dict[str, int]:
         """Every cursor on the server, name -> id."""
         return self._execute(CURSORS, timeout)
+
+    def drop_cursor(self, name: str, *, timeout: float | None = None) -> None:
+        """Delete the named cursor (NotFoundError if there is none); with authentication, the
+        token must own it (its cursor grant) or be admin. Not resent after a lost connection."""
+        self._execute(drop_call(name), timeout)
 
     def read(
         self,

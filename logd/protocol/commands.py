@@ -147,6 +147,17 @@ class Cursor:
 
 
 @dataclass(frozen=True, slots=True)
+class Drop:
+    """``DROP <name>``: delete the named cursor (``ERR NOT_FOUND`` when there is none)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not valid_name(self.name):
+            raise ValueError(f"bad cursor name {self.name[:70]!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
+
+
+@dataclass(frozen=True, slots=True)
 class Cursors:
     """``CURSORS``: ``OK <n>`` and n ``<name> <id>`` lines, as STATS."""
 
@@ -160,7 +171,7 @@ class Auth:
 
 Command = (
     Msg | Read | Replicate | Head | Ping | Stats | Close | Shutdown | Ack | Refuse | Accept | Commit | Cursor | Cursors
-    | Auth
+    | Drop | Auth
 )
 
 # Building a Msg through its slot setter skips the frozen dataclass __init__
@@ -217,6 +228,8 @@ def encode_command(cmd: Command) -> bytes:
         return b"COMMIT %s %d\r\n" % (cmd.name.encode("ascii"), cmd.id)
     if isinstance(cmd, Cursor):
         return b"CURSOR %s\r\n" % cmd.name.encode("ascii")
+    if isinstance(cmd, Drop):
+        return b"DROP %s\r\n" % cmd.name.encode("ascii")
     if isinstance(cmd, Auth):
         if not cmd.token or any(c in cmd.token for c in b" \r\n"):
             raise ValueError("a token is one word, without spaces or line ends")

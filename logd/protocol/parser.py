@@ -20,6 +20,7 @@ from .commands import (
     Command,
     Commit,
     Cursor,
+    Drop,
     Msg,
     Read,
     Replicate,
@@ -108,6 +109,10 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
             if len(args) != 1:
                 raise ProtocolError("CURSOR takes <name>")
             return Cursor(_cursor_name(args[0]))
+        if name == b"DROP":
+            if len(args) != 1:
+                raise ProtocolError("DROP takes <name>")
+            return Drop(_cursor_name(args[0]))
         command = _NO_ARGS.get(name)
         if command is None:
             return UnknownCommandError(f"unknown command {_show(verb)}")

@@ -15,6 +15,7 @@ from ..protocol.commands import Ack, encode_command
 from ..protocol.replica import (
     Chunk,
     CursorCommit,
+    CursorDrop,
     EpochStart,
     Event,
     LeaderPosition,
@@ -280,6 +281,8 @@ class Follower:
                         self._epoch(ev)
                     elif type(ev) is CursorCommit:
                         srv.cursors.replicated(ev.name, ev.id)
+                    elif type(ev) is CursorDrop:
+                        srv.cursors.replicated_drop(ev.name)
                     elif type(ev) is LeaderPosition:
                         self.leader_head = ev.head
                         self._set_visible(ev.visible)

@@ -3,7 +3,10 @@
 A cursor is a name and the id of the last record its consumer has
 processed. Each commit appends one line ``<name> <id> <crc>\\n`` to
 ``CURSORS``, where ``crc`` is the CRC-32C of ``<name> <id>`` in 8 lowercase
-hex digits. The file is synced with the log (`Log.attach`): under
+hex digits; a drop (``DROP``) appends ``<name> - <crc>\\n`` (the CRC of
+``<name> -``), after which the name is free: a later commit makes a new
+cursor, from any id. The last drops are kept (``KEPT_DROPS``, through
+compactions too) so that a follower that was away hears of them. The file is synced with the log (`Log.attach`): under
 ``fsync=always`` a commit is acknowledged only after the group commit's
 sync covered its line. When the file has grown well past its live content
 it is rewritten (one line per cursor) to a temporary file, synced and
@@ -12,8 +15,9 @@ those fsyncs (see `CursorStore._compact_in_background`).
 
 At open every line is checked; a bad or cut-off line (a torn tail after a
 crash, or zeros) is skipped, and if there was one the file is rewritten
-without it. Cursors only move forward, so the highest id read for a name
-is its value whatever order the lines are in.
+without it. Lines are read in order: a cursor's value is the highest id of
+its lines after its last drop line (between drops a cursor only moves
+forward, so the order of those lines does not matter).
 """
 
 from __future__ import annotations
@@ -36,7 +40,12 @@ MAX_NAME = 64
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Rewrite the file once it is over this size and over 4 times its live content.
 COMPACT_MIN_BYTES = 64 * 1024
-_LINE = re.compile(rb"([A-Za-z0-9._-]{1,64}) ([0-9]{1,19}) ([0-9a-f]{8})")
+# The newest drops kept as drop lines (and sent to each new replica stream): a follower away for
+# more drops than this may keep a dropped cursor. Bounded, so creating and dropping names costs no
+# unbounded memory or file.
+KEPT_DROPS = 10_000
+DROPPED = b"-"  # the value field of a drop line
+_LINE = re.compile(rb"([A-Za-z0-9._-]{1,64}) ([0-9]{1,19}|-) ([0-9a-f]{8})")
 
 
 def _no_step(step: str) -> None:
@@ -54,9 +63,23 @@ def encode_line(name: str, id: int) -> bytes:
     return b"%s %08x\n" % (text, crc32c(text))
 
 
+def encode_drop(name: str) -> bytes:
+    """The line that drops cursor ``name``."""
+    text = b"%s %s" % (name.encode("ascii"), DROPPED)
+    return b"%s %08x\n" % (text, crc32c(text))
+
+
 def decode_lines(data: bytes) -> tuple[dict[str, int], int]:
-    """The cursors held in ``data`` (the highest id per name) and the number of bad lines skipped."""
+    """The cursors held in ``data`` and the number of bad lines skipped (`decode_file` without the drops)."""
+    cursors, _dropped, bad = decode_file(data)
+    return cursors, bad
+
+
+def decode_file(data: bytes) -> tuple[dict[str, int], list[str], int]:
+    """The cursors held in ``data`` (per name, the highest id since its last drop line), the names
+    dropped (each once, oldest drop first) and the number of bad lines skipped."""
     cursors: dict[str, int] = {}
+    dropped: dict[str, None] = {}
     bad = 0
     lines = data.split(b"\n")
     if lines[-1]:
@@ -66,10 +89,16 @@ def decode_lines(data: bytes) -> tuple[dict[str, int], int]:
         if m is None or int(m.group(3), 16) != crc32c(b"%s %s" % (m.group(1), m.group(2))):
             bad += 1
             continue
-        name, id = m.group(1).decode("ascii"), int(m.group(2))
+        name = m.group(1).decode("ascii")
+        if m.group(2) == DROPPED:
+            cursors.pop(name, None)
+            dropped.pop(name, None)  # a name dropped again counts as its newest drop
+            dropped[name] = None
+            continue
+        id = int(m.group(2))
         if id > cursors.get(name, -1):
             cursors[name] = id
-    return cursors, bad
+    return cursors, list(dropped), bad
 
 
 class CursorStore:
@@ -101,6 +130,9 @@ class CursorStore:
         # failed at, so a lasting fault costs a thread and a log line per doubling, not per COMMIT.
         self._compact_past = COMPACT_MIN_BYTES
         self._cursors: dict[str, int] = {}
+        # The newest drops, name -> its drop's number (1, 2, ...; none is reused), oldest first.
+        self._dropped: dict[str, int] = {}
+        self.drops = 0  # the number of the newest drop (0: none), so a replica feed can tell what is new
         self._dirty = False
         self.version = 0  # bumped on every change, so a replica feed can tell nothing moved
         self.bad_lines_skipped = 0
@@ -117,7 +149,10 @@ class CursorStore:
         if data is None:
             self._rewrite({})  # create it, durably, so a later append has a file to go to
             return
-        self._cursors, self.bad_lines_skipped = decode_lines(data)
+        self._cursors, dropped, self.bad_lines_skipped = decode_file(data)
+        for name in dropped[-KEPT_DROPS:]:
+            self.drops += 1
+            self._dropped[name] = self.drops
         if self.bad_lines_skipped:
             self._rewrite(self._cursors)
         else:
@@ -144,6 +179,16 @@ class CursorStore:
         """The lowest cursor id, or None without cursors (what retention must keep past)."""
         return min(self._cursors.values()) if self._cursors else None
 
+    def dropped_since(self, number: int) -> list[str]:
+        """The names of the kept drops numbered above ``number``, oldest first."""
+        out = []
+        for name, n in reversed(self._dropped.items()):
+            if n <= number:
+                break
+            out.append(name)
+        out.reverse()
+        return out
+
     # --- writing ------------------------------------------------------------
 
     def set(self, name: str, id: int) -> None:
@@ -151,15 +196,38 @@ class CursorStore:
 
         The caller has checked that it only moves forward. Raises OSError if the write fails.
         """
-        line = encode_line(name, id)
+        self._append(encode_line(name, id))
+        self._cursors[name] = id
+        self.version += 1
+        self._maybe_compact()
+
+    def drop(self, name: str) -> bool:
+        """Drop cursor ``name`` (written to the OS; durable at the next `sync`); False if there is none.
+
+        Raises OSError if the write fails (the cursor is then still there).
+        """
+        if name not in self._cursors:
+            return False
+        self._append(encode_drop(name))
+        del self._cursors[name]
+        self.drops += 1
+        self._dropped.pop(name, None)
+        self._dropped[name] = self.drops
+        if len(self._dropped) > KEPT_DROPS:
+            del self._dropped[next(iter(self._dropped))]
+        self.version += 1
+        self._maybe_compact()
+        return True
+
+    def _append(self, line: bytes) -> None:
         with self._write_lock:
             os.write(self._fd, line)
             self._size += len(line)
             if self._written_meanwhile is not None:
                 self._written_meanwhile.append(line)
             self._dirty = True  # with the write: `sync` reads the file and the flag under this lock
-        self._cursors[name] = id
-        self.version += 1
+
+    def _maybe_compact(self) -> None:
         if self._compactor is None and self._size > self._compact_past and self._size > 4 * self._live_bytes():
             self._compact_in_background()
 
@@ -217,7 +285,7 @@ class CursorStore:
         `sync` fsyncs it too, so no commit counts as durable on a rename that
         is not.
         """
-        snapshot = b"".join(encode_line(name, id) for name, id in sorted(self._cursors.items()))
+        snapshot = self._encode_all(self._cursors)
         with self._write_lock:
             self._written_meanwhile = []
         self._compactor = threading.Thread(target=self._compact, args=(snapshot,), name="logd-cursors", daemon=True)
@@ -277,10 +345,16 @@ class CursorStore:
             self._compactor = None
 
     def _live_bytes(self) -> int:
-        return sum(len(name) + 30 for name in self._cursors)
+        return sum(len(name) + 30 for name in self._cursors) + sum(len(name) + 12 for name in self._dropped)
+
+    def _encode_all(self, cursors: dict[str, int]) -> bytes:
+        """The file's content with one line per cursor, after the kept drops (oldest first: a name
+        dropped and made again reads back as its new cursor)."""
+        drops = b"".join(encode_drop(name) for name in self._dropped)
+        return drops + b"".join(encode_line(name, id) for name, id in sorted(cursors.items()))
 
     def _rewrite(self, cursors: dict[str, int]) -> None:
-        data = b"".join(encode_line(name, id) for name, id in sorted(cursors.items()))
+        data = self._encode_all(cursors)
         # Nothing writes to the old file meanwhile: `set` runs on this thread, no compaction is running.
         replace_durably(self.path, data)
         with self._sync_lock:
