@@ -213,7 +213,8 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
 
     def rebind(self, table: AuthTable) -> bool:
         """SIGHUP reread the auth file: this connection's token takes its new role before the
-        next chunk it receives (protocol.md 3.7); False if the token was revoked (then closed).
+        next chunk it receives (protocol.md 3.7); False if that closed it (the token was revoked,
+        or its running REPLICATE stream is one the new role may not run).
 
         The lane is shut or opened here, now: it takes MSGs past the session, so the role check
         of `ConnectionAuth` never sees them while it stays open.
@@ -226,7 +227,7 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         if stream is not None and stream.replica and protocol.Replicate not in auth.allowed:
             # Its ACKs would now be refused in the middle of the stream, where an ERR cannot go.
             self.drop(DeniedError(f"role {auth.role} may not send REPLICATE"))
-            return True
+            return False
         if not self.lost and not self.session.closing:
             self._reopen()
         return True

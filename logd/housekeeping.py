@@ -78,8 +78,8 @@ class Housekeeping:
             log.error("auth_reload_failed", error=str(exc), kept_tokens=len(self.gate.table or ()))
             return
         self.gate.table = table
-        revoked = [c for c in list(self.connections) if not c.rebind(table)]
-        log.warning("auth_reloaded", tokens=len(table), connections_closed=len(revoked))
+        closed = [c for c in list(self.connections) if not c.rebind(table)]
+        log.warning("auth_reloaded", tokens=len(table), connections_closed=len(closed))
 
     async def _sweeper(self) -> None:
         """Drop stalled streams and idle connections; recount output while streams wait for the budget."""
