@@ -2,10 +2,11 @@
 
 `AuthGate` is the server's: the current `auth.AuthTable` (None: authentication
 is off), replaced on SIGHUP, and the rate limit on the log lines of failed
-AUTHs. `ConnectionAuth` is one connection's: its role, token name and failed
-attempts. The connection asks it about every command whose type is not in
-``allowed`` (a set it can test cheaply per command); `check` then answers
-AUTH, refuses what the role may not send, and logs REFUSE/ACCEPT/SHUTDOWN.
+AUTHs. `ConnectionAuth` is one connection's: its token's entry (role, name,
+cursor grant) and failed attempts. The connection asks it about every command
+whose type is not in ``allowed`` (a set it can test cheaply per command);
+`check` then answers AUTH, refuses what the role may not send and a COMMIT or
+DROP of a cursor the token does not own, and logs REFUSE/ACCEPT/SHUTDOWN.
 No sockets, no event loop: a sans-IO session calls it the same way.
 """
 
@@ -20,8 +21,10 @@ from . import protocol
 from .auth import (
     AUDITED_COMMANDS,
     MAX_FAILURES,
+    OWNED_COMMANDS,
     VERBS,
     AuthTable,
+    TokenEntry,
     allowed_commands,
 )
 from .errors import DeniedError
@@ -91,13 +94,14 @@ class AuthGate:
 
 
 class ConnectionAuth:
-    """One connection's authentication state: role, token name, failed attempts.
+    """One connection's authentication state: its token's entry (role, name, cursor grant), failed attempts.
 
     ``allowed`` holds the command types that need no call to `check`: those
-    the role may send, minus AUTH and the audited ones.
+    the role may send, minus AUTH, the audited ones and (unless every cursor
+    is the connection's) COMMIT and DROP, whose cursor is checked each time.
     """
 
-    __slots__ = ("gate", "peer", "role", "name", "digest", "failures", "closing", "allowed")
+    __slots__ = ("gate", "peer", "role", "name", "digest", "entry", "failures", "closing", "allowed")
 
     def __init__(self, gate: AuthGate, peer: str = "?") -> None:
         self.gate = gate
@@ -105,6 +109,7 @@ class ConnectionAuth:
         self.role: str | None = None
         self.name: str | None = None
         self.digest: str | None = None
+        self.entry: TokenEntry | None = None
         self.failures = 0
         self.closing = False  # too many failures: reply, then close
         self.allowed: frozenset[type] = frozenset()
@@ -117,6 +122,8 @@ class ConnectionAuth:
 
     def _refresh(self) -> None:
         kinds = allowed_commands(self.role, self.gate.enabled)
+        if self.gate.enabled and self.role != "admin":
+            kinds -= OWNED_COMMANDS
         self.allowed = (kinds - AUDITED_COMMANDS - {protocol.Auth}) | PARSE_ERRORS | {Hangup}
 
     def check(self, cmd: object) -> bytes | None:
@@ -127,12 +134,22 @@ class ConnectionAuth:
             return self._authenticate(cmd)  # type: ignore[arg-type]
         # admin (or no authentication) may send everything, commands added later included.
         if self.role == "admin" or not self.gate.enabled or kind in allowed_commands(self.role, True):
+            if isinstance(cmd, protocol.Commit | protocol.Drop) and self.entry is not None:
+                if not self.entry.owns(cmd.name):
+                    return protocol.error_reply(self._not_owned(cmd))
             if kind in AUDITED_COMMANDS:
                 log.warning("admin_command", command=VERBS[kind], peer=self.peer, token=self.name or "-")
             return None
         if self.role is None:
             return protocol.error_reply(DeniedError("authentication required"))
         return protocol.error_reply(DeniedError(f"role {self.role} may not send {VERBS.get(kind, kind.__name__)}"))
+
+    def _not_owned(self, cmd: protocol.Commit | protocol.Drop) -> DeniedError:
+        entry = self.entry
+        assert entry is not None
+        verb = "drop" if type(cmd) is protocol.Drop else "move"
+        grant = ", ".join(entry.cursor_patterns) or "none"
+        return DeniedError(f"token {entry.name} may not {verb} cursor {cmd.name} (its cursors: {grant})")
 
     def _authenticate(self, cmd: protocol.Auth) -> bytes:
         table = self.gate.table
@@ -142,8 +159,7 @@ class ConnectionAuth:
             return OK
         entry = table.lookup(cmd.token)
         if entry is not None:
-            self.role, self.name, self.digest = entry.role, entry.name, entry.digest
-            self._refresh()
+            self._take(entry)
             return OK
         # A failed AUTH leaves an earlier successful one in force.
         self.failures += 1
@@ -160,6 +176,10 @@ class ConnectionAuth:
         entry = table.by_digest(self.digest)
         if entry is None:
             return False
-        self.role, self.name = entry.role, entry.name
-        self._refresh()
+        self._take(entry)
         return True
+
+    def _take(self, entry: TokenEntry) -> None:
+        self.entry = entry
+        self.role, self.name, self.digest = entry.role, entry.name, entry.digest
+        self._refresh()

@@ -5,11 +5,17 @@ Pure logic: no sockets, no event loop. The server loads an `AuthTable` from
 `access.ConnectionAuth`, and ``logd token add|list|remove`` edits the file
 through `add_token` / `remove_token`.
 
-The file holds one token per line, ``<name> <role> sha256:<64 hex digits>``;
-``#`` starts a comment. Only the hash of a token is stored: a token is 32
-random bytes (``secrets.token_urlsafe(32)``), so a plain SHA-256 cannot be
-brute-forced and no slow, salted hash is needed (GitHub and PyPI store API
-tokens the same way).
+The file holds one token per line, ``<name> <role> sha256:<64 hex digits>
+[cursors=<pattern>[,<pattern>...]]``; ``#`` starts a comment. Only the hash of
+a token is stored: a token is 32 random bytes (``secrets.token_urlsafe(32)``),
+so a plain SHA-256 cannot be brute-forced and no slow, salted hash is needed
+(GitHub and PyPI store API tokens the same way).
+
+The optional ``cursors=`` field is the token's cursor grant: the named cursors
+it may move (COMMIT) and drop (DROP), each pattern a cursor name or a prefix
+ending in ``*``. Without it a token owns the cursor named after it and those
+starting ``<name>.``, as a Kafka ACL on a consumer group or a NATS durable
+consumer bound to its user; ``admin`` owns every cursor (protocol.md 3.7).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from .protocol import (
     Commit,
     Cursor,
     Cursors,
+    Drop,
     Head,
     Msg,
     Ping,
@@ -48,14 +55,18 @@ MAX_FAILURES = 5  # failed AUTHs on one connection before it is closed
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 HASH_PREFIX = "sha256:"
 FILE_HEADER = (
-    "# logd auth file: one token per line, '<name> <role> sha256:<hash of the token>'.\n"
+    "# logd auth file: one token per line, '<name> <role> sha256:<hash of the token> [cursors=<grant>]'.\n"
     "# Edit with `logd token add|list|remove`; a running server rereads it on SIGHUP.\n"
 )
+GRANT_PREFIX = "cursors="
+# A pattern of a cursor grant: a cursor name, or a prefix of one ending in * (* alone: every cursor).
+CURSOR_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}|[A-Za-z0-9._-]{0,63}\*")
 
 # Commands anyone may send, authenticated or not.
 OPEN_COMMANDS: frozenset[type] = frozenset({Ping, Auth, Close})
-# A consumer with a read token keeps its place: the named cursors (COMMIT, CURSOR, CURSORS) are read's.
-_READ: frozenset[type] = frozenset({Read, Head, Stats, Commit, Cursor, Cursors})
+# A consumer with a read token keeps its place: the named cursors (COMMIT, CURSOR, CURSORS, DROP) are
+# read's; which cursors a token may move or drop is its grant's (`TokenEntry.owns`).
+_READ: frozenset[type] = frozenset({Read, Head, Stats, Commit, Cursor, Cursors, Drop})
 # What each role may send besides OPEN_COMMANDS. admin may send everything.
 ROLE_COMMANDS: dict[str, frozenset[type]] = {
     "read": _READ,
@@ -65,10 +76,12 @@ ROLE_COMMANDS: dict[str, frozenset[type]] = {
 }
 # Commands that change the server's role or stop it: logged with peer and token name.
 AUDITED_COMMANDS: frozenset[type] = frozenset({Refuse, Accept, Shutdown})
+# Commands that change a named cursor: allowed only on the cursors the token's grant covers.
+OWNED_COMMANDS: frozenset[type] = frozenset({Commit, Drop})
 VERBS: dict[type, str] = {
     Msg: "MSG", Read: "READ", Replicate: "REPLICATE", Ack: "ACK", Refuse: "REFUSE", Accept: "ACCEPT",
     Head: "HEAD", Ping: "PING", Stats: "STATS", Close: "CLOSE", Shutdown: "SHUTDOWN", Auth: "AUTH",
-    Commit: "COMMIT", Cursor: "CURSOR", Cursors: "CURSORS",
+    Commit: "COMMIT", Cursor: "CURSOR", Cursors: "CURSORS", Drop: "DROP",
 }
 
 
@@ -87,6 +100,18 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def parse_grant(text: str) -> tuple[str, ...]:
+    """A cursor grant, ``<pattern>[,<pattern>...]`` (empty: no cursor); ValueError naming a bad pattern."""
+    if not text:
+        return ()
+    patterns = tuple(text.split(","))
+    for pattern in patterns:
+        if not CURSOR_PATTERN.fullmatch(pattern):
+            raise ValueError(f"bad cursor pattern {pattern!r}: a cursor name (1 to 64 of A-Z a-z 0-9 . _ -), "
+                             "or a prefix of one ending in *")
+    return patterns
+
+
 @dataclass(frozen=True)
 class TokenEntry:
     """One line of the auth file."""
@@ -94,6 +119,26 @@ class TokenEntry:
     name: str
     role: str
     digest: str  # "sha256:<hex>"
+    grant: tuple[str, ...] | None = None  # cursor patterns (cursors=...); None: its own name, and name.*
+
+    @property
+    def cursor_patterns(self) -> tuple[str, ...]:
+        """The cursors it may move and drop (``admin``: any, whatever this says)."""
+        return self.grant if self.grant is not None else (self.name, self.name + ".*")
+
+    def owns(self, cursor: str) -> bool:
+        """Whether this token may move (COMMIT) and drop (DROP) the cursor named ``cursor``."""
+        if self.role == "admin":
+            return True
+        for pattern in self.cursor_patterns:
+            if cursor == pattern or (pattern[-1] == "*" and cursor.startswith(pattern[:-1])):
+                return True
+        return False
+
+    def line(self) -> str:
+        """Its line in the file."""
+        grant = "" if self.grant is None else f" {GRANT_PREFIX}{','.join(self.grant)}"
+        return f"{self.name} {self.role} {self.digest}{grant}\n"
 
 
 class AuthTable:
@@ -125,8 +170,7 @@ class AuthTable:
 
     def render(self) -> str:
         """The file's text."""
-        lines = [f"{e.name} {e.role} {e.digest}\n" for e in self.entries.values()]
-        return FILE_HEADER + "".join(lines)
+        return FILE_HEADER + "".join(e.line() for e in self.entries.values())
 
 
 def parse_table(text: str, where: str = "auth file") -> AuthTable:
@@ -137,9 +181,9 @@ def parse_table(text: str, where: str = "auth file") -> AuthTable:
         if not line:
             continue
         fields = line.split()
-        if len(fields) != 3:
-            raise AuthFileError(f"{where} line {number}: expected '<name> <role> sha256:<hash>'")
-        name, role, digest = fields
+        if len(fields) not in (3, 4):
+            raise AuthFileError(f"{where} line {number}: expected '<name> <role> sha256:<hash> [cursors=<grant>]'")
+        name, role, digest = fields[:3]
         if not NAME.fullmatch(name):
             raise AuthFileError(f"{where} line {number}: bad token name {name!r}")
         if role not in ROLES:
@@ -147,7 +191,15 @@ def parse_table(text: str, where: str = "auth file") -> AuthTable:
         hexpart = digest[len(HASH_PREFIX):]
         if not digest.startswith(HASH_PREFIX) or len(hexpart) != 64 or hexpart.strip("0123456789abcdef"):
             raise AuthFileError(f"{where} line {number}: the hash must be sha256: and 64 lowercase hex digits")
-        entries.append(TokenEntry(name, role, digest))
+        grant = None
+        if len(fields) == 4:
+            if not fields[3].startswith(GRANT_PREFIX):
+                raise AuthFileError(f"{where} line {number}: the fourth field must be cursors=<pattern>[,...]")
+            try:
+                grant = _grant_for(role, fields[3][len(GRANT_PREFIX):])
+            except ValueError as exc:
+                raise AuthFileError(f"{where} line {number}: {exc}") from None
+        entries.append(TokenEntry(name, role, digest, grant))
     return AuthTable(entries)
 
 
@@ -191,17 +243,29 @@ def save_table(path: str, table: AuthTable) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def add_token(path: str, name: str, role: str) -> str:
-    """Add a token named ``name`` with ``role`` (creating the file if needed); return the token."""
+def _grant_for(role: str, text: str) -> tuple[str, ...]:
+    """The grant ``text`` parses to, for a token of ``role``; ValueError if it is bad or meaningless."""
+    if role == "admin":
+        raise ValueError("an admin token may move and drop every cursor: a cursors= grant means nothing there")
+    return parse_grant(text)
+
+
+def add_token(path: str, name: str, role: str, cursors: str | None = None) -> str:
+    """Add a token named ``name`` with ``role`` and, if given, the cursor grant ``cursors``
+    (``<pattern>[,<pattern>...]``), creating the file if needed; return the token."""
     if not NAME.fullmatch(name):
         raise AuthFileError(f"bad token name {name!r}: letters, digits and _ . @ - (at most 64)")
     if role not in ROLES:
         raise AuthFileError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
+    try:
+        grant = None if cursors is None else _grant_for(role, cursors)
+    except ValueError as exc:
+        raise AuthFileError(str(exc)) from None
     table = load_table(path) if os.path.exists(path) else AuthTable()
     if name in table.entries:
         raise AuthFileError(f"a token named {name!r} already exists in {path}; remove it first")
     token = new_token()
-    table.entries[name] = TokenEntry(name, role, token_hash(token))
+    table.entries[name] = TokenEntry(name, role, token_hash(token), grant)
     save_table(path, table)
     return token
 

@@ -93,7 +93,7 @@ class ConnectionBackend:
         return None
 
     def cursor_command(
-        self, cmd: protocol.Commit | protocol.Cursor | protocol.Cursors, reply: AppendReply
+        self, cmd: protocol.Commit | protocol.Cursor | protocol.Cursors | protocol.Drop, reply: AppendReply
     ) -> bytes | None:
         return self.server.cursors.execute(cmd, reply, self)
 

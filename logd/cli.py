@@ -103,18 +103,17 @@ def serve(config_file: str | None, **flags: Any) -> None:
     --config file, then the defaults (`logd config` shows the result).
     SIGHUP rereads the config file and applies its log level.
     """
-    from .auth import is_loopback
     from .logging import configure_logging
+    from .protected import refusals
     from .runner import run
 
     resolved = _resolve(flags, config_file)
     config = resolved.config
     configure_logging(config.log_format, config.log_level)
-    if not config.auth_file and not config.insecure and not is_loopback(config.host):
-        # Protected mode, as Redis's: an open port with no authentication is taken over.
-        click.echo(f"logd: refusing to listen on {config.host!r} without authentication: anyone who can "
-                   "reach it could read, write, demote or copy the log. Give --auth-file FILE (create it "
-                   "with `logd token add`), listen on 127.0.0.1, or pass --insecure if you mean it.", err=True)
+    refused = refusals(config)  # protected mode: every listening port, the metrics one included
+    for reason in refused:
+        click.echo(f"logd: {reason}", err=True)
+    if refused:
         sys.exit(EXIT_STARTUP_FAILED)
 
     def ready(host: str, port: int) -> None:

@@ -322,9 +322,21 @@ def consume(checkpoint: str | None, cursor: str | None, max_batch: int, follow: 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object {name: {\"id\": .., \"lag\": ..}}.")
+@click.option("--drop", "drop", default=None, metavar="NAME",
+              help="Instead: delete the cursor NAME (DROP). With authentication the token must own it "
+                   "(its cursor grant) or be admin.")
 @client_options
-def cursors(as_json: bool, url: str, timeout: float) -> None:
-    """Print the server's named cursors: name, id, and lag (messages behind the head)."""
+def cursors(as_json: bool, drop: str | None, url: str, timeout: float) -> None:
+    """Print the server's named cursors: name, id, and lag (messages behind the head); or drop one."""
+    if drop is not None:
+        from .storage.cursors import valid_name
+
+        if not valid_name(drop):
+            raise click.BadParameter(f"bad cursor name {drop!r}: 1 to 64 of A-Z a-z 0-9 . _ -", param_hint="--drop")
+        with _Quiet(), _client(url, timeout) as client:
+            client.drop_cursor(drop)  # never resent: see drop_call
+        click.echo(f"logd: cursor {drop!r} dropped", err=True)
+        return
     with _Quiet(), _client(url, timeout) as client:
         found = client.cursors()
         head_id = client.head() if found else 0

@@ -26,12 +26,16 @@ def token() -> None:
 @token.command("add")
 @click.argument("name")
 @click.option("--role", required=True, type=click.Choice(ROLES),
-              help="read: READ HEAD STATS; write: + MSG; replicate: read + REPLICATE ACK; admin: everything.")
+              help="read: READ HEAD STATS and its cursors; write: + MSG; replicate: read + REPLICATE ACK; "
+                   "admin: everything.")
+@click.option("--cursors", "grant", default=None, metavar="PATTERNS",
+              help="The named cursors it may move (COMMIT) and drop: comma-separated names or prefixes ending "
+                   "in *, e.g. 'billing,sink.*' ('' for none). Default: NAME and NAME.* (admin: every cursor).")
 @AUTH_FILE
-def add(name: str, role: str, auth_file: str) -> None:
+def add(name: str, role: str, grant: str | None, auth_file: str) -> None:
     """Create a token NAME with ROLE; print it (the only time it is shown)."""
     try:
-        secret = add_token(auth_file, name, role)
+        secret = add_token(auth_file, name, role, grant)
     except (AuthFileError, OSError) as exc:
         click.echo(f"logd: {exc}", err=True)
         sys.exit(1)
@@ -43,14 +47,15 @@ def add(name: str, role: str, auth_file: str) -> None:
 @token.command("list")
 @AUTH_FILE
 def list_tokens(auth_file: str) -> None:
-    """Print each token's name and role (the tokens themselves are not stored)."""
+    """Print each token's name, role and the cursors it may move (the tokens themselves are not stored)."""
     try:
         table = load_table(auth_file)
     except AuthFileError as exc:
         click.echo(f"logd: {exc}", err=True)
         sys.exit(1)
     for entry in table.entries.values():
-        click.echo(f"{entry.name}\t{entry.role}")
+        owned = "*" if entry.role == "admin" else ",".join(entry.cursor_patterns)
+        click.echo(f"{entry.name}\t{entry.role}\tcursors={owned}")
 
 
 @token.command("remove")

@@ -50,6 +50,7 @@ class Config:
     max_batch: int = defaults.MAX_BATCH
     max_batch_bytes: int = defaults.MAX_BATCH_BYTES  # total body bytes of one MSG
     max_connections: int = defaults.MAX_CONNECTIONS
+    max_cursors: int = defaults.MAX_CURSORS  # a COMMIT that would make one more is refused (TOO_LARGE)
     # Memory budgets (protocol.md 3.6; Redis's client-output-buffer-limit and
     # Kafka's queued.max.request.bytes): over one, the server stops reading.
     # Per connection, commands received and not yet answered (waiting their
@@ -75,6 +76,7 @@ class Config:
     metrics_host: str = defaults.METRICS_HOST
     metrics_max_connections: int = defaults.METRICS_MAX_CONNECTIONS  # requests served at once
     metrics_timeout: float = defaults.METRICS_TIMEOUT  # seconds for a whole request, in and out
+    metrics_public: bool = False  # allow a non-loopback --metrics-host (the endpoint has no authentication)
     replica_token: str | None = field(default=None, repr=False)  # never shown
     replica_token_file: str | None = None  # read into replica_token by `resolve`
     auth_file: str | None = None  # tokens and roles; None: no authentication
@@ -126,6 +128,8 @@ class Config:
                              f"not {self.advertise!r}")
         if self.advertise is not None and _wildcard(self.advertise):
             raise ValueError(f"advertise must be an address others can reach, not the wildcard {self.advertise!r}")
+        if self.max_cursors < 0:
+            raise ValueError("max-cursors must be 0 or more")
         if self.replica_timeout <= 0:
             raise ValueError("replica-timeout must be positive")
         if self.shutdown_timeout < 0:

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 from . import protocol
 from .access import ConnectionAuth
 from .backend import ConnectionBackend
-from .errors import AuthTimeoutError, ServerError
+from .errors import AuthTimeoutError, DeniedError, ServerError
 from .protocol.session import ServerSession
 from .streams import Stream
 
 if TYPE_CHECKING:
+    from .auth import AuthTable
     from .lane import LanePy as Lane  # the C Lane's twin: the same attributes
     from .server import LogServer
 else:
@@ -243,6 +244,27 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
                 tr.write(last)
             tr.close()
         self._budget()
+
+    def rebind(self, table: AuthTable) -> bool:
+        """SIGHUP reread the auth file: this connection's token takes its new role before the
+        next chunk it receives (protocol.md 3.7); False if that closed it (the token was revoked,
+        or its running REPLICATE stream is one the new role may not run).
+
+        The lane is shut or opened here, now: it takes MSGs past the session, so the role check
+        of `ConnectionAuth` never sees them while it stays open.
+        """
+        auth = self.auth
+        if not auth.rebind(table):
+            self.drop(DeniedError("token revoked"))
+            return False
+        stream = self.stream
+        if stream is not None and stream.replica and protocol.Replicate not in auth.allowed:
+            # Its ACKs would now be refused in the middle of the stream, where an ERR cannot go.
+            self.drop(DeniedError(f"role {auth.role} may not send REPLICATE"))
+            return False
+        if not self.lost and not self.session.closing:
+            self._reopen()
+        return True
 
     def drop(self, error: ServerError) -> None:
         """Give up on a connection that does not read (a stalled tail): a last ERR, then close."""

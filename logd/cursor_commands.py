@@ -1,15 +1,18 @@
-"""Named cursors on the server: COMMIT, CURSOR and CURSORS, their figures, and their replication.
+"""Named cursors on the server: COMMIT, CURSOR, CURSORS and DROP, their figures, and their replication.
 
 `ServerCursors.execute` runs one command at its turn (the session calls it
 once every earlier reply is known) and returns the reply bytes, or, for a
-COMMIT under ``fsync=always``, None: the cursor line is written at once and
-a batch with no messages goes through the append queue, so the reply is
-resolved only after the group commit's sync, which also syncs the cursor
-file (`Log.attach`), has covered it.
+COMMIT or DROP under ``fsync=always``, None: the cursor line is written at
+once and a batch with no messages goes through the append queue, so the
+reply is resolved only after the group commit's sync, which also syncs the
+cursor file (`Log.attach`), has covered it. Whether the connection's token
+may move or drop that cursor was decided before (`access.ConnectionAuth`);
+here a COMMIT that would make more than ``--max-cursors`` cursors is refused.
 
 Replicas learn of commits through ``+CURSOR <name> <id>`` markers on their
 REPLICATE stream (protocol.md 3.4), sent by a `CursorFeed` per stream once
-the records up to that id have been sent.
+the records up to that id have been sent, and of drops through ``+DROP
+<name>``.
 
 Replies stay bounded however many cursors there are (protocol.md 3.1): a
 bare CURSORS lists at most `protocol.CURSORS_MAX` (more is ``TOO_LARGE``;
@@ -28,7 +31,7 @@ import structlog
 from . import protocol
 from .errors import LogdError, NotFoundError, ServerError, StaleCursorError, TooLargeError, UnavailableError
 from .protocol.commands import MAX_ID
-from .protocol.replica import cursor_marker
+from .protocol.replica import cursor_marker, drop_marker
 from .storage.cursors import CursorStore
 
 if TYPE_CHECKING:
@@ -105,13 +108,13 @@ class ServerCursors:
 
     def execute(
         self,
-        cmd: protocol.Commit | protocol.Cursor | protocol.Cursors,
+        cmd: protocol.Commit | protocol.Cursor | protocol.Cursors | protocol.Drop,
         reply: LateReply,
         conn: Flushable,
     ) -> bytes | None:
         """Run a cursor command; return its reply, or None when ``reply`` is resolved after the sync.
 
-        Raises a `ServerError` for a refused COMMIT.
+        Raises a `ServerError` for a refused COMMIT or DROP.
         """
         store = self.store
         if isinstance(cmd, protocol.Cursor):
@@ -123,17 +126,34 @@ class ServerCursors:
             raise server.readonly_error()
         if server.failure is not None:
             raise UnavailableError(f"server failed and accepts no writes: {server.failure}")
+        if isinstance(cmd, protocol.Drop):
+            try:
+                if not store.drop(cmd.name):
+                    raise NotFoundError(f"no cursor named {cmd.name}")
+            except OSError as exc:
+                raise UnavailableError(f"cannot write the cursor: {exc.strerror or exc}") from None
+            return self._written(reply, conn)
         current = store.get(cmd.name)
         if cmd.id < current:
             raise StaleCursorError(f"cursor {cmd.name} is at {current}: a cursor only moves forward, not to {cmd.id}")
         head = server.visible_head()
         if cmd.id > head:
             raise NotFoundError(f"id {cmd.id} is past the head {head}")
+        limit = server.config.max_cursors
+        if cmd.name not in store and len(store) >= limit:
+            # TOO_LARGE, not BUSY: clients retry BUSY, and waiting does not make room.
+            raise TooLargeError(f"cursor {cmd.name} would be cursor {len(store) + 1}, over --max-cursors {limit}: "
+                                "drop one first (DROP <name>, logd cursors --drop NAME)")
         if cmd.id > current or cmd.name not in store:  # at 0 too: a consumer that has read nothing yet
             try:
                 store.set(cmd.name, cmd.id)
             except OSError as exc:
                 raise UnavailableError(f"cannot write the cursor: {exc.strerror or exc}") from None
+        return self._written(reply, conn)
+
+    def _written(self, reply: LateReply, conn: Flushable) -> bytes | None:
+        """A COMMIT or DROP is written: its ``OK`` now, or None when it comes after the sync covering it."""
+        server = self.server
         if server.log.policy.mode == "always":
             # Even an unchanged cursor waits: an earlier COMMIT of the same id may not be synced yet.
             server.queue.submit(_AfterSync(self, reply, conn), [], 0, reply)  # a token: None is a lane's
@@ -157,6 +177,10 @@ class ServerCursors:
         if past:
             log.warning("cursors_cut_back", to=last_id, cursors=len(past),
                         some=dict(sorted(past.items())[:10]))
+
+    def replicated_drop(self, name: str) -> None:
+        """A follower got ``+DROP <name>`` from its leader (synced with its next commit; none: nothing to do)."""
+        self.store.drop(name)
 
     def feed(self) -> CursorFeed:
         return CursorFeed(self.store)
@@ -209,16 +233,20 @@ class ServerCursors:
 class CursorFeed:
     """What one REPLICATE stream has been told of the cursors.
 
-    `markers(upto)` returns the ``+CURSOR`` lines for every cursor that moved
-    since it was last sent and whose id is at most ``upto`` (the last id the
-    stream has sent), so a follower never holds a cursor past its records.
-    Costs what changed since the last call (the store's `changed_since`) plus
-    the held cursors that came due, never the number of cursors: a COMMIT
-    with a replica attached stays O(1). Cheap when nothing moved: one
+    `markers(upto)` returns the ``+DROP`` lines for the drops it has not sent
+    (at the start of the stream: every drop the store keeps, since the
+    follower may have missed them), then the ``+CURSOR`` lines for every
+    cursor that moved since it was last sent and whose id is at most ``upto``
+    (the last id the stream has sent), so a follower never holds a cursor past
+    its records. A cursor dropped and made again is sent as its drop, then
+    its new value: the follower's old value was not this cursor's. Costs what
+    changed since the last call (the store's `changed_since`, `dropped_since`)
+    plus the held cursors that came due, never the number of cursors: a
+    COMMIT with a replica attached stays O(1). Cheap when nothing moved: one
     comparison.
     """
 
-    __slots__ = ("_store", "_sent", "_version", "_held", "_holding")
+    __slots__ = ("_store", "_sent", "_version", "_held", "_holding", "_drops")
 
     def __init__(self, store: CursorStore) -> None:
         self._store = store
@@ -230,12 +258,19 @@ class CursorFeed:
         # comes due is checked against the cursor's value then, which may have moved on.
         self._held: list[tuple[int, str]] = []
         self._holding: dict[str, int] = {}
+        self._drops = 0  # the number of the last drop sent
 
     def markers(self, upto: int) -> bytes:
         store = self._store
         held = self._held
         if store.version == self._version and not (held and held[0][0] <= upto):
             return b""
+        out: list[bytes] = []
+        if store.drops != self._drops:
+            for name in store.dropped_since(self._drops):
+                out.append(drop_marker(name))
+                self._sent.pop(name, None)
+            self._drops = store.drops
         due = store.changed_since(self._version)
         self._version = store.version
         while held and held[0][0] <= upto:
@@ -243,8 +278,9 @@ class CursorFeed:
             if self._holding.get(name) == at:
                 del self._holding[name]
             due.append(name)
-        out: list[bytes] = []
         for name in due:
+            if name not in store:
+                continue  # dropped since: its +DROP went above
             id = store.get(name)
             if self._sent.get(name) == id:
                 continue

@@ -20,6 +20,7 @@ MAX_LINE_BYTES = 64 * 1024  # a command line (server) or reply line (client), te
 MAX_BATCH = 10_000  # messages in one MSG
 MAX_BATCH_BYTES = 64 << 20  # body bytes in one MSG
 MAX_CONNECTIONS = 10_000
+MAX_CURSORS = 10_000  # named cursors a COMMIT may make (protocol.md 3.1)
 # Memory budgets (protocol.md 3.6): per connection, commands received and not
 # yet answered, and unsent output; and for all connections together.
 CONN_INPUT_BYTES = 64 << 20

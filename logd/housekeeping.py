@@ -17,7 +17,7 @@ import structlog
 from . import protocol
 from .auth import AuthFileError, load_table
 from .config import Config
-from .errors import BusyError, DeniedError, IdleTimeoutError
+from .errors import BusyError, IdleTimeoutError
 from .logging import configure_logging
 from .storage import watermark
 
@@ -66,7 +66,8 @@ class Housekeeping:
 
     def reload_auth(self) -> None:
         """SIGHUP: reread the auth file. New AUTHs use it at once; connections whose token was
-        removed are closed, others take their token's new role (protocol.md 3.7)."""
+        removed are closed, others take their token's new role and grant before their next
+        command, their MSG lane included (`Connection.rebind`; protocol.md 3.7)."""
         path = self.config.auth_file
         if path is None:
             log.warning("auth_reload_ignored", reason="started without --auth-file")
@@ -77,10 +78,8 @@ class Housekeeping:
             log.error("auth_reload_failed", error=str(exc), kept_tokens=len(self.gate.table or ()))
             return
         self.gate.table = table
-        revoked = [c for c in list(self.connections) if not c.auth.rebind(table)]
-        for conn in revoked:
-            conn.drop(DeniedError("token revoked"))
-        log.warning("auth_reloaded", tokens=len(table), connections_closed=len(revoked))
+        closed = [c for c in list(self.connections) if not c.rebind(table)]
+        log.warning("auth_reloaded", tokens=len(table), connections_closed=len(closed))
 
     async def _sweeper(self) -> None:
         """Drop stalled streams and idle connections; recount output while streams wait for the budget."""

@@ -130,6 +130,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("max_batch", _int, "Most messages in one MSG.", (int,)),
     Setting("max_batch_bytes", parse_size, "Most body bytes in one MSG.", (int, str)),
     Setting("max_connections", _int, "Connections beyond this get ERR BUSY.", (int,)),
+    Setting("max_cursors", _int, "Named cursors: a COMMIT that would make one more gets ERR TOO_LARGE "
+            "(0: COMMIT makes none).", (int,)),
     Setting("conn_input_bytes", parse_size,
             "Per connection: bytes of commands received and not yet answered before it is not read.", (int, str)),
     Setting("conn_output_bytes", parse_size,
@@ -156,7 +158,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("replica_timeout", _float,
             "Seconds a MSG waits for --min-replicas acks; a replica further behind is out of sync.", (float, int)),
     Setting("metrics_port", _int, "Serve Prometheus metrics on this port (0: any free one; unset: off).", (int,)),
-    Setting("metrics_host", str, "Address the metrics endpoint listens on."),
+    Setting("metrics_host", str, "Address the metrics endpoint listens on (off loopback: see --metrics-public)."),
+    Setting("metrics_public", parse_bool, "Allow a non-loopback --metrics-host: the endpoint has no "
+            "authentication, whatever --auth-file says.", (bool,), flag_only=True),
     Setting("metrics_max_connections", _int, "Metrics requests served at once; more are answered 503.", (int,)),
     Setting("metrics_timeout", _float, "Seconds a metrics request may take, headers in and page out.",
             (float, int)),

@@ -33,6 +33,7 @@ from .commands import (
     cursor_call,
     cursors_page_call,
     deadline_after,
+    drop_call,
     id_of,
     last_id_of,
     msg_call,
@@ -184,6 +185,11 @@ class AsyncClient:
             after = next_page(after, page)
             if after is None:
                 return found
+
+    async def drop_cursor(self, name: str, *, timeout: float | None = None) -> None:
+        """Delete the named cursor (NotFoundError if there is none); with authentication, the
+        token must own it (its cursor grant) or be admin. Not resent after a lost connection."""
+        await self._execute(drop_call(name), timeout)
 
     async def read(
         self,

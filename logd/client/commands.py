@@ -28,6 +28,7 @@ from ..protocol import (
     Commit,
     Cursor,
     Cursors,
+    Drop,
     EndOfStream,
     ErrorReply,
     Head,
@@ -219,6 +220,11 @@ def commit_call(name: str, id: int) -> Call[None]:
 
 def cursor_call(name: str) -> Call[int]:
     return Call(Cursor(name), id_of)
+
+
+def drop_call(name: str) -> Call[None]:
+    # Not resent: after a lost OK the resend is NOT_FOUND, or drops a cursor made meanwhile.
+    return Call(Drop(name), ok_of, idempotent=False)
 
 
 CURSORS = Call(Cursors(), cursors_of)

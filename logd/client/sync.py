@@ -49,6 +49,7 @@ from .commands import (
     cursor_call,
     cursors_page_call,
     deadline_after,
+    drop_call,
     id_of,
     last_id_of,
     msg_call,
@@ -312,6 +313,11 @@ class Client:
             after = next_page(after, page)
             if after is None:
                 return found
+
+    def drop_cursor(self, name: str, *, timeout: float | None = None) -> None:
+        """Delete the named cursor (NotFoundError if there is none); with authentication, the
+        token must own it (its cursor grant) or be admin. Not resent after a lost connection."""
+        self._execute(drop_call(name), timeout)
 
     def read(
         self,

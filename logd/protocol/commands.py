@@ -174,6 +174,17 @@ class Cursor:
 
 
 @dataclass(frozen=True, slots=True)
+class Drop:
+    """``DROP <name>``: delete the named cursor (``ERR NOT_FOUND`` when there is none)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not valid_name(self.name):
+            raise ValueError(f"bad cursor name {self.name[:70]!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
+
+
+@dataclass(frozen=True, slots=True)
 class Cursors:
     """``CURSORS [<limit> [<after>]]``: ``OK <n>`` and n ``<name> <id>`` lines sorted by name, as STATS.
 
@@ -206,7 +217,7 @@ class Auth:
 
 Command = (
     Msg | Read | Replicate | Head | Ping | Stats | Close | Shutdown | Ack | Refuse | Accept | Commit | Cursor | Cursors
-    | Auth
+    | Drop | Auth
 )
 
 # Building a Msg through its slot setter skips the frozen dataclass __init__
@@ -273,6 +284,8 @@ def encode_command(cmd: Command) -> bytes:
         if cmd.after is None:
             return b"CURSORS %d\r\n" % cmd.limit
         return b"CURSORS %d %s\r\n" % (cmd.limit, cmd.after.encode("ascii"))
+    if isinstance(cmd, Drop):
+        return b"DROP %s\r\n" % cmd.name.encode("ascii")
     if isinstance(cmd, Auth):
         if not cmd.token or any(c in cmd.token for c in b" \r\n"):
             raise ValueError("a token is one word, without spaces or line ends")

@@ -22,6 +22,7 @@ from .commands import (
     Commit,
     Cursor,
     Cursors,
+    Drop,
     Msg,
     Read,
     RefusedMsg,
@@ -149,6 +150,10 @@ def _parse_line(verb: bytes, sep: bytes, rest: bytes) -> Command | ProtocolError
             if not 1 <= limit <= CURSORS_MAX:
                 raise ProtocolError(f"CURSORS limit must be 1 to {CURSORS_MAX}")
             return Cursors(limit, _cursor_name(args[1]) if len(args) == 2 else None)
+        if name == b"DROP":
+            if len(args) != 1:
+                raise ProtocolError("DROP takes <name>")
+            return Drop(_cursor_name(args[0]))
         command = _NO_ARGS.get(name)
         if command is None:
             return UnknownCommandError(f"unknown command {_show(verb)}")

@@ -33,6 +33,11 @@ def cursor_marker(name: str, id: int) -> bytes:
     return b"+CURSOR %s %d\r\n" % (name.encode("ascii"), id)
 
 
+def drop_marker(name: str) -> bytes:
+    """``+DROP <name>``: the leader dropped cursor ``name``."""
+    return b"+DROP %s\r\n" % name.encode("ascii")
+
+
 def position_marker(head: int, visible: int) -> bytes:
     """``+HEAD <head> <hw>``: the leader's commit point and what its readers may see."""
     return b"+HEAD %d %d\r\n" % (head, visible)
@@ -85,6 +90,13 @@ class CursorCommit:
 
 
 @dataclass(frozen=True, slots=True)
+class CursorDrop:
+    """``+DROP <name>``."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class StreamOk:
     """The leader's ``OK`` to a REPLICATE; with epochs, ``OK <leader_epoch> <epoch> <end> <min_replicas>``.
 
@@ -120,7 +132,10 @@ class StreamError:
     message: str
 
 
-Event = Chunk | SegmentStart | EpochStart | LeaderPosition | CursorCommit | StreamOk | StreamEnd | StreamError
+Event = (
+    Chunk | SegmentStart | EpochStart | LeaderPosition | CursorCommit | CursorDrop | StreamOk | StreamEnd
+    | StreamError
+)
 
 
 class ReplicaStreamParser:
@@ -208,6 +223,10 @@ class ReplicaStreamParser:
             parts = line[8:].split(b" ")
             if len(parts) == 2 and valid_name(parts[0].decode("latin-1")):
                 return CursorCommit(parts[0].decode("ascii"), self._int(parts[1], line))
+        elif line[:6] == b"+DROP ":
+            name = line[6:].decode("latin-1")
+            if valid_name(name):
+                return CursorDrop(name)
         elif line == b"+EOF":
             return StreamEnd()
         if line[:4] == b"ERR ":

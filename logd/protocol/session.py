@@ -49,6 +49,7 @@ from .commands import (
     Commit,
     Cursor,
     Cursors,
+    Drop,
     Head,
     Msg,
     Ping,
@@ -120,7 +121,8 @@ class OpenGate:
     """No authentication: everything acts; AUTH is answered OK."""
 
     allowed: frozenset[type] = frozenset(
-        {Msg, Read, Replicate, Head, Ping, Stats, Close, Shutdown, Ack, Refuse, Accept, Commit, Cursor, Cursors, Hangup}
+        {Msg, Read, Replicate, Head, Ping, Stats, Close, Shutdown, Ack, Refuse, Accept, Commit, Cursor, Cursors, Drop,
+         Hangup}
         | PARSE_ERRORS
     )
     closing = False
@@ -171,10 +173,10 @@ class Backend(Protocol):
     def shutdown(self) -> ServerError | None:
         """SHUTDOWN: ask the server to stop, or say why not."""
 
-    def cursor_command(self, cmd: Commit | Cursor | Cursors, reply: AppendReply) -> bytes | None:
-        """COMMIT/CURSOR/CURSORS: the reply now, or None when ``reply`` is resolved later (after a sync).
+    def cursor_command(self, cmd: Commit | Cursor | Cursors | Drop, reply: AppendReply) -> bytes | None:
+        """COMMIT/CURSOR/CURSORS/DROP: the reply now, or None when ``reply`` is resolved later (after a sync).
 
-        Raises the `ServerError` to answer (a refused COMMIT).
+        Raises the `ServerError` to answer (a refused COMMIT or DROP).
         """
 
 
@@ -389,7 +391,7 @@ class ServerSession:
             self._emit(ok(backend.head()))
         elif kind is Stats:
             self._emit(stats_reply(backend.stats()))
-        elif kind is Commit or kind is Cursor or kind is Cursors:
+        elif kind is Commit or kind is Cursor or kind is Cursors or kind is Drop:
             self._cursor(item)  # type: ignore[arg-type]
         elif kind is Read or kind is Replicate:
             self._start(item)  # type: ignore[arg-type]
@@ -437,7 +439,7 @@ class ServerSession:
         if items:
             self._hold(items, 0)
 
-    def _cursor(self, cmd: Commit | Cursor | Cursors) -> None:
+    def _cursor(self, cmd: Commit | Cursor | Cursors | Drop) -> None:
         """A cursor command, after every earlier reply (so COMMIT sees the MSG before it committed)."""
         reply = AppendReply(0)
         try:

@@ -15,6 +15,7 @@ from ..protocol.commands import Ack, encode_command
 from ..protocol.replica import (
     Chunk,
     CursorCommit,
+    CursorDrop,
     EpochStart,
     Event,
     LeaderPosition,
@@ -299,6 +300,11 @@ class Follower:
                             srv.cursors.replicated(ev.name, ev.id)
                         except OSError as exc:  # e.g. a full disk: the next stream sends every cursor again
                             raise LinkLost(f"cannot write cursor {ev.name}: {exc}") from None
+                    elif type(ev) is CursorDrop:
+                        try:
+                            srv.cursors.replicated_drop(ev.name)
+                        except OSError as exc:  # as for +CURSOR: the next stream sends every drop again
+                            raise LinkLost(f"cannot drop cursor {ev.name}: {exc}") from None
                     elif type(ev) is LeaderPosition:
                         self.leader_head = ev.head
                         self._set_visible(ev.visible)

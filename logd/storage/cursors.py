@@ -3,7 +3,10 @@
 A cursor is a name and the id of the last record its consumer has
 processed. Each commit appends one line ``<name> <id> <crc>\\n`` to
 ``CURSORS``, where ``crc`` is the CRC-32C of ``<name> <id>`` in 8 lowercase
-hex digits. The file is synced with the log (`Log.attach`): under
+hex digits; a drop (``DROP``) appends ``<name> - <crc>\\n`` (the CRC of
+``<name> -``), after which the name is free: a later commit makes a new
+cursor, from any id. The last drops are kept (``KEPT_DROPS``, through
+compactions too) so that a follower that was away hears of them. The file is synced with the log (`Log.attach`): under
 ``fsync=always`` a commit is acknowledged only after the group commit's
 sync covered its line. When the file has grown well past its live content
 it is rewritten (one line per cursor) to a temporary file, synced and
@@ -12,10 +15,11 @@ those fsyncs (see `CursorStore._compact_in_background`).
 
 At open every line is checked; a bad or cut-off line (a torn tail after a
 crash, or zeros) is skipped, and if there was one the file is rewritten
-without it. Cursors only move forward, so the highest id read for a name
-is its value whatever order the lines are in.
+without it. Lines are read in order: a cursor's value is the highest id of
+its lines after its last drop line (between drops a cursor only moves
+forward, so the order of those lines does not matter).
 
-A line is written whole or not at all (`CursorStore.set`): a write cut short
+A line is written whole or not at all (`CursorStore.set`, `drop`): a write cut short
 (a full disk) is truncated back to the end of the last whole line before the
 error is raised, so a torn line can never swallow the next one's start. If
 even that truncation fails, the next line is written after an LF of its own,
@@ -42,7 +46,14 @@ MAX_NAME = 64
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Rewrite the file once it is over this size and over 4 times its live content.
 COMPACT_MIN_BYTES = 64 * 1024
-_LINE = re.compile(rb"([A-Za-z0-9._-]{1,64}) ([0-9]{1,19}) ([0-9a-f]{8})")
+# The newest drops kept as drop lines (and sent to each new replica stream): a follower away for
+# more drops than this may keep a dropped cursor. Bounded, so creating and dropping names costs no
+# unbounded memory or file.
+KEPT_DROPS = 10_000
+DROPPED = b"-"  # the value field of a drop line
+_LINE = re.compile(rb"([A-Za-z0-9._-]{1,64}) ([0-9]{1,19}|-) ([0-9a-f]{8})")
+LINE_BYTES = 30  # about a cursor line's length besides its name: a space, an id, a space, a CRC, LF
+DROP_LINE_BYTES = 12  # a drop line's besides its name
 
 
 def _no_step(step: str) -> None:
@@ -60,9 +71,23 @@ def encode_line(name: str, id: int) -> bytes:
     return b"%s %08x\n" % (text, crc32c(text))
 
 
+def encode_drop(name: str) -> bytes:
+    """The line that drops cursor ``name``."""
+    text = b"%s %s" % (name.encode("ascii"), DROPPED)
+    return b"%s %08x\n" % (text, crc32c(text))
+
+
 def decode_lines(data: bytes) -> tuple[dict[str, int], int]:
-    """The cursors held in ``data`` (the highest id per name) and the number of bad lines skipped."""
+    """The cursors held in ``data`` and the number of bad lines skipped (`decode_file` without the drops)."""
+    cursors, _dropped, bad = decode_file(data)
+    return cursors, bad
+
+
+def decode_file(data: bytes) -> tuple[dict[str, int], list[str], int]:
+    """The cursors held in ``data`` (per name, the highest id since its last drop line), the names
+    dropped (each once, oldest drop first) and the number of bad lines skipped."""
     cursors: dict[str, int] = {}
+    dropped: dict[str, None] = {}
     bad = 0
     lines = data.split(b"\n")
     if lines[-1]:
@@ -72,10 +97,16 @@ def decode_lines(data: bytes) -> tuple[dict[str, int], int]:
         if m is None or int(m.group(3), 16) != crc32c(b"%s %s" % (m.group(1), m.group(2))):
             bad += 1
             continue
-        name, id = m.group(1).decode("ascii"), int(m.group(2))
+        name = m.group(1).decode("ascii")
+        if m.group(2) == DROPPED:
+            cursors.pop(name, None)
+            dropped.pop(name, None)  # a name dropped again counts as its newest drop
+            dropped[name] = None
+            continue
+        id = int(m.group(2))
         if id > cursors.get(name, -1):
             cursors[name] = id
-    return cursors, bad
+    return cursors, list(dropped), bad
 
 
 class CursorStore:
@@ -111,6 +142,9 @@ class CursorStore:
         # only the names changed since it last looked, newest first (`changed_since`).
         self._changes: dict[str, int] = {}
         self._live = 0  # the bytes a compacted file would hold: kept as a count, so `set` is O(1)
+        # The newest drops, name -> its drop's number (1, 2, ...; none is reused), oldest first.
+        self._dropped: dict[str, int] = {}
+        self.drops = 0  # the number of the newest drop (0: none), so a replica feed can tell what is new
         self._dirty = False
         self.version = 0  # bumped on every change, so a replica feed can tell nothing moved
         self.bad_lines_skipped = 0
@@ -129,7 +163,9 @@ class CursorStore:
         if data is None:
             self._rewrite({})  # create it, durably, so a later append has a file to go to
             return
-        cursors, self.bad_lines_skipped = decode_lines(data)
+        cursors, dropped, self.bad_lines_skipped = decode_file(data)
+        for name in dropped[-KEPT_DROPS:]:
+            self._keep_drop(name)
         for name, id in cursors.items():
             self._remember(name, id)
         if self.bad_lines_skipped:
@@ -183,20 +219,65 @@ class CursorStore:
         (see `_append`) and the cursor keeps its old value. O(1) in the number
         of cursors.
         """
-        line = encode_line(name, id)
+        self._write_line(encode_line(name, id))
+        self._remember(name, id)
+        self._maybe_compact()
+
+    def drop(self, name: str) -> bool:
+        """Drop cursor ``name`` (written to the OS; durable at the next `sync`); False if there is none.
+
+        Raises OSError if the line could not be written whole (the cursor is then still there, and
+        the file ends as it did before). O(1) in the number of cursors.
+        """
+        if name not in self._cursors:
+            return False
+        self._write_line(encode_drop(name))
+        del self._cursors[name]
+        self._live -= len(name) + LINE_BYTES
+        self._keep_drop(name)
+        self._changed(name)
+        self._maybe_compact()
+        return True
+
+    def dropped_since(self, number: int) -> list[str]:
+        """The names of the kept drops numbered above ``number``, oldest first."""
+        out = []
+        for name, n in reversed(self._dropped.items()):
+            if n <= number:
+                break
+            out.append(name)
+        out.reverse()
+        return out
+
+    def _write_line(self, line: bytes) -> None:
         with self._write_lock:
             self._append(line)
             if self._written_meanwhile is not None:
                 self._written_meanwhile.append(line)
             self._dirty = True  # with the write: `sync` reads the file and the flag under this lock
-        self._remember(name, id)
+
+    def _maybe_compact(self) -> None:
         if self._compactor is None and self._size > self._compact_past and self._size > 4 * self._live:
             self._compact_in_background()
 
     def _remember(self, name: str, id: int) -> None:
         if name not in self._cursors:
-            self._live += len(name) + 30  # about a line's length: the name, a space, an id, a CRC
+            self._live += len(name) + LINE_BYTES
         self._cursors[name] = id
+        self._changed(name)
+
+    def _keep_drop(self, name: str) -> None:
+        """Number a drop and keep it among the newest `KEPT_DROPS` (a compacted file holds their lines)."""
+        self.drops += 1
+        if self._dropped.pop(name, None) is None:
+            self._live += len(name) + DROP_LINE_BYTES
+        self._dropped[name] = self.drops
+        if len(self._dropped) > KEPT_DROPS:
+            oldest = next(iter(self._dropped))
+            del self._dropped[oldest]
+            self._live -= len(oldest) + DROP_LINE_BYTES
+
+    def _changed(self, name: str) -> None:
         self.version += 1
         self._changes.pop(name, None)
         self._changes[name] = self.version
@@ -321,7 +402,7 @@ class CursorStore:
         `sync` fsyncs it too, so no commit counts as durable on a rename that
         is not.
         """
-        snapshot = b"".join(encode_line(name, id) for name, id in sorted(self._cursors.items()))
+        snapshot = self._encode_all(self._cursors)
         with self._write_lock:
             self._written_meanwhile = []
         self._compactor = threading.Thread(target=self._compact, args=(snapshot,), name="logd-cursors", daemon=True)
@@ -381,8 +462,14 @@ class CursorStore:
         finally:
             self._compactor = None
 
+    def _encode_all(self, cursors: dict[str, int]) -> bytes:
+        """The file's content with one line per cursor, after the kept drops (oldest first: a name
+        dropped and made again reads back as its new cursor)."""
+        drops = b"".join(encode_drop(name) for name in self._dropped)
+        return drops + b"".join(encode_line(name, id) for name, id in sorted(cursors.items()))
+
     def _rewrite(self, cursors: dict[str, int]) -> None:
-        data = b"".join(encode_line(name, id) for name, id in sorted(cursors.items()))
+        data = self._encode_all(cursors)
         # Nothing writes to the old file meanwhile: `set` runs on this thread, no compaction is running.
         replace_durably(self.path, data)
         with self._sync_lock:

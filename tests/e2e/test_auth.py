@@ -21,7 +21,7 @@ from .conftest import RawConn, ServerProcess, new_token, wait_for
 from .helpers import url_of
 
 ROLES = ("read", "write", "replicate", "admin")
-_READ = {"PING", "CLOSE", "HEAD", "STATS", "READ", "COMMIT", "CURSOR", "CURSORS"}
+_READ = {"PING", "CLOSE", "HEAD", "STATS", "READ", "COMMIT", "CURSOR", "CURSORS", "DROP"}
 # protocol.md 3.5, the roles table.
 ALLOWED: dict[str | None, set[str]] = {
     None: {"PING", "CLOSE"},
@@ -32,14 +32,16 @@ ALLOWED: dict[str | None, set[str]] = {
 }
 # Each command, and the first reply line it gets when it is let through (the log holds one
 # message; the server has no --allow-shutdown). REFUSE comes just before ACCEPT, which undoes it.
+# {token} is the token's name: the cursor each token owns without a grant (protocol.md 3.7).
 COMMANDS: list[tuple[str, bytes, Callable[[bytes], bool]]] = [
     ("PING", b"PING\r\n", lambda r: r == b"PONG"),
     ("HEAD", b"HEAD\r\n", lambda r: r.startswith(b"OK ")),
     ("STATS", b"STATS\r\n", lambda r: r.startswith(b"OK ")),
     ("READ", b"READ 1 1\r\n", lambda r: r == b"OK"),
-    ("COMMIT", b"COMMIT app 1\r\n", lambda r: r == b"OK"),
+    ("COMMIT", b"COMMIT {token} 1\r\n", lambda r: r == b"OK"),
     ("CURSOR", b"CURSOR app\r\n", lambda r: r.startswith(b"OK ")),
     ("CURSORS", b"CURSORS\r\n", lambda r: r.startswith(b"OK ")),
+    ("DROP", b"DROP {token}\r\n", lambda r: r == b"OK"),
     ("MSG", b"MSG 1\r\nx\r\n", lambda r: r.startswith(b"OK ")),
     ("REPLICATE", b"REPLICATE 1\r\n", lambda r: r == b"OK"),
     # Let through, an ACK outside a REPLICATE stream is a protocol error (and closes).
@@ -76,7 +78,7 @@ def test_role_by_command_matrix(start_server, tokens) -> None:  # type: ignore[n
     for role in (None, *ROLES):
         for verb, command, let_through in COMMANDS:
             conn = authed(srv, by_role[role] if role else None)
-            conn.send(command)
+            conn.send(command.replace(b"{token}", b"t-%s" % (role or "none").encode()))
             reply = conn.line()
             seen[(role, verb)] = reply
             if verb in ALLOWED[role]:
@@ -215,7 +217,7 @@ def test_token_cli_file_mode_list_and_remove(tmp_path: Path) -> None:
     assert token not in path.read_text()  # only its hash
     cli = [sys.executable, "-m", "logd.cli", "token"]
     listed = subprocess.run([*cli, "list", "--auth-file", str(path)], capture_output=True, timeout=60)
-    assert listed.stdout == b"app\twrite\n"
+    assert listed.stdout == b"app\twrite\tcursors=app,app.*\n"
     again = subprocess.run([*cli, "add", "app", "--role", "read", "--auth-file", str(path)], capture_output=True,
                            timeout=60)
     assert again.returncode == 1 and again.stdout == b"" and b"already exists" in again.stderr
