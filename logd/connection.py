@@ -52,6 +52,7 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.granted = 0  # the declared size of the MSG in progress, once the server budget took it
         self.unsent = 0  # output bytes counted in the server's budget
         self.lost = False
+        self.half_closed = False  # the peer sent EOF, and no CLOSE before it
         self.budgets = server.budgets
         if not server.replication.min_replicas:  # fixed at start: no reply is ever held for replicas
             self.batch_done = self._acknowledged  # type: ignore[method-assign, assignment]
@@ -85,8 +86,13 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.server.connection_gone(self)
 
     def eof_received(self) -> bool | None:
+        # A mere EOF (no CLOSE before it): a running tail goes on (protocol.md 3.1), and the
+        # server watches for a peer that has gone entirely (halfclose.py).
+        self.half_closed = not self.session.closing
         self.session.receive_eof()
         self.flush()
+        if self.half_closed and not self.lost:
+            self.server.half_closed.add(self, time.monotonic())
         return True  # keep our side open: a tail goes on, replies still go out
 
     # data_received is the lane's (lane.py): what it does not take comes here.
@@ -128,7 +134,8 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
             self.budgets.output_changed(self, tr.get_write_buffer_size())
 
     def closing(self) -> bool:
-        return self.session.closing
+        """Streams stop waiting for new records: CLOSE, a fatal error (not the peer's EOF alone)."""
+        return self.session.closing and not self.half_closed
 
     def abandon(self) -> None:
         """The stream cannot go on mid-record (a failed read): close without another line."""
@@ -209,6 +216,18 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
                 tr.write(last)
             tr.close()
         self._budget()
+
+    def probe_peer(self) -> bool:
+        """Send a half-closed peer's stream a probe (`Stream.probe`); False if none can go now.
+
+        Not while output waits in the buffer (that output probes) or before the stream's OK.
+        """
+        stream = self.stream
+        if stream is None or self.lost or self.write_paused or self._stream_fresh:
+            return False
+        stream.probe()
+        self.flush()  # the probe may have ended a READ at its limit: what waited behind it acts
+        return True
 
     def drop(self, error: ServerError) -> None:
         """Give up on a connection that does not read (a stalled tail): a last ERR, then close."""
