@@ -1,9 +1,9 @@
 """The soak's clients (bench/soak.py), each in a process of its own, through logd's Python client.
 
-Every client runs until its ``stop`` event is set, or until the soak kills
-it (tails and consumers end that way: clients that exit while they wait).
-Each keeps its counters in a small JSON file (`Counters`), rewritten every
-2 s and at a graceful stop, which the soak reads at the end.
+Writers, the pinger and the scraper run until their ``stop`` event is set;
+tails and consumers until the soak kills them (clients that exit while they
+wait). Each keeps its counters in a small JSON file (`Counters`), rewritten
+every 2 s and at a graceful stop, which the soak reads at the end.
 """
 
 from __future__ import annotations
@@ -95,18 +95,18 @@ def writer(url: str, index: int, rate: float, batch: int, churn: tuple[int, int]
     counters.save(force=True)
 
 
-def tail(url: str, resume_s: float, stop: Event, out: Path) -> None:
-    """Follow the log from id 1, checking every id follows the last; with ``resume_s``, close and
-    resume at the last id + 1 that often (a new connection each time)."""
+def tail(url: str, resume_s: float, out: Path) -> None:
+    """Follow the log from id 1, checking every id follows the last, until killed; with ``resume_s``,
+    close and resume at the last id + 1 that often (a new connection each time)."""
     counters = Counters(out)
     client = logd.connect(url)
     last = 0
-    while not stop.is_set():
+    while True:
         t = client.tail(last + 1)
         counters.add("opens")
         until = time.monotonic() + resume_s if resume_s else float("inf")
         try:
-            while not stop.is_set() and time.monotonic() < until:
+            while time.monotonic() < until:
                 for record in t.batch(1000, timeout=1.0):
                     if record.id != last + 1:
                         counters.add("gaps")
@@ -120,25 +120,22 @@ def tail(url: str, resume_s: float, stop: Event, out: Path) -> None:
                 last = 0
         finally:
             t.close()
-    counters.save(force=True)
 
 
-def consumer(url: str, name: str, stop: Event, out: Path) -> None:
-    """A Consumer on the server cursor ``name``: batches, each committed."""
+def consumer(url: str, name: str, out: Path) -> None:
+    """A Consumer on the server cursor ``name``, until killed: batches, each committed."""
     counters = Counters(out)
-    cons = logd.Consumer(url, logd.ServerCursor(name, url))
-    try:
-        for batch in cons:
-            counters.add("records", len(batch))
-            cons.commit()
-            counters.add("commits")
-            counters.values["last_id"] = batch[-1].id
-            counters.save()
-            if stop.is_set():
-                break
-    except logd.LogdError as exc:
-        counters.error(exc)
-    counters.save(force=True)
+    while True:
+        cons = logd.Consumer(url, logd.ServerCursor(name, url))
+        try:
+            for batch in cons:
+                counters.add("records", len(batch))
+                cons.commit()
+                counters.add("commits")
+                counters.values["last_id"] = batch[-1].id
+                counters.save()
+        except logd.LogdError as exc:
+            counters.error(exc)
 
 
 def pinger(urls: list[str], per_s: float, stop: Event, out: Path) -> None:

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from .adversary import connect_small_window
 from .conftest import RawConn, ServerProcess, wait_for
 from .helpers import head, read_all, send_msgs, stats_of, url_of
 
@@ -169,3 +170,20 @@ def test_throttled_tails_of_closed_clients_are_released(start_server) -> None:  
         t.close()
     wait_for(lambda: counts(ctl) == (2, 0, 0), timeout=RELEASED_WITHIN_S, what="the closed tails released")
     hog.close()
+
+
+def test_write_paused_tails_of_closed_clients_are_released(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Tails whose clients stopped reading (their output waits in the server), half-closed, then closed:
+    released. Their unread bytes make the close a reset, which the server sees while it waits to write."""
+    srv: ServerProcess = start_server("--conn-output-bytes", "64KiB")
+    send_msgs(srv, [b"y" * 60_000] * 100)
+    ctl = srv.connect(timeout=60)
+    stuck = [connect_small_window(srv) for _ in range(3)]
+    for sock in stuck:
+        sock.sendall(b"READ 1\r\n")
+        sock.shutdown(socket.SHUT_WR)
+    wait_for(lambda: counts(ctl) == (4, 3, 3) and int(stats_of(ctl)["output_bytes"]) > 0,
+             what="three half-closed tails with output waiting")
+    for sock in stuck:
+        sock.close()
+    wait_for(lambda: counts(ctl) == (1, 0, 0), timeout=RELEASED_WITHIN_S, what="the stuck tails released")
