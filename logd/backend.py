@@ -66,6 +66,10 @@ class ConnectionBackend:
         return self.server.stats()
 
     def output_room(self, pending: int) -> bool:
+        if not pending and not self.unsent:
+            # Its peer reads what it is sent: one more bounded reply goes out even over the budget,
+            # so a peer that pipelines STATS and never reads cannot starve everyone's STATS.
+            return True
         budgets = self.budgets
         return budgets.output_used + pending <= budgets.server_output
 

@@ -54,6 +54,7 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
         self.unsent = 0  # output bytes counted in the server's budget
         self.lost = False
         self._auth_deadline: asyncio.TimerHandle | None = None  # --auth-timeout, while not authenticated
+        self.half_closed = False  # the peer sent EOF, and no CLOSE before it
         self.budgets = server.budgets
         self.replicas_changed()
 
@@ -118,8 +119,13 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
             # gone, and it must stop counting (replicas, --min-replicas) now, not at the next write.
             self.close()
             return False
+        # A mere EOF (no CLOSE before it): a running tail goes on (protocol.md 3.1), and the
+        # server watches for a peer that has gone entirely (halfclose.py).
+        self.half_closed = not self.session.closing
         self.session.receive_eof()
         self.flush()
+        if self.half_closed and not self.lost:
+            self.server.half_closed.add(self, time.monotonic())
         return True  # keep our side open: a tail goes on, replies still go out
 
     # data_received is the lane's (lane.py): what it does not take comes here.
@@ -161,7 +167,8 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
             self.budgets.output_changed(self, tr.get_write_buffer_size())
 
     def closing(self) -> bool:
-        return self.session.closing
+        """Streams stop waiting for new records: CLOSE, a fatal error (not the peer's EOF alone)."""
+        return self.session.closing and not self.half_closed
 
     def abandon(self) -> None:
         """The stream cannot go on mid-record (a failed read): close without another line."""
@@ -264,6 +271,18 @@ class Connection(Lane, ConnectionBackend, asyncio.Protocol):
             return False
         if not self.lost and not self.session.closing:
             self._reopen()
+        return True
+
+    def probe_peer(self) -> bool:
+        """Send a half-closed peer's stream a probe (`Stream.probe`); False if none can go now.
+
+        Not while output waits in the buffer (that output probes) or before the stream's OK.
+        """
+        stream = self.stream
+        if stream is None or self.lost or self.write_paused or self._stream_fresh:
+            return False
+        stream.probe()
+        self.flush()  # the probe may have ended a READ at its limit: what waited behind it acts
         return True
 
     def drop(self, error: ServerError) -> None:

@@ -1,5 +1,5 @@
-"""What the server does by itself: the sweeps (stalled tails, idle connections, the output
-recount), the high watermark's file, retention, and SIGHUP's reloads (config, auth file).
+"""What the server does by itself: the sweeps (stalled tails, idle connections, half-closed
+peers, the output recount), the high watermark's file, retention, and SIGHUP's reloads.
 
 A part of `LogServer` (server.py), kept apart so the server module stays about wiring.
 """
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .budgets import Budgets
     from .connection import Connection
     from .cursor_commands import ServerCursors
+    from .halfclose import HalfClosed
     from .replication import Follower, ReplicaSet
     from .storage import Log
 
@@ -42,6 +43,7 @@ class Housekeeping:
     budgets: Budgets
     connections: set[Connection]
     stalled: set[Connection]
+    half_closed: HalfClosed
     replication: ReplicaSet
     follower: Follower | None
     gate: AuthGate
@@ -82,7 +84,8 @@ class Housekeeping:
         log.warning("auth_reloaded", tokens=len(table), connections_closed=len(closed))
 
     async def _sweeper(self) -> None:
-        """Drop stalled streams and idle connections; recount output while streams wait for the budget."""
+        """Drop stalled streams and idle connections, release half-closed ones whose peer has gone
+        (halfclose.py); recount output while streams wait for the budget."""
         stall = self.config.tail_stall_timeout
         idle = self.config.idle_timeout or 0.0
         period = max(0.05, min(1.0, stall / 4, idle / 4 if idle else 1.0))
@@ -108,6 +111,7 @@ class Housekeeping:
                     conn.stalled_since = now
                 elif conn.session.closed and now - conn.stalled_since > stall:
                     conn.transport.abort()  # closed, and its peer has read nothing since: free the buffer
+            self.half_closed.sweep(now)
             if idle:
                 for conn in list(self.connections):
                     if conn.active:

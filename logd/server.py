@@ -32,6 +32,7 @@ from .errors import (
     UnavailableError,
 )
 from .fdlimit import fit_connections
+from .halfclose import HalfClosed
 from .housekeeping import Housekeeping
 from .listener import Listener, bind_all, resolve
 from .queue import AppendQueue
@@ -93,6 +94,7 @@ class LogServer(Roles, Housekeeping):
         self.replicas = ParkedStreams()  # REPLICATE streams waiting for the commit point
         self.replica_streams: set[Stream] = set()
         self.stalled: set[Connection] = set()  # write-paused: their peer does not read
+        self.half_closed = HalfClosed()  # their peer sent EOF: probed until it is seen to have gone
         self.budgets = Budgets(config, self.queue, self._room)
         self.stream_chunk = max(64 << 10, min(STREAM_CHUNK, config.conn_output_bytes // 2))
         self._in_room = False
@@ -257,6 +259,7 @@ class LogServer(Roles, Housekeeping):
         """connection_lost: its buffers are gone; it no longer counts anywhere."""
         self.connections.discard(conn)
         self.stalled.discard(conn)
+        self.half_closed.discard(conn)
         self.budgets.forget(conn)
 
     # --- budgets (protocol.md 3.6) ------------------------------------------------------
@@ -428,6 +431,7 @@ class LogServer(Roles, Housekeeping):
                 "refused_handshakes": self._listener.handshakes_refused if self._listener is not None else 0,
                 "tails": len(self.streams),
                 "waiting_tails": self.readers.count + self.replicas.count,
+                "half_closed": len(self.half_closed),
                 "replicas": len(self.replica_streams),
                 "appended_messages": self.queue.appended_messages,
                 "appended_bytes": self.queue.appended_bytes,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("logd.streams")
 
 STREAM_CHUNK = 1 << 20  # most bytes per pread + write (at most half the connection's output budget)
+EMPTY_LINE = b"\r\n"  # between records of a READ stream: readers skip it (`Stream.probe`)
 
 
 class Sink(Protocol):
@@ -143,16 +144,22 @@ class Stream:
             self.piece_at = end
             if end < span.end:
                 continue
-            self.piece = None
-            self.sent = span.last_id
-            self.next = span.last_id + 1
-            if self.replica:
-                self.send_cursors()
-            if self.left:
-                self.left -= span.last_id - span.first_id + 1
-                if self.left == 0:
-                    self.end(protocol.EOF)
-                    return
+            if not self._span_sent(span):
+                return
+
+    def _span_sent(self, span: Span) -> bool:
+        """The last byte of ``span`` is written: move past it. False if that ended the stream (its limit)."""
+        self.piece = None
+        self.sent = span.last_id
+        self.next = span.last_id + 1
+        if self.replica:
+            self.send_cursors()
+        if self.left:
+            self.left -= span.last_id - span.first_id + 1
+            if self.left == 0:
+                self.end(protocol.EOF)
+                return False
+        return True
 
     def _next_span(self) -> Span | None:
         """The next byte range to send (after any markers it needs), or None if the stream waits or ended."""
@@ -209,6 +216,32 @@ class Stream:
             self.position = pos
             self.sink.write(position_marker(*pos))
         self.send_cursors()
+
+    def probe(self) -> None:
+        """Send the reader something it can take now, whatever the stream waits for (protocol.md 3.1).
+
+        For a peer that half-closed: bytes are the only thing that tells one
+        still reading from one gone entirely (whose kernel answers them with a
+        reset). Inside a record: its next byte. Between records: an empty line
+        (CR LF), which readers skip; a replica gets its ``+HEAD`` again instead.
+        """
+        span = self.piece
+        if span is not None:
+            try:
+                data = os.pread(span.handle.fd, 1, self.piece_at)
+            except OSError:
+                return  # the next pump meets the failure and reports it
+            if not data:
+                return
+            self.sink.write(data)
+            self.piece_at += 1
+            if self.piece_at == span.end:
+                self._span_sent(span)
+        elif self.replica:
+            self.position = (-1, -1)
+            self.send_position()
+        else:
+            self.sink.write(EMPTY_LINE)
 
     def ack(self, id: int) -> None:
         """The replica holds everything up to ``id``; an id it was never sent is a lie."""

@@ -153,8 +153,9 @@ class Backend(Protocol):
 
     def output_room(self, pending: int) -> bool:
         """Whether a reply whose size grows with the server's state (STATS, CURSORS) may be made now,
-        with ``pending`` bytes of this session's replies not yet written: not while they and the
-        server's unsent output fill the server-wide output budget (protocol.md 3.6)."""
+        with ``pending`` bytes of this session's replies not yet written: always when this
+        connection has nothing unsent, else not while they and the server's unsent output fill
+        the server-wide output budget (protocol.md 3.6)."""
 
     def start_stream(self, cmd: Read | Replicate) -> bytes | None:
         """Start a READ/REPLICATE stream after its ``OK`` line (returned when it is not a bare ``OK``);

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from bisect import bisect_left
 from collections import deque
 from typing import Any
 
@@ -13,8 +12,7 @@ from ..errors import ServerError, UnavailableError
 from ..protocol.replica import handshake_reply
 from ..protocol.session import AppendReply
 from ..storage.epochs import Epochs
-
-COMMIT_SAMPLES = 1 << 16  # (commit point, time) pairs kept for replica lag in seconds
+from .lag import CAPACITY, MIN_RESOLUTION_S, CommitTimes
 
 
 def replicate_handshake(epochs: Epochs, cmd: protocol.Replicate, next_id: int, min_replicas: int) -> tuple[bytes, bool]:
@@ -50,8 +48,9 @@ class ReplicaSet:
         # that until reconnecting replicas confirm more.
         self.hw = head if min_replicas == 0 else saved_hw
         self.head = head
-        self._ids: list[int] = []  # commit points, increasing, with when they were reached
-        self._times: list[float] = []
+        # When recent ids were committed, for lags in seconds: samples cover at least 4 replica
+        # timeouts, so a replica older than them is surely out of sync (lag.py).
+        self.commits = CommitTimes(max(MIN_RESOLUTION_S, 4 * timeout / CAPACITY))
         self._waiters: deque[tuple[int, float, Any, AppendReply]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -67,10 +66,7 @@ class ReplicaSet:
     def on_commit(self, head: int) -> bool:
         """The commit point moved; return True if the high watermark moved with it."""
         self.head = head
-        self._ids.append(head)
-        self._times.append(time.monotonic())
-        if len(self._ids) > 2 * COMMIT_SAMPLES:
-            del self._ids[:COMMIT_SAMPLES], self._times[:COMMIT_SAMPLES]
+        self.commits.note(head, time.monotonic())
         return self._advance()
 
     def ack(self, conn: Any, id: int) -> bool:
@@ -97,13 +93,12 @@ class ReplicaSet:
         return True
 
     def lag_seconds(self, acked: int) -> float:
-        """How long ago the first id past ``acked`` was committed (0 when caught up)."""
-        if acked >= self.head or not self._ids:
+        """How long ago the first id past ``acked`` was committed (0 when caught up); over-stated
+        by less than the samples' resolution, and a lower bound past their window (lag.py)."""
+        if acked >= self.head:
             return 0.0
-        i = bisect_left(self._ids, acked + 1)
-        if i == len(self._ids):
-            return 0.0
-        return time.monotonic() - self._times[i]
+        when = self.commits.committed_at(acked + 1)
+        return 0.0 if when is None else time.monotonic() - when
 
     def in_sync(self) -> int:
         """Replicas connected and no more than ``timeout`` seconds behind."""

@@ -408,3 +408,18 @@ def test_cursors_replies_wait_for_the_output_budget_then_go_on(start_server, hol
     growth = status(srv.pid, "VmHWM") - base
     bound = 2 * MiB + SLACK
     assert growth < bound, f"server peak RSS grew by {growth / MiB:.0f} MiB under --server-output-bytes 2MiB"
+
+
+def test_a_peer_that_never_reads_its_stats_does_not_starve_the_stats_of_others(  # type: ignore[no-untyped-def]
+    start_server, hold
+) -> None:
+    """A peer pipelining STATS without reading holds the server's output budget; a connection whose
+    peer reads (nothing unsent) still gets its STATS: it adds one bounded reply, not a queue."""
+    srv = start_server("--server-output-bytes", "1", "--conn-output-bytes", "64KiB")
+    hog = connect_small_window(srv)
+    hold.append(hog)
+    hog.sendall(b"STATS\r\n" * 20_000)  # its replies wait in the server: the budget stays over
+    reader = srv.connect(timeout=60)
+    wait_for(lambda: int(stats_of(reader)["output_bytes"]) > 1, what="the output budget held by the hog")
+    for _ in range(3):  # again and again, not once by luck
+        assert int(stats_of(reader)["connections"]) == 2
